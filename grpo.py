@@ -1,0 +1,229 @@
+"""GRPO, the maths: group advantages, the clipped surrogate with a KL term, and how per-token losses
+become one number (spec: "GRPO (as used)").
+
+GRPO is PPO without a value network. For each prompt (an image for the Questioner, an image and a
+question for the Reasoner) the policy samples a group of G completions; each completion's reward,
+compared with the rest of its group, is the advantage of every one of its tokens.
+
+Notation: a batch holds B completions padded to T tokens; mask[i, t] is 1 on the tokens of
+completion i (never inferred from the ids). logp is log π_θ(o_t | q, o_<t) under the policy being
+trained, old_logp the same under the policy that sampled the rollouts, ref_logp under the frozen
+reference. Which model is the reference is the trainer's choice; this file only sees its log-probs.
+
+    (1) advantage     A_i = (r_i - mean_g r) / (std_g r + eps)             g = the group of sample i
+    (2) ratio         ρ_it = exp(logp_it - old_logp_it)
+    (3) clip          l_it = max(-ρ_it A_i, -clip(ρ_it, 1 - ε_low, 1 + ε_high) A_i)
+    (4) dual clip     l_it = min(l_it, -c A_i)                              only where A_i < 0
+    (5) KL (k3)       k_it = exp(ref_logp_it - logp_it) - (ref_logp_it - logp_it) - 1, in [-10, 10]
+    (6) token loss    l_it + β k_it
+    (7) aggregation   "seq-mean-token-mean"  L = 1/N_seq Σ_i 1/|o_i| Σ_t (6)     (default)
+                      "token-mean"           L = 1/N_tok Σ_i Σ_t (6)
+                      "seq-sum-over-max-len" L = 1/N_seq Σ_i 1/T_max Σ_t (6)    (Dr.GRPO)
+    (8) accumulation  L = Σ_k L_k over micro-batches k, when every L_k divides by the full batch's
+                      N_seq, N_tok and T_max rather than by its own counts
+
+N_seq counts the sequences with at least one token, N_tok the valid tokens, |o_i| the tokens of
+sequence i, T_max the padded length (Dr.GRPO: the generation budget). Defaults are the public
+code's: ε_low = 0.2, ε_high = 0.3 ("clip-higher"), c = 3, β = 0.01; std is the unbiased one.
+
+Simplified away or left out: no critic and no GAE (one scalar advantage per completion, the same
+for all its tokens); no entropy bonus; the KL is a loss term, not a reward penalty; the ratio is
+per token (not per sequence as in GSPO); no length penalty or overlong filtering. One addition not
+in the equations: log-ratios are clamped to ±20 before exp, as EasyR1 does, for numerical safety.
+"""
+
+import torch
+from torch import Tensor
+
+# exp of a large log-ratio overflows to inf, and inf at a clipped or padded position turns into a
+# nan gradient (0 * inf) even though that position's value is discarded. Past ±20 the clips in (3),
+# (4) and (5) already give zero gradient (or, for A > 0 and ρ < e^-20, one below 3e-9·A), so the
+# clamp changes nothing else; only with the dual clip off does it also stop a token past ρ = e^20.
+LOG_RATIO_CLAMP = 20.0
+KL_CLAMP = 10.0  # spec: k3 clamped to [-10, 10]
+
+AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-sum-over-max-len")
+
+
+def group_advantages(rewards: Tensor, scale: str = "group", eps: float = 1e-6) -> Tensor:
+    """Equation (1): each reward relative to its group. rewards: [n_groups, G] -> [n_groups, G].
+
+    One row is one group (the G samples of one prompt); `.flatten()` gives one advantage per sample
+    in group-major order, [B = n_groups * G].
+
+    scale:
+      "group": (r - group mean) / (group std + eps), the spec's formula.
+      "batch": (r - group mean) / (std of all n_groups * G rewards + eps): groups with a small
+               spread are not blown up to unit scale.
+      "none":  r - group mean, unscaled (Dr.GRPO).
+    The std is the unbiased (Bessel, n - 1) one, as torch.std and the reference code (EasyR1/verl).
+    A group whose rewards are all equal gets advantage 0 everywhere: it carries no signal. A lone
+    sample (G = 1) has no unbiased std (0 / 0); its advantage is defined as 0 for the same reason.
+
+    Worked example, one group of G = 4, one success: rewards [1, 0, 0, 0]
+      mean 0.25, centred [0.75, -0.25, -0.25, -0.25]
+      unbiased std = sqrt((0.75² + 3 · 0.25²) / 3) = sqrt(0.25) = 0.5
+      "group" -> [1.5, -0.5, -0.5, -0.5]   (to within 3e-6: the eps)
+      "none"  -> [0.75, -0.25, -0.25, -0.25]
+    (the population std, 0.433, would give [1.73, -0.58, -0.58, -0.58].)
+    """
+    centred = rewards - rewards.mean(dim=1, keepdim=True)  # [n_groups, G]
+    if scale == "none":
+        return centred
+    if scale not in ("group", "batch"):
+        raise ValueError(f"scale must be 'group', 'batch' or 'none', not {scale!r}")
+    pool = rewards if scale == "group" else rewards.reshape(1, -1)  # the rows a std is taken over
+    if pool.shape[1] < 2:
+        return torch.zeros_like(rewards)  # lone samples: centred reward is 0, std undefined
+    std = pool.std(dim=1, keepdim=True)  # [n_groups, 1] or [1, 1], unbiased
+    return centred / (std + eps)
+
+
+def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """Equation (5): the k3 estimate of KL(π_θ ‖ π_ref) at each sampled token. [B, T] -> [B, T].
+
+    With x = ref_logp - logp, k3 = e^x - x - 1: its mean over tokens sampled from π_θ is the KL,
+    and unlike the plain log-ratio it is never negative (e^x >= 1 + x), so only the upper clamp
+    ever acts. Example: the reference gives the token twice the policy's probability,
+    x = log 2 -> 2 - 0.693 - 1 = 0.307. Its gradient in logp is 1 - e^x: it pulls logp toward
+    ref_logp, and stops (zero gradient) where the clamp at 10 is reached.
+    """
+    x = (ref_logp - logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # [B, T]
+    return (x.exp() - x - 1).clamp(-KL_CLAMP, KL_CLAMP)
+
+
+def aggregate(token_values: Tensor, mask: Tensor, mode: str = "seq-mean-token-mean",
+              n_seqs=None, n_tokens=None, max_len=None) -> Tensor:
+    """Equation (7): per-token values [B, T] -> one scalar, over the tokens where mask [B, T] is 1.
+
+    mode (the weight each valid token gets):
+      "seq-mean-token-mean": 1 / (|o_i| · N_seq). Every sequence counts equally, however long;
+                             sequences with no valid token are left out of N_seq.
+      "token-mean":          1 / N_tok. Every token counts equally: long sequences weigh more.
+      "seq-sum-over-max-len": 1 / (T_max · N_seq), one constant (Dr.GRPO): no length bias
+                             from dividing by |o_i|.
+    Example, lengths [1, 4] (5 tokens, 2 sequences, T_max 4): the lone token of sequence 0 and each
+    token of sequence 1 weigh 1/2 and 1/8; 1/5 and 1/5; 1/8 and 1/8.
+
+    n_seqs, n_tokens, max_len replace N_seq, N_tok, T_max (by default counted on this mask; T_max
+    is mask.shape[1]). Pass the full batch's counts when this is one micro-batch of it: see
+    `policy_loss`. Padded positions are dropped with `where`, so nan or inf there cannot leak in.
+    An all-empty mask gives 0.
+    """
+    mask = mask.bool()
+    values = torch.where(mask, token_values, 0.0)  # [B, T]
+    if mode == "token-mean":
+        if n_tokens is None:
+            n_tokens = mask.sum().clamp(min=1)
+        return values.sum() / n_tokens
+    if mode == "seq-mean-token-mean":
+        per_seq = values.sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # [B], empty rows give 0
+    elif mode == "seq-sum-over-max-len":
+        per_seq = values.sum(dim=1) / (mask.shape[1] if max_len is None else max_len)  # [B]
+    else:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, not {mode!r}")
+    if n_seqs is None:
+        n_seqs = mask.any(dim=1).sum().clamp(min=1)
+    return per_seq.sum() / n_seqs
+
+
+def batch_totals(mask: Tensor) -> dict:
+    """The full batch's normalisers for `policy_loss`: N_seq, N_tok and T_max of mask [B, T].
+
+    Compute once on the whole rollout batch, then pass to every micro-batch:
+    `policy_loss(..., **batch_totals(full_mask))`. Counts are at least 1, so an empty batch gives
+    loss 0 rather than 0 / 0.
+    """
+    mask = mask.bool()
+    return dict(n_seqs_total=max(int(mask.any(dim=1).sum()), 1),
+                n_tokens_total=max(int(mask.sum()), 1),
+                max_len=mask.shape[1])
+
+
+def policy_loss(logp: Tensor, old_logp: Tensor, ref_logp, advantages: Tensor, mask: Tensor,
+                clip_low: float = 0.2, clip_high: float = 0.3, dual_clip=3.0, kl_coef: float = 0.01,
+                aggregation: str = "seq-mean-token-mean",
+                n_seqs_total=None, n_tokens_total=None, max_len=None):
+    """Equations (2)-(7): the GRPO loss of a batch of completions, and what to log about it.
+
+    logp, old_logp: [B, T]    per-token log-probs under the policy and the sampling policy
+    ref_logp:       [B, T]    under the frozen reference; None (or kl_coef = 0) drops the KL term
+    advantages:     [B]       one per completion, the same for all its tokens
+    mask:           [B, T]    1 on completion tokens
+    dual_clip:      c > 1, or None to turn it off
+    Returns (loss: 0-d tensor with grad, metrics: dict of python floats).
+
+    The clip region, ε_low = 0.2, ε_high = 0.3, c = 3; the token loss, and where its gradient in
+    logp is zero ("-"):
+        A = +1:  ρ = 0.5 -> -0.5     ρ = 1.0 -> -1.0     ρ = 1.5 -> -1.3 (-)
+        A = -1:  ρ = 0.5 ->  0.8 (-) ρ = 1.0 ->  1.0     ρ = 1.5 ->  1.5      ρ = 5 -> 3.0 (-)
+    A token is no longer pushed once the update has moved it far enough the way its advantage asks
+    (ρ above 1 + ε_high for A > 0, below 1 - ε_low for A < 0). It keeps being pushed the other way,
+    except that for A < 0 the dual clip caps the loss at -c·A: a bad token whose probability has
+    already grown c-fold stops contributing a gradient proportional to ρ.
+
+    Gradient accumulation. By default the loss divides by this batch's own counts. To split a batch
+    into micro-batches, pass the full batch's counts (`batch_totals`): each micro-batch loss is then
+    exactly its share of the full-batch loss, and the summed micro-batch losses (not their mean)
+    equal it, gradients included. Example, seq-mean-token-mean, 4 sequences with token means
+    m0..m3, micro-batches {0} and {1, 2, 3}:
+        full batch                 (m0 + m1 + m2 + m3) / 4
+        own counts, summed          m0 / 1 + (m1 + m2 + m3) / 3        wrong: sequence 0 weighs 3x
+        own counts, averaged       (m0 / 1 + (m1 + m2 + m3) / 3) / 2   still wrong
+        n_seqs_total = 4, summed    m0 / 4 + (m1 + m2 + m3) / 4        exact
+    Likewise n_tokens_total for "token-mean", and max_len for "seq-sum-over-max-len" when the
+    micro-batches are padded to their own lengths. Rows are never split, so |o_i| stays local.
+
+    Metrics, all detached:
+      loss, pg_loss, kl        total, clipped surrogate (4) and k3 (5), with the loss's aggregation
+      ppo_kl                   mean of old_logp - logp, how far this update has moved the policy
+      ratio_mean, ratio_max    of ρ
+      logp_diff_max            max |logp - old_logp|
+      clip_frac_low            share of tokens with A < 0 and ρ < 1 - ε_low  (clipped, no gradient)
+      clip_frac_high           share of tokens with A > 0 and ρ > 1 + ε_high (clipped, no gradient)
+      dual_clip_frac           share of tokens with A < 0 and ρ > c           (capped, no gradient)
+      neg_logp                 mean of -logp: an estimate of the policy's per-token entropy (exact
+                               in expectation when on-policy and untruncated; no logits here)
+    "mean" and "share" are token means over valid tokens, divided by n_tokens_total when given.
+    With the full batch's counts every mean and share adds up over micro-batches to its full-batch
+    value; the two maxima combine with max. Maxima are 0 for an empty mask.
+    """
+    mask = mask.bool()
+    adv = advantages.unsqueeze(1)  # [B, 1], broadcast over tokens
+    diff = logp - old_logp  # [B, T]
+    ratio = diff.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()  # (2)
+    pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_low, 1 + clip_high))  # (3)
+    if dual_clip is not None:
+        pg = torch.where(adv < 0, torch.minimum(pg, -adv * dual_clip), pg)  # (4)
+    kl = kl_k3(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)  # (5)
+    token_loss = pg + kl_coef * kl  # (6); kl is still reported when kl_coef = 0
+
+    def agg(x):
+        return aggregate(x, mask, aggregation, n_seqs_total, n_tokens_total, max_len)
+
+    loss = agg(token_loss)  # (7)
+
+    with torch.no_grad():
+        def token_mean(x):
+            return aggregate(x.to(logp.dtype), mask, "token-mean", n_tokens=n_tokens_total)
+
+        def masked_max(x):  # x >= 0 everywhere, so 0 is a neutral fill
+            return torch.where(mask, x, 0.0).max()
+
+        stats = {
+            "loss": loss,
+            "pg_loss": agg(pg),
+            "kl": agg(kl),
+            "ppo_kl": token_mean(-diff),
+            "ratio_mean": token_mean(ratio),
+            "ratio_max": masked_max(ratio),
+            "logp_diff_max": masked_max(diff.abs()),
+            "clip_frac_low": token_mean((ratio < 1 - clip_low) & (adv < 0)),
+            "clip_frac_high": token_mean((ratio > 1 + clip_high) & (adv > 0)),
+            "dual_clip_frac": (token_mean((ratio > dual_clip) & (adv < 0)) if dual_clip is not None
+                               else torch.zeros((), dtype=logp.dtype, device=logp.device)),
+            "neg_logp": token_mean(-logp),
+        }
+        # one stack, one host transfer, instead of a device sync per metric
+        values = torch.stack([v.detach().to(torch.float64) for v in stats.values()]).tolist()
+    return loss, dict(zip(stats, values))

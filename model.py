@@ -1,0 +1,401 @@
+"""The policy: a Qwen2.5-VL model, its tokenizer and its image processor, and the two things every
+other file needs from it.
+
+1. `load_vlm` gives `(model, tokenizer, image_processor)` for a hub id, a local folder, or one of two
+   built-in presets that need no download:
+   - `"tiny"`: a two-layer Qwen2.5-VL built from a config, with a byte-level BPE tokenizer trained
+     here in well under a second. Its weights are random; tests and the offline first run use it.
+   - `"random-3b"`: the real Qwen2.5-VL-3B-Instruct shapes with random weights (and the tiny
+     tokenizer), for speed and memory work on a GPU.
+2. `encode_prompts` turns (image, text) pairs into a left-padded `PromptBatch`, with the 3-D M-RoPE
+   positions computed here (spec: "Roles and loop"; one image per prompt).
+3. `completion_logprobs` gives the per-token log-probs of completions given their prompts, in
+   chunks, so no float32 [batch, length, vocab] tensor is ever built. GRPO uses exactly this.
+
+Which tokens a policy may never emit (vision placeholders, and the embedding rows past the
+tokenizer that Qwen pads its vocabulary with) is stored once, in
+`model.generation_config.suppress_tokens`: our sampler, `completion_logprobs` and HF `generate` all
+read it from there, so the three agree on the distribution.
+"""
+
+import functools
+import itertools
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from transformers import (
+    GenerationConfig,
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    AutoTokenizer,
+)
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+# Qwen's special tokens, in Qwen's order: they follow the BPE vocabulary, so <|endoftext|> is the
+# first id after it, as in the real tokenizer (151643).
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
+    "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+    "<|repo_name|>", "<|file_sep|>",
+]
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+STOP_TOKENS = ["<|im_end|>", "<|endoftext|>"]
+
+# Qwen2's pre-tokenizer: contractions, letters, single digits, punctuation runs, newlines, spaces.
+QWEN_PRETOKENIZE_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# The Qwen2.5-VL chat template, restricted to what this project sends: text and images.
+QWEN_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Pixel bounds of the presets' image processors. The real checkpoints bring their own; the spec's
+# training range for them is [262,144, 4,194,304] pixels (set by the scripts' configs).
+TINY_MIN_PIXELS, TINY_MAX_PIXELS = 28 * 28 * 4, 28 * 28 * 16
+
+
+class ModelError(ValueError):
+    """A model that cannot be loaded; the message is one line meant for the user."""
+
+
+# -----------------------------------------------------------------------------
+# The built-in tiny tokenizer and configs
+
+def _tokenizer_corpus():
+    """Deterministic text covering what the prompts and answers of this project contain."""
+    words = ("the a an of in on to is are what which how many much more less than and or not "
+             "image picture question answer reason step by think final box boxed put inside "
+             "short concise write exactly one hard answerable analysis count colour color shape "
+             "circle square triangle red green blue yellow purple orange black white left right "
+             "above below larger smaller largest smallest total number there yes no true false "
+             "multiple choice numerical regression type option options none").split()
+    lines = []
+    for i, (a, b, c) in enumerate(itertools.product(words[:40], words[20:60], words[40:])):
+        if i % 7 == 0:
+            lines.append(f"{a} {b} {c}? {i % 97} <question>{c} {a}</question> \\boxed{{{b}}}")
+    lines += [f"<think>{w}</think> \\boxed{{{n}}} ({chr(65 + n % 4)}) {n / 4}" for n, w in enumerate(words)]
+    return lines
+
+
+@functools.lru_cache(maxsize=1)
+def _tiny_tokenizer_json():
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1000, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
+    tok.add_special_tokens(QWEN_SPECIAL_TOKENS)
+    return tok.to_str()
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer in Qwen's format, built offline (a new object on every call)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json()),
+        eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="left",
+    )
+    tokenizer.chat_template = QWEN_VL_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _config(tokenizer, text, vision, vocab_size):
+    ids = {name: tokenizer.convert_tokens_to_ids(name) for name in QWEN_SPECIAL_TOKENS}
+    text = dict(text, vocab_size=vocab_size, bos_token_id=ids["<|endoftext|>"],
+                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    return Qwen2_5_VLConfig(
+        text_config=text, vision_config=vision, tie_word_embeddings=True,
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+
+
+def tiny_config(tokenizer):
+    # head_dim = 64 / 4 = 16, so the M-RoPE sections (t, h, w) must add up to 16 / 2 = 8.
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]})
+    # window_size 56 = 2 merged tokens per side; block 1 attends fully, as the real model's every 8th.
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3,
+                  out_hidden_size=64, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                  window_size=56, fullatt_block_indexes=[1], tokens_per_second=2)
+    # Qwen pads its embedding past the tokenizer (151,936 rows for 151,665 tokens): so do we.
+    config = _config(tokenizer, text, vision, vocab_size=len(tokenizer) + 24)
+    # HF's default init (std 0.02) makes a random model this small repeat one token forever; a wider
+    # init gives varied text, which the tests need to tell right from wrong.
+    for c in (config, config.text_config, config.vision_config):
+        c.initializer_range = 0.2
+    return config
+
+
+def qwen_3b_config(tokenizer):
+    """Qwen2.5-VL-3B-Instruct's shapes, with token ids taken from `tokenizer`."""
+    text = dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                num_key_value_heads=2, max_position_embeddings=128000, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
+    vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, in_channels=3,
+                  out_hidden_size=2048, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                  window_size=112, fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2)
+    return _config(tokenizer, text, vision, vocab_size=151936)
+
+
+# -----------------------------------------------------------------------------
+# Loading
+
+def _set_generation_config(model, tokenizer):
+    """Stop ids, pad id and the tokens the policy must never produce, in one place."""
+    vision_ids = tokenizer.convert_tokens_to_ids(VISION_TOKENS)
+    past_tokenizer = range(len(tokenizer), model.config.text_config.vocab_size)
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.convert_tokens_to_ids(STOP_TOKENS),
+        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        suppress_tokens=sorted(set(vision_ids) | set(past_tokenizer)),
+    )
+
+
+def load_vlm(name_or_path, device="cpu", dtype=torch.float32, min_pixels=None, max_pixels=None,
+             seed=0, attn_implementation="sdpa"):
+    """Returns `(model, tokenizer, image_processor)`, the model in eval mode on `device`.
+
+    `name_or_path`: "tiny", "random-3b", a local folder, or a hub id. `min_pixels` / `max_pixels`
+    override the image processor's bounds (how many pixels an image is resized into). `seed` fixes
+    the random weights of the presets.
+    """
+    if name_or_path in ("tiny", "random-3b"):
+        tokenizer = tiny_tokenizer()
+        config = tiny_config(tokenizer) if name_or_path == "tiny" else qwen_3b_config(tokenizer)
+        config._attn_implementation = attn_implementation
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.float32)
+        image_processor = Qwen2VLImageProcessorPil(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
+    else:
+        tokenizer, model, image_processor = _from_pretrained(name_or_path, dtype, attn_implementation)
+    tokenizer.padding_side = "left"
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = QWEN_VL_CHAT_TEMPLATE
+    size = dict(image_processor.size)
+    if min_pixels is not None:
+        size["shortest_edge"] = min_pixels
+    if max_pixels is not None:
+        size["longest_edge"] = max_pixels
+    image_processor.size = size
+    _set_generation_config(model, tokenizer)
+    return model.to(device=device, dtype=dtype).eval(), tokenizer, image_processor
+
+
+def _from_pretrained(name_or_path, dtype, attn_implementation):
+    is_folder = os.path.isdir(name_or_path)
+    if not is_folder and (os.path.sep in name_or_path.strip("/") and name_or_path.startswith((".", "/"))):
+        raise ModelError(f"model folder '{name_or_path}' does not exist; pass a folder with a "
+                         "Qwen2.5-VL checkpoint, a hub id, or --model tiny for the built-in offline model")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            name_or_path, dtype=dtype, attn_implementation=attn_implementation)
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(name_or_path)
+    except (OSError, ValueError, KeyError) as err:
+        where = "local folder" if is_folder else "Hugging Face hub id (needs the network or a cached copy)"
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"could not load '{name_or_path}' as a {where}: {reason}. Pass a local folder "
+                         "with a Qwen2.5-VL checkpoint, or --model tiny for the built-in offline model") from None
+    return tokenizer, model, image_processor
+
+
+# -----------------------------------------------------------------------------
+# Prompts -> tensors
+
+@dataclass
+class PromptBatch:
+    """Left-padded prompts, one image each. `pixel_values` holds the patches of all images in row
+    order; row i owns `image_grid_thw[i].prod()` of them.
+
+    input_ids, attention_mask: [B, L]; position_ids: [3, B, L] (t, h, w of M-RoPE);
+    next_position: [B], the position of the first generated token (text after the prompt moves
+    along all three axes together, so one number per row is enough from here on).
+    """
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    next_position: torch.Tensor
+    pixel_values: torch.Tensor
+    image_grid_thw: torch.Tensor
+
+    def __len__(self):
+        return self.input_ids.shape[0]
+
+    def to(self, device, dtype=None):
+        pixels = self.pixel_values.to(device=device, dtype=dtype or self.pixel_values.dtype)
+        return PromptBatch(self.input_ids.to(device), self.attention_mask.to(device),
+                           self.position_ids.to(device), self.next_position.to(device),
+                           pixels, self.image_grid_thw.to(device))
+
+    def select(self, rows):
+        """The sub-batch of `rows` (a list of indices, repeats allowed), left padding trimmed."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.input_ids.device)
+        n_patches = self.image_grid_thw.prod(-1)
+        starts = torch.cumsum(n_patches, 0) - n_patches
+        patch_index = torch.cat([torch.arange(s, s + n, device=starts.device)
+                                 for s, n in zip(starts[rows].tolist(), n_patches[rows].tolist())])
+        attention_mask = self.attention_mask[rows]
+        pad = int((attention_mask.sum(0) == 0).sum())  # columns that are padding in every row
+        return PromptBatch(self.input_ids[rows, pad:], attention_mask[:, pad:],
+                           self.position_ids[:, rows, pad:], self.next_position[rows],
+                           self.pixel_values[patch_index], self.image_grid_thw[rows])
+
+
+def mrope_positions(input_ids, attention_mask, image_grid_thw, image_token_id, merge_size):
+    """3-D M-RoPE positions of left-padded prompts with one image each.
+
+    Text token k gets (k, k, k) counting from the row's first real token. An image of g_h x g_w
+    merged tokens that starts at position s gets (s, s + row, s + col); the text after it resumes
+    at s + max(g_h, g_w). Padding gets 0 (it is masked anyway).
+    Returns position_ids [3, B, L] and next_position [B] (largest position + 1).
+    """
+    B, L = input_ids.shape
+    positions = torch.zeros(3, B, L, dtype=torch.long)
+    next_position = torch.zeros(B, dtype=torch.long)
+    for b in range(B):
+        valid = attention_mask[b].bool().cpu()
+        ids = input_ids[b].cpu()[valid]
+        image_at = (ids == image_token_id).nonzero().flatten()
+        _, gh, gw = (int(x) // m for x, m in zip(image_grid_thw[b], (1, merge_size, merge_size)))
+        s, n_img = int(image_at[0]), len(image_at)
+        assert n_img == gh * gw, f"row {b}: {n_img} image tokens for a {gh}x{gw} grid"
+        before = torch.arange(s).expand(3, -1)
+        rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+        image = torch.stack([torch.zeros(n_img, dtype=torch.long), rows.flatten(), cols.flatten()]) + s
+        resume = s + max(gh, gw)
+        after = torch.arange(len(ids) - s - n_img).expand(3, -1) + resume
+        row_positions = torch.cat([before, image, after], dim=1)
+        positions[:, b, valid] = row_positions
+        next_position[b] = row_positions.max() + 1
+    return positions.to(input_ids.device), next_position.to(input_ids.device)
+
+
+def encode_prompts(tokenizer, image_processor, images, texts, system=None):
+    """(PIL image, text) pairs -> PromptBatch with the chat format and a generation prompt.
+
+    Each text follows its image in one user turn. `system` replaces Qwen's default system prompt.
+    """
+    if len(images) == 0 or len(images) != len(texts):
+        raise ValueError(f"need one image per prompt and at least one prompt; got {len(images)} "
+                         f"images and {len(texts)} texts")
+    vision = image_processor(images=list(images), return_tensors="pt")
+    grid = vision["image_grid_thw"]
+    merge = image_processor.merge_size
+    image_pad = "<|image_pad|>"
+    token_lists = []
+    for text, thw in zip(texts, grid):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        if system is not None:
+            messages.insert(0, {"role": "system", "content": system})
+        chat = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        # The template holds one placeholder per image; the model wants one per merged patch.
+        chat = chat.replace(image_pad, image_pad * (int(thw.prod()) // merge ** 2), 1)
+        token_lists.append(tokenizer(chat, add_special_tokens=False)["input_ids"])
+    L = max(map(len, token_lists))
+    pad_id = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad_id] * (L - len(t)) + t for t in token_lists])
+    attention_mask = torch.tensor([[0] * (L - len(t)) + [1] * len(t) for t in token_lists])
+    image_token_id = tokenizer.convert_tokens_to_ids(image_pad)
+    position_ids, next_position = mrope_positions(input_ids, attention_mask, grid, image_token_id, merge)
+    return PromptBatch(input_ids, attention_mask, position_ids, next_position,
+                       vision["pixel_values"], grid)
+
+
+# -----------------------------------------------------------------------------
+# Log-probs of completions
+
+def suppressed_mask(model):
+    """[V] bool, True for the ids the policy may never produce (see the module docstring)."""
+    V = model.config.text_config.vocab_size
+    mask = torch.zeros(V, dtype=torch.bool, device=model.device)
+    mask[list(model.generation_config.suppress_tokens or [])] = True
+    return mask
+
+
+def next_token_logits(hidden, lm_head_weight, suppressed, temperature):
+    """hidden [N, H] -> float32 logits [N, V] scaled by the temperature, suppressed ids at -inf.
+
+    The matmul runs in the model's dtype (as in HF's own head); the softmax in float32.
+    Temperature 0 (greedy) scores with the unscaled distribution.
+    """
+    logits = F.linear(hidden, lm_head_weight).float()
+    if temperature > 0:
+        logits = logits / temperature
+    return logits.masked_fill(suppressed, float("-inf"))
+
+
+def _chunk_logprobs(hidden, lm_head_weight, suppressed, targets, temperature):
+    logits = next_token_logits(hidden, lm_head_weight, suppressed, temperature)  # [N, V]
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+def completion_positions(prompts, T):
+    """[3, B, T] positions of T generated tokens: plain 1-D RoPE continuing after the prompt."""
+    pos = prompts.next_position[:, None] + torch.arange(T, device=prompts.next_position.device)
+    return pos[None].expand(3, -1, -1)
+
+
+def completion_logprobs(model, prompts, completion_ids, completion_mask, temperature=1.0, chunk_tokens=4096):
+    """Per-token log-probs of `completion_ids` [B, T] after `prompts`, under the temperature-scaled,
+    untruncated distribution (the same as `sampler.sample` reports). Returns logp [B, T] float32,
+    0 where `completion_mask` is 0. Differentiable.
+
+    The head runs over `chunk_tokens` completion tokens at a time; with gradients on, each chunk is
+    recomputed in the backward pass (checkpointed), so neither pass holds [B, T, V] in float32.
+    """
+    B, T = completion_ids.shape
+    L = prompts.input_ids.shape[1]
+    out = model.model(
+        input_ids=torch.cat([prompts.input_ids, completion_ids], dim=1),
+        attention_mask=torch.cat([prompts.attention_mask, completion_mask.to(prompts.attention_mask.dtype)], dim=1),
+        position_ids=torch.cat([prompts.position_ids, completion_positions(prompts, T)], dim=2),
+        pixel_values=prompts.pixel_values,
+        image_grid_thw=prompts.image_grid_thw,
+        use_cache=False,
+    )
+    # The hidden state at position p predicts token p + 1: the last prompt token predicts the first
+    # completion token.
+    hidden = out.last_hidden_state[:, L - 1:L + T - 1].reshape(B * T, -1)
+    targets = completion_ids.reshape(B * T)
+    keep = completion_mask.reshape(B * T).bool()
+    suppressed = suppressed_mask(model)
+    weight = model.lm_head.weight
+    rows = keep.nonzero().flatten()
+    logp = torch.zeros(B * T, dtype=torch.float32, device=hidden.device)
+    for chunk in rows.split(chunk_tokens):
+        args = (hidden[chunk], weight, suppressed, targets[chunk], temperature)
+        if torch.is_grad_enabled():
+            values = torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False)
+        else:
+            values = _chunk_logprobs(*args)
+        logp = logp.index_put((chunk,), values)
+    return logp.view(B, T)

@@ -1,0 +1,131 @@
+"""The hand-written sampler: prefill once, copy the KV cache into n rows, decode token by token.
+
+Both roles sample G completions per prompt (spec: "GRPO (as used)", rollouts; the Reasoner's m
+votes per question). The prompt, image included, is the same for all G, so it is run through the
+model once per prompt (the vision encoder sees each image once) and its KV cache is repeated into
+the G sample rows. From there each row decodes on its own:
+
+    logits -> suppress vision ids and rows past the tokenizer -> / temperature
+           -> log-prob of the drawn token (untruncated distribution)
+           -> top-k, top-p truncation -> draw (seeded torch.Generator) or argmax (temperature 0)
+
+Log-probs are those of the temperature-scaled distribution *before* top-k / top-p truncation,
+which is what `model.completion_logprobs` recomputes, so GRPO's first ratio is exactly 1 (as in
+verl; the truncation is treated as part of the environment, not of the policy).
+
+Rows stop on <|im_end|> or <|endoftext|> (the model's generation_config); a stopped row emits pad
+from then on, and its mask is 1 up to and including the stop token. Pad and stop can be the same
+id, so the mask is returned explicitly and never inferred from the ids.
+
+This file is the readable reference path: HF's own forward with a DynamicCache, one decode step per
+loop iteration, and a host check for finished rows each step. `decode_step` is the seam where a
+CUDA-graph path (static cache, no host synchronisation) plugs in.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from model import next_token_logits, suppressed_mask
+
+
+@dataclass
+class Samples:
+    """ids, mask, logprobs: [B * n, T]; row b * n + j is sample j of prompt b."""
+    ids: torch.Tensor
+    mask: torch.Tensor
+    logprobs: torch.Tensor
+
+
+def truncate_logits(logits, top_k=0, top_p=1.0):
+    """logits [N, V] -> the same with -inf outside each row's kept set.
+
+    top-k keeps the k largest logits (0 = all). top-p keeps the smallest set of most probable
+    tokens whose probability adds up to at least top_p: a token is kept when the mass of the tokens
+    ranked above it is below top_p, so the most probable token is always kept.
+    Example: probs [0.5, 0.3, 0.15, 0.05], top_p 0.8 -> mass above each: [0, 0.5, 0.8, 0.95]
+    -> keeps the first two (0.8 is not below 0.8).
+    """
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        mass_above = torch.cumsum(probs, dim=-1) - probs
+        drop_sorted = mass_above >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def draw(logits, temperature, top_k, top_p, generator):
+    """logits [N, V] (already scaled, suppressed at -inf) -> token [N], its log-prob [N]."""
+    logprobs = torch.log_softmax(logits, dim=-1)
+    if temperature == 0:
+        token = logits.argmax(dim=-1)
+    else:
+        probs = torch.softmax(truncate_logits(logits, top_k, top_p), dim=-1)
+        token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return token, logprobs.gather(-1, token[:, None]).squeeze(-1)
+
+
+def prefill(model, prompts, cache):
+    """Runs the prompts (images included) once; returns the hidden state of each last token [B, H]."""
+    out = model.model(
+        input_ids=prompts.input_ids, attention_mask=prompts.attention_mask,
+        position_ids=prompts.position_ids, pixel_values=prompts.pixel_values,
+        image_grid_thw=prompts.image_grid_thw, cache=cache, use_cache=True,
+    )
+    return out.last_hidden_state[:, -1]
+
+
+def decode_step(model, tokens, attention_mask, positions, cache):
+    """One text token per row: tokens [N], positions [N] -> hidden [N, H]; appends to `cache`.
+
+    Generated text has equal t/h/w positions, so M-RoPE here is 1-D RoPE at `positions`.
+    """
+    out = model.model(
+        input_ids=tokens[:, None], attention_mask=attention_mask,
+        position_ids=positions[None, :, None].expand(3, -1, 1), cache=cache, use_cache=True,
+    )
+    return out.last_hidden_state[:, -1]
+
+
+@torch.no_grad()
+def sample(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """Draws n completions for each prompt of `prompts` (a model.PromptBatch on the model's device).
+
+    Returns Samples with ids, mask and logprobs of shape [B * n, T], T <= max_new_tokens (the loop
+    ends early once every row has stopped). Same generator state -> same samples.
+    """
+    gen_config = model.generation_config
+    stop_ids = torch.tensor(gen_config.eos_token_id, device=model.device).flatten()
+    pad_id = gen_config.pad_token_id
+    suppressed = suppressed_mask(model)
+    head = model.lm_head.weight
+
+    cache = DynamicCache(config=model.config)
+    hidden = prefill(model, prompts, cache)
+    if n > 1:
+        cache.batch_repeat_interleave(n)
+        hidden = hidden.repeat_interleave(n, dim=0)
+    attention_mask = prompts.attention_mask.repeat_interleave(n, dim=0)
+    first_position = prompts.next_position.repeat_interleave(n, dim=0)
+    N = hidden.shape[0]
+
+    ids, logps, masks = [], [], []
+    finished = torch.zeros(N, dtype=torch.bool, device=model.device)
+    for t in range(max_new_tokens):
+        logits = next_token_logits(hidden, head, suppressed, temperature)
+        token, logp = draw(logits, temperature, top_k, top_p, generator)
+        ids.append(token.masked_fill(finished, pad_id))
+        logps.append(logp.masked_fill(finished, 0.0))
+        masks.append(~finished)
+        finished = finished | torch.isin(token, stop_ids)
+        if bool(finished.all()) or t == max_new_tokens - 1:
+            break
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+        hidden = decode_step(model, ids[-1], attention_mask, first_position + t, cache)
+    return Samples(torch.stack(ids, 1), torch.stack(masks, 1).long(), torch.stack(logps, 1))
