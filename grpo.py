@@ -32,8 +32,12 @@ per token (not per sequence as in GSPO); no length penalty or overlong filtering
 in the equations: log-ratios are clamped to ±20 before exp, as EasyR1 does, for numerical safety.
 """
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
+
+from model import completion_logprobs
 
 # exp of a large log-ratio overflows to inf, and inf at a clipped or padded position turns into a
 # nan gradient (0 * inf) even though that position's value is discarded. Past ±20 the clips in (3),
@@ -227,3 +231,124 @@ def policy_loss(logp: Tensor, old_logp: Tensor, ref_logp, advantages: Tensor, ma
         # one stack, one host transfer, instead of a device sync per metric
         values = torch.stack([v.detach().to(torch.float64) for v in stats.values()]).tolist()
     return loss, dict(zip(stats, values))
+
+
+# -----------------------------------------------------------------------------
+# One GRPO update over a batch of rollouts
+
+@dataclass
+class Rollouts:
+    """B = n_groups * G completions in group-major order (row g * G + j is sample j of group g),
+    the same for both roles.
+
+    prompts:  a model.PromptBatch of B rows (each group's prompt repeated G times)
+    ids, mask: [B, T] completion tokens, 1 up to and including the stop token
+    rewards:  [B]
+    """
+    prompts: object
+    ids: Tensor
+    mask: Tensor
+    rewards: Tensor
+    group_size: int
+
+    def __len__(self):
+        return self.ids.shape[0]
+
+    def advantages(self, scale="group"):
+        """[B]: equation (1) over the groups."""
+        return group_advantages(self.rewards.view(-1, self.group_size), scale).flatten()
+
+
+def autocast(device):
+    """bf16 compute over float32 weights on CUDA; plain float32 elsewhere.
+
+    At lr 1e-6 an update is ~1e-6 of a weight, below bf16's resolution (2^-8 relative): bf16
+    weights would round most updates away. So the weights and AdamW's state stay float32 (the
+    master copy) and only the matmuls run in bf16.
+    """
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def micro_batches(rows, lengths, size):
+    """Splits `rows` (indices) into chunks of `size`, longest first, so each chunk is padded only to
+    its own longest completion. rows: [n] long, lengths: [B] long -> list of [<= size] long."""
+    order = rows[torch.argsort(lengths[rows], descending=True, stable=True)]
+    return list(order.split(size))
+
+
+def _micro_batch(rollouts, rows):
+    """The rows of a rollout batch, completions trimmed to the longest of them."""
+    T = max(int(rollouts.mask[rows].sum(1).max()), 1)
+    return rollouts.prompts.select(rows.tolist()), rollouts.ids[rows, :T], rollouts.mask[rows, :T]
+
+
+@torch.no_grad()
+def rollout_logprobs(model, rollouts, micro_batch_size, temperature):
+    """[B, T] log-probs of every completion under `model`, computed micro-batch by micro-batch."""
+    device = model.device
+    logp = torch.zeros(rollouts.ids.shape, dtype=torch.float32)
+    lengths = rollouts.mask.sum(1)
+    for rows in micro_batches(torch.arange(len(rollouts)), lengths, micro_batch_size):
+        prompts, ids, mask = _micro_batch(rollouts, rows)
+        with autocast(device):
+            values = completion_logprobs(model, prompts.to(device), ids.to(device), mask.to(device), temperature)
+        logp[rows, :ids.shape[1]] = values.float().cpu()
+    return logp
+
+
+def update(policy, optimizer, rollouts, advantages, ref_model=None, *, temperature=1.0, micro_batch_size=8,
+           minibatches=1, epochs=1, clip_low=0.2, clip_high=0.3, dual_clip=3.0, kl_coef=0.01,
+           aggregation="seq-mean-token-mean", max_grad_norm=1.0):
+    """GRPO on one rollout batch: `epochs` passes, each over `minibatches` optimizer steps.
+
+    advantages: [B], one per completion. ref_model: the frozen reference of the KL term (None, or
+    kl_coef = 0, drops it). The log-probs of the sampling policy (old) and of the reference are
+    computed once, before the first step, so ρ = 1 exactly on the first step. Mini-batches are
+    consecutive slices of the batch (whole groups when B / minibatches is a multiple of G); inside
+    one, micro-batches are summed with the mini-batch's own totals, so the gradient equals the
+    gradient of the mini-batch in one piece (equation (8)). Then the gradient norm is clipped and
+    the optimizer steps.
+
+    Returns the metrics of `policy_loss` averaged over the optimizer steps (maxima: the max), plus
+    grad_norm (before clipping) and n_steps.
+    """
+    device = policy.device
+    old_logp = rollout_logprobs(policy, rollouts, micro_batch_size, temperature)
+    ref_logp = (rollout_logprobs(ref_model, rollouts, micro_batch_size, temperature)
+                if ref_model is not None and kl_coef > 0 else None)
+    T_max = rollouts.ids.shape[1]
+    lengths = rollouts.mask.sum(1)
+    history = []
+    for _ in range(epochs):
+        for minibatch in torch.arange(len(rollouts)).tensor_split(minibatches):
+            totals = batch_totals(rollouts.mask[minibatch])
+            totals["max_len"] = T_max  # Dr.GRPO divides by the generation budget, not a padded length
+            step = {}
+            for rows in micro_batches(minibatch, lengths, micro_batch_size):
+                prompts, ids, mask = _micro_batch(rollouts, rows)
+                T = ids.shape[1]
+                with autocast(device):
+                    logp = completion_logprobs(policy, prompts.to(device), ids.to(device), mask.to(device), temperature)
+                loss, metrics = policy_loss(
+                    logp, old_logp[rows, :T].to(device),
+                    None if ref_logp is None else ref_logp[rows, :T].to(device),
+                    advantages[rows].to(device), mask.to(device), clip_low=clip_low, clip_high=clip_high,
+                    dual_clip=dual_clip, kl_coef=kl_coef, aggregation=aggregation, **totals)
+                loss.backward()
+                for k, v in metrics.items():
+                    step[k] = max(step.get(k, v), v) if k.endswith("_max") else step.get(k, 0.0) + v
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step["grad_norm"] = float(grad_norm)
+            history.append(step)
+    summary = {k: (max if k.endswith("_max") else lambda v: sum(v) / len(v))([h[k] for h in history])
+               for k in history[0]}
+    summary["n_steps"] = len(history)
+    return summary
+
+
+def make_optimizer(model, lr=1e-6, betas=(0.9, 0.999), weight_decay=0.01):
+    """AdamW as in the spec; constant learning rate (no scheduler)."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=betas,
+                             weight_decay=weight_decay)

@@ -31,6 +31,15 @@ from model import next_token_logits, suppressed_mask
 
 
 @dataclass
+class SamplingSettings:
+    """How a role samples: pass as `sample(..., **vars(settings))`."""
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+@dataclass
 class Samples:
     """ids, mask, logprobs: [B * n, T]; row b * n + j is sample j of prompt b."""
     ids: torch.Tensor

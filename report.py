@@ -1,0 +1,563 @@
+"""
+The run report: one self-contained HTML page per run folder, runs/<name>/report.html.
+
+The page shows, top to bottom:
+- a header: run name, model, iterations done, and the last thing the run logged;
+- a summary table, one row per iteration: mean Questioner reward, valid candidate questions,
+  questions kept by curation, mean majority-vote confidence, mean Reasoner reward (plus any numbers
+  the loop wrote in "summary" lines);
+- curves as inline SVG: reward, KL and completion length of both roles against their training
+  step, the kept fraction and mean confidence per iteration, and the confidence histogram of the
+  last curation;
+- a gallery per iteration: each image once as a thumbnail with the questions written about it,
+  their silver answer, confidence and a kept/dropped badge; the Reasoner's m sampled answers and
+  full responses open with a click;
+- the images the run skipped as unreadable, and the run's config.
+
+It reads only the run folder and depends on nothing else of the project, so it runs on a copy of a
+run folder anywhere. The training loop rewrites it after every phase, so every input may be missing
+or half written (a killed run leaves a truncated last metrics line); the page is written to a temp
+file and moved into place, so a reader never sees half a page.
+
+Left out: JavaScript (the only interaction is <details>), external files of any kind (images are
+base64 JPEG thumbnails, styles are inline), per-token views, and comparisons between runs.
+
+    python report.py runs/<name>      # writes runs/<name>/report.html and prints its path
+"""
+
+import argparse
+import base64
+import html
+import io
+import json
+import math
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+THUMB_SIDE = 160  # px, longest side of a gallery thumbnail
+THUMB_QUALITY = 80  # JPEG quality: small enough that a gallery of 24 images stays well under 1 MB
+GALLERY_IMAGES = 24  # images shown per iteration; the rest are counted, not shown
+TRAINING_PHASES = ("questioner", "reasoner")
+COLORS = {"questioner": "#2563eb", "reasoner": "#dc2626", "kept fraction": "#059669", "mean confidence": "#d97706"}
+
+# -----------------------------------------------------------------------------
+# reading the run folder (every file optional, every field optional)
+
+def read_json(path) -> dict:
+    """A JSON object from path, or {} when the file is missing, half written or not an object."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def read_jsonl(path) -> list[dict]:
+    """The JSON objects of a .jsonl file; lines that don't parse (a run killed mid-write) are skipped."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return []
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def iteration_folders(run_dir) -> dict[int, Path]:
+    """{k: run_dir/iter_<k>} for every iteration folder, whatever is inside it yet."""
+    folders = {}
+    for path in Path(run_dir).glob("iter_*"):
+        suffix = path.name[len("iter_"):]
+        if path.is_dir() and suffix.isdigit():
+            folders[int(suffix)] = path
+    return folders
+
+
+def number(value):
+    """value as a float when it is a finite real number, else None (null, text, NaN, booleans)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def mean(values):
+    """Mean of the numbers among values, or None when there are none."""
+    numbers = [v for v in map(number, values) if v is not None]
+    return sum(numbers) / len(numbers) if numbers else None
+
+
+def training_steps(metrics, phase) -> list[dict]:
+    """One role's step lines in training order. A resumed run may log a step twice: the last wins."""
+    by_step = {}
+    for line in metrics:
+        if line.get("phase") == phase and is_int(line.get("iteration")) and is_int(line.get("step")):
+            by_step[(line["iteration"], line["step"])] = line
+    return [by_step[key] for key in sorted(by_step)]
+
+
+def lines_by_iteration(metrics, phase) -> dict[int, dict]:
+    """{iteration: line} for once-per-iteration lines (curation, summary); the last line wins."""
+    return {line["iteration"]: line for line in metrics
+            if line.get("phase") == phase and is_int(line.get("iteration"))}
+
+# -----------------------------------------------------------------------------
+# formatting
+
+def esc(text) -> str:
+    """Any text for HTML, quotes included. Questions and answers are arbitrary model output."""
+    return html.escape(str(text), quote=True)
+
+
+def fmt(value) -> str:
+    """A number for a table cell: 3 significant digits, thousands without exponent, '–' for none."""
+    x = number(value)
+    if x is None:
+        return "–" if value is None else esc(value)
+    if x.is_integer() and abs(x) < 1e15:
+        return f"{int(x):,}"
+    return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.3g}"
+
+
+def plural(n, word) -> str:
+    """plural(1, 'image') -> '1 image', plural(3, 'image') -> '3 images'."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def percent(value) -> str:
+    x = number(value)
+    return "–" if x is None else f"{100 * x:.0f}%"
+
+# -----------------------------------------------------------------------------
+# SVG charts
+
+CHART_W, CHART_H = 540, 270
+MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, MARGIN_BOTTOM = 60, 20, 36, 46
+
+
+def nice_ticks(lo, hi, count=5, integer=False) -> list[float]:
+    """
+    About count round numbers (1, 2 or 5 times a power of ten apart) that cover [lo, hi].
+    Example: nice_ticks(0.03, 0.83) -> [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]. With integer, the spacing
+    is a whole number (iterations and steps have no halves).
+    """
+    if hi <= lo:  # one value: give it some room so it is drawn mid-axis
+        lo, hi = lo - 0.5, hi + 0.5
+    raw = (hi - lo) / count
+    magnitude = 10 ** math.floor(math.log10(raw))
+    spacing = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
+    if integer:
+        spacing = max(1, round(spacing))
+    first, last = math.floor(lo / spacing + 1e-9), math.ceil(hi / spacing - 1e-9)
+    return [round(i * spacing, 10) for i in range(first, last + 1)]
+
+
+def tick_label(x) -> str:
+    return f"{x:g}" if abs(x) < 1e5 else f"{x:.2g}"
+
+
+def plot_area(x_ticks, y_ticks):
+    """Functions mapping data x and y to SVG pixels inside the margins."""
+    width = CHART_W - MARGIN_LEFT - MARGIN_RIGHT
+    height = CHART_H - MARGIN_TOP - MARGIN_BOTTOM
+    x0, x1, y0, y1 = x_ticks[0], x_ticks[-1], y_ticks[0], y_ticks[-1]
+    px = lambda x: MARGIN_LEFT + (x - x0) / (x1 - x0) * width
+    py = lambda y: CHART_H - MARGIN_BOTTOM - (y - y0) / (y1 - y0) * height
+    return px, py
+
+
+def axes(x_ticks, y_ticks, px, py, x_label, y_label) -> list[str]:
+    """Grid lines, both axes with tick labels, and the axis titles, as SVG elements."""
+    bottom, left, right = CHART_H - MARGIN_BOTTOM, MARGIN_LEFT, CHART_W - MARGIN_RIGHT
+    parts = []
+    for y in y_ticks:
+        parts.append(f'<line x1="{left}" y1="{py(y):.1f}" x2="{right}" y2="{py(y):.1f}" class="grid"/>')
+        parts.append(f'<text x="{left - 6}" y="{py(y) + 4:.1f}" text-anchor="end">{tick_label(y)}</text>')
+    for x in x_ticks:
+        parts.append(f'<line x1="{px(x):.1f}" y1="{bottom}" x2="{px(x):.1f}" y2="{bottom + 4}" class="axis"/>')
+        parts.append(f'<text x="{px(x):.1f}" y="{bottom + 17}" text-anchor="middle">{tick_label(x)}</text>')
+    parts.append(f'<line x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}" class="axis"/>')
+    parts.append(f'<line x1="{left}" y1="{MARGIN_TOP}" x2="{left}" y2="{bottom}" class="axis"/>')
+    parts.append(f'<text x="{(left + right) / 2:.0f}" y="{CHART_H - 8}" text-anchor="middle" '
+                 f'class="label">{esc(x_label)}</text>')
+    mid_y = (MARGIN_TOP + bottom) / 2
+    parts.append(f'<text x="14" y="{mid_y:.0f}" text-anchor="middle" transform="rotate(-90 14 {mid_y:.0f})" '
+                 f'class="label">{esc(y_label)}</text>')
+    return parts
+
+
+def legend(names) -> list[str]:
+    """A colour swatch and name per series, in a row above the plot."""
+    parts, x = [], MARGIN_LEFT
+    for name in names:
+        parts.append(f'<rect x="{x}" y="10" width="12" height="12" fill="{COLORS[name]}"/>')
+        parts.append(f'<text x="{x + 17}" y="20">{esc(name)}</text>')
+        x += 28 + 7 * len(name)  # about 7 px per character at 12 px
+    return parts
+
+
+def svg(parts, title) -> str:
+    body = "\n".join(parts)
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {CHART_W} {CHART_H}" '
+            f'width="{CHART_W}" height="{CHART_H}" role="img"><title>{esc(title)}</title>\n{body}\n</svg>')
+
+
+def line_chart(title, series, x_label, y_label, integer_x=False, y_include=()) -> str:
+    """
+    A figure with one line per series, or a 'no data yet' note when no series has a point.
+    series: {name: [(x, y), ...]} with y None where a line lacked the value (the point is skipped).
+    y_include: values the y axis must reach anyway, e.g. (0, 1) for fractions.
+    """
+    series = {name: [(x, y) for x, y in points if number(y) is not None] for name, points in series.items()}
+    series = {name: points for name, points in series.items() if points}
+    if not series:
+        return figure(title, '<p class="empty">no data yet</p>')
+    xs = [x for points in series.values() for x, _ in points]
+    ys = [y for points in series.values() for _, y in points] + list(y_include)
+    x_ticks = nice_ticks(min(xs), max(xs), count=6, integer=integer_x)
+    y_ticks = nice_ticks(min(ys), max(ys))
+    px, py = plot_area(x_ticks, y_ticks)
+    parts = axes(x_ticks, y_ticks, px, py, x_label, y_label) + legend(series)
+    for name, points in series.items():
+        coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in points)
+        parts.append(f'<polyline points="{coords}" fill="none" stroke="{COLORS[name]}" stroke-width="1.8"/>')
+        if len(points) <= 40:  # markers help on short series and only add clutter on long ones
+            parts += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{COLORS[name]}"/>' for x, y in points]
+    return figure(title, svg(parts, title))
+
+
+def histogram_chart(title, counts) -> str:
+    """A bar chart of counts over equal bins of [0, 1], with bin edges on the x axis."""
+    counts = [number(c) or 0 for c in counts]
+    n = len(counts)
+    x_ticks = [i / n for i in range(n + 1)]
+    y_ticks = nice_ticks(0, max(counts + [1]), integer=True)
+    px, py = plot_area(x_ticks, y_ticks)
+    parts = axes(x_ticks, y_ticks, px, py, "majority-vote confidence c", "candidate questions")
+    for i, count in enumerate(counts):
+        left, right = px(i / n) + 2, px((i + 1) / n) - 2
+        parts.append(f'<rect x="{left:.1f}" y="{py(count):.1f}" width="{right - left:.1f}" '
+                     f'height="{py(0) - py(count):.1f}" fill="#6366f1"/>')
+        parts.append(f'<text x="{(left + right) / 2:.1f}" y="{py(count) - 4:.1f}" '
+                     f'text-anchor="middle">{fmt(count)}</text>')
+    return figure(title, svg(parts, title))
+
+
+def figure(title, body) -> str:
+    return f'<figure><figcaption>{esc(title)}</figcaption>\n{body}\n</figure>'
+
+# -----------------------------------------------------------------------------
+# sections
+
+def header(run_dir, config, metrics, folders, summaries) -> str:
+    """Run name, model, iterations done, and one line on where the run stands."""
+    models = [f"{esc(key)}: {esc(value)}" for key, value in flatten(config).items()
+              if "model" in key.lower() and isinstance(value, str)]
+    # iter_<k>/reasoner/ is saved at the very end of an iteration, so its presence means k is done
+    done = sorted({k for k, folder in folders.items() if (folder / "reasoner").is_dir()} | set(summaries))
+    known = [line for line in metrics if line.get("phase") in TRAINING_PHASES + ("curation",)]
+    if known:
+        last = known[-1]
+        where = f"iteration {fmt(last.get('iteration'))}, {esc(last['phase'])}"
+        if last["phase"] != "curation":
+            where += f" step {fmt(last.get('step'))}"
+        updated = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(Path(run_dir, "metrics.jsonl").stat().st_mtime))
+        status = f"Last logged: {where} ({len(metrics)} metric lines, last written {updated})."
+    else:
+        status = "No metrics logged yet."
+    return (f'<h1>{esc(Path(run_dir).resolve().name)}</h1>\n'
+            f'<p class="meta">{" · ".join(models) or "model: not in config"} · '
+            f'iterations done: {len(done)}{" (" + ", ".join(map(str, done)) + ")" if done else ""}</p>\n'
+            f'<p class="status">{status}</p>\n'
+            f'<p class="meta">Report written {time.strftime("%Y-%m-%d %H:%M:%S")}.</p>')
+
+
+def summary_table(iterations, metrics, questions, summaries) -> str:
+    """One row per iteration; extra columns for whatever the loop's summary lines hold."""
+    if not iterations:
+        return '<h2 id="summary">Summary</h2>\n<p class="empty">No iterations yet.</p>'
+    steps = {phase: training_steps(metrics, phase) for phase in TRAINING_PHASES}
+    curation = lines_by_iteration(metrics, "curation")
+    extra = list(dict.fromkeys(key for line in summaries.values() for key in line if key not in ("phase", "iteration")))
+    head = ["iteration", "questioner reward", "valid candidates", "kept", "mean confidence", "reasoner reward"] + extra
+    rows = []
+    for k in iterations:
+        reward = {phase: mean(line.get("reward_mean") for line in steps[phase] if line["iteration"] == k)
+                  for phase in TRAINING_PHASES}
+        candidates = questions.get(k, [])
+        valid = f"{sum(bool(q.get('valid')) for q in candidates)} / {len(candidates)}" if candidates else "–"
+        cur = curation.get(k, {})
+        kept = "–"
+        if cur:
+            kept = f"{fmt(cur.get('n_kept'))} / {fmt(cur.get('n_candidates'))} ({percent(cur.get('kept_frac'))})"
+        cells = [str(k), fmt(reward["questioner"]), valid, kept, fmt(cur.get("confidence_mean")),
+                 fmt(reward["reasoner"])]
+        cells += [fmt(summaries.get(k, {}).get(key)) for key in extra]
+        rows.append("<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
+    return ('<h2 id="summary">Summary</h2>\n<table id="summary-table">\n<tr>'
+            + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>\n" + "\n".join(rows) + "\n</table>")
+
+
+def charts(metrics) -> str:
+    """Reward, KL and completion length per role; curation numbers per iteration; the last histogram."""
+    steps = {phase: training_steps(metrics, phase) for phase in TRAINING_PHASES}
+
+    def per_step(field):
+        # x counts a role's steps across iterations, so each role's curve is one unbroken line
+        return {phase: [(i + 1, line.get(field)) for i, line in enumerate(lines)] for phase, lines in steps.items()}
+
+    x_label = "training step of that role (counted across iterations)"
+    curation = lines_by_iteration(metrics, "curation")
+    per_iteration = {"kept fraction": [(k, line.get("kept_frac")) for k, line in sorted(curation.items())],
+                     "mean confidence": [(k, line.get("confidence_mean")) for k, line in sorted(curation.items())]}
+    with_hist = [k for k, line in sorted(curation.items())
+                 if isinstance(line.get("confidence_hist"), list) and line["confidence_hist"]]
+    if with_hist:
+        hist = histogram_chart(f"Confidence of the candidates, curation of iteration {with_hist[-1]}",
+                               curation[with_hist[-1]]["confidence_hist"])
+    else:
+        hist = figure("Confidence of the candidates, last curation", '<p class="empty">no data yet</p>')
+    return "\n".join([
+        '<h2 id="curves">Curves</h2>\n<div class="charts">',
+        line_chart("Reward (mean over the batch)", per_step("reward_mean"), x_label, "reward mean"),
+        line_chart("KL to the reference policy", per_step("kl"), x_label, "KL"),
+        line_chart("Completion length", per_step("completion_len"), x_label, "tokens"),
+        line_chart("Curation per iteration", per_iteration, "iteration", "fraction", integer_x=True, y_include=(0, 1)),
+        hist,
+        "</div>",
+    ])
+
+# -----------------------------------------------------------------------------
+# gallery
+
+def thumbnail_uri(path, cache):
+    """
+    A data URI of a JPEG thumbnail of the image at path, or None when it can't be read.
+    cache maps path -> URI for one report: an image asked about by 8 questions is encoded once.
+    """
+    if path not in cache:
+        cache[path] = encode_thumbnail(path)
+    return cache[path]
+
+
+def encode_thumbnail(path):
+    try:
+        with Image.open(path) as image:
+            image.thumbnail((THUMB_SIDE, THUMB_SIDE))  # first, so JPEGs decode at reduced size
+            image = ImageOps.exif_transpose(image)  # photos stored sideways
+            rgba = image.convert("RGBA")
+    except Exception:  # any unreadable or odd file becomes a placeholder; the report must not fail
+        return None
+    white = Image.new("RGBA", rgba.size, "white")  # transparent areas over white, not black
+    buffer = io.BytesIO()
+    Image.alpha_composite(white, rgba).convert("RGB").save(buffer, "JPEG", quality=THUMB_QUALITY)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def answer_tally(answers) -> str:
+    """Answers with their counts, most common first: ['3', '3', None] -> '3 ×2 · (none) ×1'."""
+    counts = Counter("(none)" if a is None else str(a) for a in answers)
+    return " · ".join(f"{esc(answer)} ×{count}" for answer, count in counts.most_common())
+
+
+def question_item(q) -> str:
+    """One candidate: badge, question, silver answer and confidence, then the details behind clicks."""
+    answers = q.get("answers") if isinstance(q.get("answers"), list) else []
+    responses = q.get("responses") if isinstance(q.get("responses"), list) else []
+    if q.get("question") is None or q.get("valid") is False:
+        badge, text = '<span class="badge invalid">invalid</span>', '<i>(no valid question in the output)</i>'
+    else:
+        status = "kept" if q.get("kept") else "dropped"
+        badge = f'<span class="badge {status}">{status}</span>'
+        text = esc(q["question"])
+    silver = "(none)" if q.get("silver") is None else q["silver"]
+    parts = [f'<li>{badge} <span class="question">{text}</span>',
+             f'<div class="meta">silver: <b>{esc(silver)}</b> · confidence {fmt(q.get("confidence"))}</div>']
+    if responses or answers:
+        items = []
+        for i in range(max(len(answers), len(responses))):
+            answer = answers[i] if i < len(answers) else None
+            response = responses[i] if i < len(responses) else ""
+            answer = "(none)" if answer is None else answer
+            items.append(f'<li>answer: <b>{esc(answer)}</b><pre>{esc(response)}</pre></li>')
+        parts.append(f'<details><summary>Reasoner answers: {answer_tally(answers)}</summary>'
+                     f'<ol>{"".join(items)}</ol></details>')
+    if q.get("raw") is not None:
+        parts.append(f'<details><summary>Questioner output</summary><pre>{esc(q["raw"])}</pre></details>')
+    parts.append("</li>")
+    return "\n".join(parts)
+
+
+def image_card(path, candidates, cache) -> str:
+    """One image: its thumbnail (or a placeholder) beside the questions written about it."""
+    uri = thumbnail_uri(path, cache) if path else None
+    name = Path(path).name if path else "(no image path)"
+    if uri:
+        thumb = f'<img class="thumb" src="{uri}" alt="{esc(name)}" title="{esc(path)}">'
+    else:
+        problem = "image unreadable" if path and Path(path).exists() else "image not found"
+        thumb = f'<div class="thumb missing" title="{esc(path)}">{problem}</div>'
+    n_kept = sum(bool(q.get("kept")) for q in candidates)
+    return (f'<div class="card">\n<div class="side">{thumb}<div class="name">{esc(name)}</div>'
+            f'<div class="meta">{n_kept} of {len(candidates)} kept</div></div>\n'
+            f'<ul class="questions">\n' + "\n".join(question_item(q) for q in candidates) + "\n</ul>\n</div>")
+
+
+def gallery(k, candidates, cache) -> str:
+    """The candidates of iteration k grouped by image, at most GALLERY_IMAGES images."""
+    title = f'<h3 id="iter-{k}">Iteration {k}</h3>'
+    if not candidates:
+        return title + '\n<p class="empty">No questions yet.</p>'
+    by_image = {}
+    for q in candidates:
+        path = q.get("image")
+        by_image.setdefault(str(path) if path else "", []).append(q)
+    shown = list(by_image.items())[:GALLERY_IMAGES]
+    n_kept = sum(bool(q.get("kept")) for q in candidates)
+    counts = f'{plural(len(candidates), "candidate question")} about {plural(len(by_image), "image")}, {n_kept} kept.'
+    parts = [title, f'<p class="meta">{counts}</p>']
+    parts += [image_card(path, qs, cache) for path, qs in shown]
+    left_out = len(by_image) - len(shown)
+    if left_out:
+        n_questions = sum(len(qs) for _, qs in list(by_image.items())[GALLERY_IMAGES:])
+        parts.append(f'<p class="meta">{plural(left_out, "more image")} ({plural(n_questions, "question")}) not shown; '
+                     f'all are in iter_{k}/questions.jsonl.</p>')
+    return "\n".join(parts)
+
+
+def skipped_section(run_dir) -> str:
+    """The unreadable input files the run listed, collapsed; nothing when there is no list."""
+    path = Path(run_dir, "skipped_images.txt")
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    rows = []
+    for line in lines:
+        file, _, reason = line.partition("\t")
+        rows.append(f"<tr><td>{esc(file)}</td><td>{esc(reason)}</td></tr>")
+    return (f'<h2 id="skipped">Skipped images</h2>\n'
+            f'<details><summary>{plural(len(lines), "input file")} could not be read</summary>\n'
+            f'<table><tr><th>file</th><th>reason</th></tr>\n' + "\n".join(rows) + "\n</table></details>")
+
+
+def flatten(config, prefix="") -> dict:
+    """Nested dicts as dotted keys: {'a': {'b': 1}} -> {'a.b': 1}."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_section(config) -> str:
+    if not config:
+        return '<h2 id="config">Config</h2>\n<p class="empty">No config.json.</p>'
+    rows = [f"<tr><td>{esc(key)}</td><td><code>{esc(json.dumps(value, ensure_ascii=False))}</code></td></tr>"
+            for key, value in flatten(config).items()]
+    return '<h2 id="config">Config</h2>\n<table class="config">\n' + "\n".join(rows) + "\n</table>"
+
+# -----------------------------------------------------------------------------
+# the page
+
+STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1f2937;
+       max-width: 1100px; margin: 2rem auto; padding: 0 1rem; line-height: 1.45; }
+h1 { margin-bottom: 0.2rem; } h2 { margin-top: 2.5rem; border-bottom: 1px solid #e5e7eb; }
+nav a { margin-right: 1rem; }
+.meta { color: #6b7280; font-size: 0.9rem; margin: 0.2rem 0; }
+.status { font-weight: 600; }
+.empty { color: #9ca3af; font-style: italic; }
+table { border-collapse: collapse; font-size: 0.9rem; margin: 0.5rem 0; }
+th, td { border-bottom: 1px solid #e5e7eb; padding: 0.3rem 0.7rem; text-align: left; vertical-align: top; }
+th { background: #f3f4f6; } #summary-table td { white-space: nowrap; } tr:nth-child(even) td { background: #fafafa; }
+.charts { display: grid; grid-template-columns: repeat(auto-fill, minmax(440px, 1fr)); gap: 1.5rem 1rem; }
+figure { margin: 0; } figcaption { font-weight: 600; font-size: 0.95rem; }
+svg { width: 100%; height: auto; font-size: 12px; fill: #374151; }
+svg .grid { stroke: #e5e7eb; } svg .axis { stroke: #6b7280; } svg .label { font-size: 13px; }
+.card { display: flex; gap: 1rem; border: 1px solid #e5e7eb; border-radius: 6px; padding: 0.7rem; margin: 0.7rem 0; }
+.side { flex: 0 0 164px; }
+.thumb { max-width: 160px; max-height: 160px; display: block; border: 1px solid #e5e7eb; border-radius: 3px; }
+.missing { width: 160px; height: 100px; background: #f3f4f6; color: #9ca3af; display: flex;
+           align-items: center; justify-content: center; font-size: 0.85rem; }
+.name { font-size: 0.8rem; word-break: break-all; margin-top: 0.3rem; }
+.questions { list-style: none; padding: 0; margin: 0; flex: 1; min-width: 0; }
+.questions > li { border-bottom: 1px solid #f3f4f6; padding: 0.4rem 0; }
+.badge { display: inline-block; font-size: 0.75rem; padding: 0 0.4rem; border-radius: 3px; color: white; }
+.kept { background: #059669; } .dropped { background: #9ca3af; } .invalid { background: #dc2626; }
+details { margin: 0.2rem 0; font-size: 0.9rem; } summary { cursor: pointer; color: #4b5563; }
+pre { white-space: pre-wrap; word-break: break-word; background: #f9fafb; padding: 0.4rem;
+      max-height: 16rem; overflow: auto; font-size: 0.8rem; margin: 0.2rem 0 0.5rem; }
+code { font-size: 0.85rem; }
+"""
+
+
+def render(run_dir) -> str:
+    """The whole page for run_dir as one string."""
+    run_dir = Path(run_dir)
+    config = read_json(run_dir / "config.json")
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    folders = iteration_folders(run_dir)
+    questions = {k: read_jsonl(folder / "questions.jsonl") for k, folder in folders.items()}
+    summaries = lines_by_iteration(metrics, "summary")
+    logged = {line["iteration"] for line in metrics if is_int(line.get("iteration"))}
+    iterations = sorted(set(folders) | logged)
+    cache = {}
+    galleries = [gallery(k, questions.get(k, []), cache) for k in iterations]
+    nav = " ".join(f'<a href="#{target}">{label}</a>' for target, label in
+                   [("summary", "Summary"), ("curves", "Curves"), ("gallery", "Questions"), ("config", "Config")])
+    return "\n".join([
+        "<!DOCTYPE html>",
+        '<html lang="en">',
+        f'<head><meta charset="utf-8"><title>{esc(run_dir.resolve().name)} · visplay report</title>',
+        f"<style>{STYLE}</style></head>",
+        "<body>",
+        header(run_dir, config, metrics, folders, summaries),
+        f"<nav>{nav}</nav>",
+        summary_table(iterations, metrics, questions, summaries),
+        charts(metrics),
+        '<h2 id="gallery">Questions</h2>',
+        *(galleries or ['<p class="empty">No iterations yet.</p>']),
+        skipped_section(run_dir),
+        config_section(config),
+        "</body>",
+        "</html>",
+    ]) + "\n"
+
+
+def write_report(run_dir) -> Path:
+    """Write run_dir/report.html atomically (temp file in the same folder, then os.replace); return its path."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run folder '{run_dir}' does not exist")
+    page = render(run_dir)
+    target = run_dir / "report.html"
+    tmp = run_dir / f".report.html.{os.getpid()}.tmp"  # not mkstemp: its 0600 mode would stick to the report
+    try:
+        tmp.write_text(page, encoding="utf-8")
+        os.replace(tmp, target)  # same folder, same file system: readers see the old page or the new one
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Write runs/<name>/report.html for a visplay run folder.")
+    parser.add_argument("run_dir", help="the run folder, e.g. runs/<name>")
+    print(write_report(parser.parse_args().run_dir))

@@ -1,0 +1,264 @@
+"""Tests for report.py: a fake run folder in, one valid, self-contained, escaped HTML page out."""
+
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import report
+
+HOSTILE = '<script>alert(1)</script> & "quotes"'
+VOID_TAGS = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+N_CHARTS = 5  # reward, KL, completion length, curation per iteration, confidence histogram
+
+
+class StrictChecker(HTMLParser):
+    """Fails on any closing tag that doesn't close the last opened one; collects every attribute."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.stack, self.attrs, self.tables, self.text = [], [], {}, []
+        self._row, self._cell, self._table = None, None, None
+
+    def handle_starttag(self, tag, attrs):
+        self.attrs += [(tag, name, value or "") for name, value in attrs]
+        if tag not in VOID_TAGS:
+            self.stack.append(tag)
+        if tag == "table":
+            self._table = dict(attrs).get("id")
+            self.tables[self._table] = []
+        elif tag == "tr":
+            self._row = []
+        elif tag in ("td", "th"):
+            self._cell = []
+
+    def handle_startendtag(self, tag, attrs):  # <circle .../> in SVG: opened and closed at once
+        self.attrs += [(tag, name, value or "") for name, value in attrs]
+
+    def handle_endtag(self, tag):
+        assert self.stack, f"</{tag}> closes nothing"
+        assert self.stack[-1] == tag, f"</{tag}> closes <{self.stack[-1]}> (open: {self.stack})"
+        self.stack.pop()
+        if tag in ("td", "th"):
+            self._row.append("".join(self._cell).strip())
+            self._cell = None
+        elif tag == "tr":
+            self.tables[self._table].append(self._row)
+
+    def handle_data(self, data):
+        self.text.append(data)
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def check_html(page):
+    """Parse page strictly; return the checker with its attributes and tables."""
+    checker = StrictChecker()
+    checker.feed(page)
+    checker.close()
+    assert checker.stack == [], f"tags never closed: {checker.stack}"
+    assert page.startswith("<!DOCTYPE html>")
+    return checker
+
+
+def assert_self_contained(page, checker):
+    assert "<link" not in page and "<script" not in page and 'src="http' not in page
+    for tag, name, value in checker.attrs:
+        if name == "src":
+            assert value.startswith("data:"), f"<{tag} src={value[:40]}>"
+        if name == "href":
+            assert value.startswith("#"), f"<{tag} href={value}>"
+
+
+def write_jsonl(path, records, tail=""):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + tail, encoding="utf-8")
+
+
+def candidate(image, question, kept, silver="3", confidence=0.5, answers=("3", "3", "4", None)):
+    return {"image": str(image), "question": question, "raw": f"<think>hmm</think><question>{question}</question>",
+            "answers": list(answers), "responses": [f"so the answer is \\boxed{{{a}}}" for a in answers],
+            "silver": silver, "confidence": confidence, "kept": kept, "valid": question is not None}
+
+
+def step_line(phase, iteration, step, reward, **extra):
+    return {"phase": phase, "iteration": iteration, "step": step, "reward_mean": reward, "reward_std": 0.1,
+            "kl": 0.01 * step, "completion_len": 40 + step, "loss": 0.0, **extra}
+
+
+@pytest.fixture
+def run(tmp_path):
+    """A two-iteration run: metrics of every phase (a null, a step logged twice, a truncated last line), hostile text,
+    one real image asked about three times in iteration 1, one image that no longer exists, one that isn't an image."""
+    run_dir = tmp_path / "demo-run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps({"model": "tiny", "iterations": 2, "note": HOSTILE,
+                                                     "sampling": {"top_p": 0.99}}))
+    real = tmp_path / "cat.png"
+    Image.new("RGBA", (300, 120), (200, 30, 30, 128)).save(real)
+    missing = tmp_path / "gone<b>.png"
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    metrics = [
+        step_line("questioner", 1, 1, 0.2, valid_rate=0.5), step_line("questioner", 1, 2, 0.4, valid_rate=1.0),
+        {"phase": "curation", "iteration": 1, "n_candidates": 5, "n_kept": 2, "kept_frac": 0.4,
+         "confidence_mean": 0.55, "confidence_hist": [1, 0, 0, 0, 0, 2, 0, 0, 0, 2]},
+        step_line("reasoner", 1, 1, 0.5), step_line("reasoner", 1, 2, 99.0),
+        step_line("reasoner", 1, 2, 0.7),  # the run was resumed and logged step 2 again
+        {"phase": "summary", "iteration": 1, "silver_accuracy": 0.72},
+        {"phase": "some_future_phase", "iteration": 1, "x": 1},
+        step_line("questioner", 2, 1, None, valid_rate=None),
+        step_line("questioner", 2, 2, 0.9),
+        {"phase": "curation", "iteration": 2, "n_candidates": 2, "n_kept": 1, "kept_frac": 0.5,
+         "confidence_mean": 0.6, "confidence_hist": [0, 0, 0, 0, 0, 1, 1, 0, 0, 0]},
+        step_line("reasoner", 2, 1, 0.8),
+    ]
+    write_jsonl(run_dir / "metrics.jsonl", metrics, tail='{"phase": "reasoner", "iteration": 2, "st')
+    write_jsonl(run_dir / "iter_1" / "questions.jsonl", [
+        candidate(real, "How many cats?", kept=True),
+        candidate(real, HOSTILE, kept=True, silver=HOSTILE, answers=(HOSTILE, HOSTILE, "x", "y")),
+        candidate(real, None, kept=False, silver=None, confidence=0.0, answers=()),
+        candidate(missing, "What colour is the sky?", kept=False, confidence=1.0),
+        candidate(tmp_path / "broken.jpg", "Is this a photo?", kept=False, confidence=1.0),
+    ])
+    write_jsonl(run_dir / "iter_2" / "questions.jsonl", [
+        candidate(missing, "Is it raining?", kept=True, silver="yes"),
+        candidate(missing, "Is it day?", kept=False, silver="no", confidence=0.9),
+    ])
+    (run_dir / "iter_1" / "reasoner").mkdir()  # iteration 1 saved its Reasoner: done
+    skipped = f"/data/bad.jpg\tcannot identify image file\n/data/{HOSTILE}.png\ttoo small\n"
+    (run_dir / "skipped_images.txt").write_text(skipped)
+    return run_dir
+
+
+def test_full_run_page_is_valid_self_contained_and_complete(run):
+    path = report.write_report(run)
+    assert path == run / "report.html"
+    page = path.read_text(encoding="utf-8")
+    checker = check_html(page)
+    assert_self_contained(page, checker)
+    assert page.count("<svg") == N_CHARTS and page.count("</svg>") == N_CHARTS
+    assert "Confidence of the candidates, curation of iteration 2" in page  # the last curation's histogram
+    assert "demo-run" in page and "tiny" in page
+    assert "iterations done: 1" in page  # iteration 2 has no saved Reasoner yet
+    assert "Iteration 1" in page and "Iteration 2" in page
+    assert "2 input files could not be read" in page and "cannot identify image file" in page
+    assert "top_p" in page  # nested config keys are shown
+
+
+def test_summary_table_numbers(run):
+    page = report.write_report(run).read_text(encoding="utf-8")
+    rows = check_html(page).tables["summary-table"]
+    head, by_iteration = rows[0], {row[0]: dict(zip(rows[0], row)) for row in rows[1:]}
+    assert head[:6] == ["iteration", "questioner reward", "valid candidates", "kept", "mean confidence",
+                        "reasoner reward"]
+    assert "silver_accuracy" in head  # from the summary line
+    assert set(by_iteration) == {"1", "2"}
+    one, two = by_iteration["1"], by_iteration["2"]
+    assert one["questioner reward"] == "0.3" and one["reasoner reward"] == "0.6"  # a step logged twice counts once
+    assert one["valid candidates"] == "4 / 5" and one["kept"] == "2 / 5 (40%)" and one["mean confidence"] == "0.55"
+    assert one["silver_accuracy"] == "0.72" and two["silver_accuracy"] == "–"
+    assert two["questioner reward"] == "0.9"  # the null reward is skipped, not counted as 0
+    assert two["reasoner reward"] == "0.8"  # the truncated last line is ignored
+
+
+def test_model_text_is_escaped(run):
+    page = report.write_report(run).read_text(encoding="utf-8")
+    assert "<script" not in page and "alert(1)</script>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; &quot;quotes&quot;" in page
+    assert "gone<b>" not in page and "gone&lt;b&gt;.png" in page  # file names are text too
+    text = "".join(check_html(page).text)
+    assert text.count(HOSTILE) >= 4  # question, silver, answers, responses, raw, config, skipped list
+
+
+def test_image_embedded_once_and_missing_image_placeholder(run, monkeypatch):
+    opened = []
+    real_open = report.Image.open
+
+    def counting_open(path, *args, **kwargs):
+        opened.append(str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(report.Image, "open", counting_open)
+    page = report.write_report(run).read_text(encoding="utf-8")
+    assert page.count("data:image/jpeg;base64,") == 1  # cat.png: three questions, one thumbnail
+    assert len(opened) == len(set(opened)) == 3, "an image was opened twice"
+    assert page.count("image not found") == 2  # gone<b>.png, once in each iteration's gallery
+    assert page.count("image unreadable") == 1  # broken.jpg exists but is no image
+    [uri] = [value for tag, name, value in check_html(page).attrs if tag == "img" and name == "src"]
+    thumb = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+    assert thumb.format == "JPEG" and max(thumb.size) == report.THUMB_SIDE and thumb.size == (160, 64)
+
+
+def test_gallery_is_capped(run, monkeypatch):
+    monkeypatch.setattr(report, "GALLERY_IMAGES", 1)
+    page = report.write_report(run).read_text(encoding="utf-8")
+    check_html(page)
+    assert "2 more images (2 questions) not shown" in page  # iteration 1: cat.png shown, gone<b>.png and broken.jpg not
+    assert "What colour is the sky?" not in page
+
+
+def test_partial_run_with_only_config(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model": "tiny"}))
+    page = report.write_report(tmp_path).read_text(encoding="utf-8")
+    assert_self_contained(page, check_html(page))
+    assert "No metrics logged yet." in page and "No iterations yet." in page
+    assert "<svg" not in page and page.count("no data yet") == N_CHARTS
+    assert "tiny" in page
+
+
+def test_partial_run_mid_iteration(tmp_path):
+    """Questioner of iteration 1 running: one metric line, an iter folder without questions."""
+    write_jsonl(tmp_path / "metrics.jsonl", [step_line("questioner", 1, 1, 0.25)], tail="{")
+    (tmp_path / "iter_1").mkdir()
+    page = report.write_report(tmp_path).read_text(encoding="utf-8")
+    check_html(page)
+    assert "Last logged: iteration 1, questioner step 1" in page
+    assert "No questions yet." in page and "Iteration 1" in page
+    assert page.count("<svg") == 3  # the three per-step charts; no curation yet
+    assert "No config.json." in page
+
+
+def test_write_is_atomic(run, monkeypatch):
+    (run / "report.html").write_text("old report")
+    before = set(os.listdir(run))
+    report.write_report(run)
+    assert set(os.listdir(run)) == before  # replaced in place, no temp file left behind
+    assert (run / "report.html").read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+
+    (run / "report.html").write_text("old report")
+
+    def failing_replace(src, dst):
+        assert Path(src).parent == run and Path(src).is_file()  # the new page sits beside the old one
+        raise OSError("disk full")
+
+    monkeypatch.setattr(report.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        report.write_report(run)
+    assert (run / "report.html").read_text() == "old report"  # a failed write never clobbers the page
+    assert set(os.listdir(run)) == before
+
+
+def test_cli_prints_path(run):
+    repo = Path(report.__file__).resolve().parent
+    done = subprocess.run([sys.executable, str(repo / "report.py"), str(run)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert Path(done.stdout.strip()) == run / "report.html" and (run / "report.html").is_file()
+
+
+def test_missing_run_folder_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        report.write_report(tmp_path / "nope")
+
+
+def test_nice_ticks():
+    assert report.nice_ticks(0.03, 0.83) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    assert report.nice_ticks(1, 2, integer=True) == [1, 2]
+    assert report.nice_ticks(5, 5) == [4.4, 4.6, 4.8, 5.0, 5.2, 5.4, 5.6]  # one value: drawn mid-axis
