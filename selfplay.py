@@ -1,0 +1,561 @@
+"""VisPlay self-play from one command: a Questioner and a Reasoner, both grown from one base VLM,
+take turns for K iterations on a folder of unlabeled images (spec: "Roles and loop").
+
+    python selfplay.py --images dir/ [--model Qwen/Qwen2.5-VL-3B-Instruct] [--output runs/name]
+    python selfplay.py --resume runs/name
+
+Iteration k = 1..K:
+  1. Questioner phase: Q_k starts from Q_{k-1} (Q_0 = base) and is trained with GRPO; its reward
+     comes from the frozen Reasoner R_{k-1} (R_0 = base) answering each question m times.
+  2. Curation: Q_k writes N questions per image of the curation pool; R_{k-1} answers each m times;
+     the majority answer is the silver label, and questions with confidence in [τ_low, τ_high] are
+     kept (iter_k/questions.jsonl holds every candidate).
+  3. Reasoner phase: R_k starts from R_{k-1} and is trained with GRPO on the kept triples.
+The KL term of each phase pulls the role toward its weights at the start of the iteration
+(`kl_reference = "iteration"`, Q_{k-1} or R_{k-1}) or toward the base model ("base").
+
+Everything lands in the run folder: config.json, metrics.jsonl, iter_k/{questioner,reasoner}/
+(save_pretrained, safetensors), iter_k/questions.jsonl, state.json, skipped_images.txt and
+report.html. state.json is written last, atomically, after every training step, together with a
+checkpoint of the role in training (weights, AdamW state, RNG states): a killed run resumes from
+the last finished step and ends bitwise equal to an uninterrupted one on CPU. Ctrl-C stops after the
+step in progress (a second Ctrl-C stops at once, losing that step).
+
+Left out: multi-GPU, LoRA, the validation benchmark during training (run evaluate.py on the
+checkpoints), and learning-rate schedules (the spec's lr is constant).
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from tqdm import tqdm
+
+import grpo
+import questioner
+import reasoner
+from data import DataError, load_image_folder
+from model import ModelError, load_vlm
+from report import write_report
+from sampler import SamplingSettings
+
+
+def _opt(help, group, **kw):
+    return field(metadata={"help": help, "group": group}, **kw)
+
+
+@dataclass
+class Config:
+    # run
+    images: str = _opt("folder of unlabeled images (searched recursively)", "run", default="")
+    output: str = _opt("run folder (default: runs/<date>-<time>)", "run", default="")
+    resume: str = _opt("continue the run in this folder, with its saved config", "run", default="")
+    model: str = _opt("hub id, local folder, 'tiny' (offline) or 'random-3b'", "run",
+                      default="Qwen/Qwen2.5-VL-3B-Instruct")
+    device: str = _opt("cuda, cpu, or auto", "run", default="auto")
+    seed: int = _opt("seeds sampling, image choice and the presets' random weights", "run", default=0)
+    quiet: bool = _opt("no progress bars (for logs)", "run", default=False)
+    # loop
+    iterations: int = _opt("self-play iterations K", "loop", default=3)
+    questioner_steps: int = _opt("GRPO steps of the Questioner per iteration", "loop", default=20)
+    reasoner_steps: int = _opt("GRPO steps of the Reasoner per iteration", "loop", default=20)
+    group_size: int = _opt("G: samples per prompt in both roles' rollouts", "loop", default=8)
+    min_pixels: int = _opt("images are resized to at least this many pixels", "loop", default=262_144)
+    max_pixels: int = _opt("... and at most this many", "loop", default=4_194_304)
+    # questioner
+    question_format: str = _opt("'paper': <question> only; 'code': <type>/<question>/<answer>", "questioner",
+                                default="paper")
+    images_per_step: int = _opt("images per Questioner rollout step (G questions each)", "questioner", default=64)
+    question_max_tokens: int = _opt("max new tokens of a question", "questioner", default=2048)
+    reward_votes: int = _opt("m: Reasoner answers per question for the uncertainty reward", "questioner",
+                             default=10)
+    reward_top_k: int = _opt("top-k of those answers", "questioner", default=40)
+    uncertainty_scale: str = _opt("'paper': 1 - |2c - 1|; 'code': min(c, 1 - c)", "questioner", default="paper")
+    diversity_scope: str = _opt("'group': cluster within an image's G questions; 'batch': whole batch",
+                                "questioner", default="group")
+    diversity_weight: float = _opt("λ of the diversity penalty", "questioner", default=1.0)
+    reward_combine: str = _opt("'paper': valid · max(0, r_unc - r_div); 'code': no clamp, -1 if invalid",
+                               "questioner", default="paper")
+    reward_count_empty: bool = _opt("answers without \\boxed{} vote for 'None' in the reward (public code)",
+                                    "questioner", default=True)
+    # curation
+    curation_images: int = _opt("images in the curation pool", "curation", default=1000)
+    candidates_per_image: int = _opt("N: questions written per curation image", "curation", default=8)
+    curation_top_p: float = _opt("top-p when writing candidates", "curation", default=0.95)
+    curation_votes: int = _opt("m: Reasoner answers per candidate", "curation", default=9)
+    tau_low: float = _opt("keep a question if its confidence is >= tau_low ...", "curation", default=0.25)
+    tau_high: float = _opt("... and <= tau_high (code: 0.3 / 0.8)", "curation", default=0.75)
+    curation_count_empty: bool = _opt("count answers without \\boxed{} in the confidence", "curation",
+                                      default=False)
+    on_too_few: str = _opt("when fewer questions are kept than one Reasoner batch: 'skip' the phase "
+                           "(R_k = R_{k-1}) or 'stop'", "curation", default="skip")
+    # reasoner
+    questions_per_step: int = _opt("kept questions per Reasoner rollout step (G answers each)", "reasoner",
+                                   default=64)
+    answer_max_tokens: int = _opt("max new tokens of an answer", "reasoner", default=4096)
+    reasoner_reward: str = _opt("'paper': binary accuracy; 'code': 0.9 accuracy + 0.1 format", "reasoner",
+                                default="paper")
+    # grpo
+    lr: float = _opt("AdamW learning rate (constant)", "grpo", default=1e-6)
+    weight_decay: float = _opt("AdamW weight decay", "grpo", default=0.01)
+    temperature: float = _opt("rollout temperature", "grpo", default=1.0)
+    top_p: float = _opt("rollout top-p", "grpo", default=0.99)
+    clip_low: float = _opt("ε_low of the ratio clip", "grpo", default=0.2)
+    clip_high: float = _opt("ε_high of the ratio clip (clip-higher)", "grpo", default=0.3)
+    dual_clip: float = _opt("dual clip c for negative advantages", "grpo", default=3.0)
+    kl_coef: float = _opt("β of the k3 KL term (0 = no reference model)", "grpo", default=0.01)
+    kl_reference: str = _opt("'iteration': the role's weights at the start of the iteration; 'base'", "grpo",
+                             default="iteration")
+    advantage_scale: str = _opt("'group', 'batch' or 'none' (see grpo.group_advantages)", "grpo", default="group")
+    aggregation: str = _opt("seq-mean-token-mean, token-mean or seq-sum-over-max-len", "grpo",
+                            default="seq-mean-token-mean")
+    minibatches: int = _opt("optimizer steps per rollout batch", "grpo", default=4)
+    epochs: int = _opt("passes over each rollout batch", "grpo", default=1)
+    micro_batch_size: int = _opt("rows per forward/backward (gradient accumulation)", "grpo", default=8)
+    max_grad_norm: float = _opt("gradient-norm clip", "grpo", default=1.0)
+
+
+CHOICES = {"question_format": ("paper", "code"), "uncertainty_scale": ("paper", "code"),
+           "diversity_scope": ("group", "batch"), "reward_combine": ("paper", "code"),
+           "on_too_few": ("skip", "stop"), "reasoner_reward": ("paper", "code"),
+           "kl_reference": ("iteration", "base"), "advantage_scale": ("group", "batch", "none"),
+           "aggregation": grpo.AGGREGATIONS}
+
+
+def parse_config(argv=None):
+    """The CLI is generated from Config: one flag per field, grouped, help from the field."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    groups = {}
+    for f in dataclasses.fields(Config):
+        group = groups.setdefault(f.metadata["group"], parser.add_argument_group(f.metadata["group"]))
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or f.type == "bool":
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            group.add_argument(flag, type=kind, default=f.default, choices=CHOICES.get(f.name),
+                               help=f.metadata["help"])
+    args = parser.parse_args(argv)
+    if not args.images and not args.resume:
+        parser.error("--images is required (or --resume a run folder)")
+    return Config(**vars(args))
+
+
+# -----------------------------------------------------------------------------
+# Atomic files
+
+def write_atomic(path, text):
+    """Readers see the old file or the new one, never half of one (temp file + rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    write_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_folder_atomic(folder, write):
+    """Calls write(tmp_folder), then renames it to `folder` (replacing an older one)."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+# -----------------------------------------------------------------------------
+# Run state: where we are, and everything needed to continue bitwise
+
+@dataclass
+class State:
+    iteration: int = 1
+    phase: str = "questioner"  # questioner -> curation -> reasoner -> (next iteration) ... -> done
+    step: int = 0              # finished steps of the phase
+    metrics_lines: int = 0     # lines of metrics.jsonl that belong to the finished steps
+    sampling_rng: list = field(default_factory=list)
+    image_rng: dict = field(default_factory=dict)
+    checkpoint: str = ""       # folder with the role in training (weights + optimizer), "" between phases
+
+
+class Run:
+    """The run folder, its state, and the random number generators that state.json captures."""
+
+    def __init__(self, cfg, folder, state, device):
+        self.cfg, self.dir, self.state, self.device = cfg, Path(folder), state, device
+        self.generator = torch.Generator(device=device)
+        self.image_rng = np.random.default_rng(cfg.seed)
+        if state.sampling_rng:
+            self.generator.set_state(torch.tensor(state.sampling_rng, dtype=torch.uint8))
+            self.image_rng.bit_generator.state = state.image_rng
+        else:
+            self.generator.manual_seed(cfg.seed)
+
+    def save_state(self, **changes):
+        for k, v in changes.items():
+            setattr(self.state, k, v)
+        self.state.sampling_rng = self.generator.get_state().tolist()
+        self.state.image_rng = self.image_rng.bit_generator.state
+        with open(self.dir / "metrics.jsonl", "a"):
+            pass
+        self.state.metrics_lines = sum(1 for _ in open(self.dir / "metrics.jsonl"))
+        write_json(self.dir / "state.json", dataclasses.asdict(self.state))
+
+    def log(self, record):
+        append_jsonl(self.dir / "metrics.jsonl", record)
+
+    def role_dir(self, k, role):
+        return self.dir / f"iter_{k}" / role
+
+    def role_source(self, k, role):
+        """Where role starts iteration k: the base model, or its checkpoint of iteration k - 1."""
+        return self.cfg.model if k == 1 else str(self.role_dir(k - 1, role))
+
+
+def resolve_config(cfg):
+    """The config to run: the CLI's, or for --resume the run's saved one (only quiet/device may change)."""
+    if not cfg.resume:
+        return cfg
+    folder = Path(cfg.resume)
+    if not (folder / "state.json").exists():
+        raise DataError(f"cannot resume: '{folder}' has no state.json (not a run folder, or it never started)")
+    saved = json.loads((folder / "config.json").read_text())
+    return Config(**dict(saved, resume=str(folder), quiet=cfg.quiet, device=cfg.device))
+
+
+def open_run(cfg):
+    """A new run folder, or the one to resume, with its state."""
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    if cfg.resume:
+        folder = Path(cfg.resume)
+        state = State(**json.loads((folder / "state.json").read_text()))
+        with open(folder / "metrics.jsonl") as f:  # drop lines of a step that never finished
+            lines = f.readlines()[:state.metrics_lines]
+        write_atomic(folder / "metrics.jsonl", "".join(lines))
+        return cfg, Run(cfg, folder, state, device)
+    folder = Path(cfg.output or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    if (folder / "state.json").exists():
+        raise DataError(f"'{folder}' already holds a run: pass --resume {folder} to continue it, or another --output")
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = dataclasses.replace(cfg, output=str(folder))
+    write_json(folder / "config.json", dataclasses.asdict(cfg))
+    run = Run(cfg, folder, State(), device)
+    run.save_state()
+    return cfg, run
+
+
+def record_skipped(run, skipped):
+    write_atomic(run.dir / "skipped_images.txt", "".join(f"{p}\t{why}\n" for p, why in skipped))
+    if skipped and not run.cfg.quiet:
+        print(f"skipped {len(skipped)} unreadable image(s), listed in {run.dir / 'skipped_images.txt'}")
+
+
+# -----------------------------------------------------------------------------
+# Models of a phase
+
+def load_model(cfg, source, device, trainable):
+    """A role's weights. Trained ones stay float32 (the master copy; bf16 compute comes from autocast);
+    frozen ones are bf16 on a GPU, where memory is what they cost."""
+    dtype = torch.float32 if trainable or device.type != "cuda" else torch.bfloat16
+    model, tokenizer, image_processor = load_vlm(source, device=device, dtype=dtype, seed=cfg.seed,
+                                                 min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    model.requires_grad_(trainable)
+    return model, tokenizer, image_processor
+
+
+def start_phase(cfg, run, role):
+    """The role in training (resumed from its checkpoint if there is one), its optimizer, and the
+    frozen reference of its KL term."""
+    k = run.state.iteration
+    source = run.state.checkpoint or run.role_source(k, role)
+    policy, tokenizer, image_processor = load_model(cfg, source, run.device, trainable=True)
+    optimizer = grpo.make_optimizer(policy, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if run.state.checkpoint:
+        optimizer.load_state_dict(torch.load(Path(run.state.checkpoint) / "optimizer.pt", weights_only=True))
+    reference = None
+    if cfg.kl_coef > 0:
+        ref_source = cfg.model if cfg.kl_reference == "base" else run.role_source(k, role)
+        reference = load_model(cfg, ref_source, run.device, trainable=False)[0]
+    return policy, tokenizer, image_processor, optimizer, reference
+
+
+def save_role(model, tokenizer, image_processor, folder):
+    """A checkpoint loadable by plain transformers (safetensors), written atomically."""
+    def write(tmp):
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        image_processor.save_pretrained(tmp)
+    save_folder_atomic(folder, write)
+
+
+def save_step(run, role, policy, tokenizer, image_processor, optimizer, step):
+    """After every step: the role and its optimizer into a fresh folder, then state.json points at it."""
+    folder = run.dir / "resume" / f"{role}_{run.state.iteration}_{step}"
+
+    def write(tmp):
+        policy.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        image_processor.save_pretrained(tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    save_folder_atomic(folder, write)
+    old = run.state.checkpoint
+    run.save_state(step=step, checkpoint=str(folder))
+    if old and Path(old) != folder:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def end_phase(run, role, policy, tokenizer, image_processor, next_phase):
+    save_role(policy, tokenizer, image_processor, run.role_dir(run.state.iteration, role))
+    old = run.state.checkpoint
+    run.save_state(phase=next_phase, step=0, checkpoint="")
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def free(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gb(device):
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+
+
+# -----------------------------------------------------------------------------
+# The three phases
+
+class Stop(Exception):
+    """Ctrl-C was pressed: the state on disk is complete; stop here."""
+
+
+STOP_REQUESTED = []
+
+
+def check_stop():
+    if STOP_REQUESTED:
+        raise Stop
+
+
+def rollout_metrics(rollouts, step_time):
+    rewards = rollouts.rewards.view(-1, rollouts.group_size)
+    lengths = rollouts.mask.sum(1).float()
+    return {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+            "zero_var_frac": float((rewards.std(1) == 0).float().mean()) if rewards.shape[1] > 1 else 1.0,
+            "completion_len": float(lengths.mean()), "step_time": step_time,
+            "tokens_per_s": float(lengths.sum()) / step_time}
+
+
+def grpo_step(cfg, run, policy, optimizer, reference, rollouts):
+    return grpo.update(policy, optimizer, rollouts, rollouts.advantages(cfg.advantage_scale), reference,
+                       temperature=cfg.temperature, micro_batch_size=cfg.micro_batch_size,
+                       minibatches=cfg.minibatches, epochs=cfg.epochs, clip_low=cfg.clip_low,
+                       clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, kl_coef=cfg.kl_coef,
+                       aggregation=cfg.aggregation, max_grad_norm=cfg.max_grad_norm)
+
+
+def choose(run, n_items, n):
+    """n distinct indices (all of them when n >= n_items), from the run's image RNG."""
+    return run.image_rng.permutation(n_items)[:n].tolist()
+
+
+def questioner_phase(cfg, run, paths, images):
+    k = run.state.iteration
+    policy, tok, ip, optimizer, reference = start_phase(cfg, run, "questioner")
+    frozen_reasoner = load_model(cfg, run.role_source(k, "reasoner"), run.device, trainable=False)[0]
+    question_settings = SamplingSettings(cfg.question_max_tokens, cfg.temperature, 0, cfg.top_p)
+    answer_settings = SamplingSettings(cfg.answer_max_tokens, 1.0, cfg.reward_top_k, 1.0)
+    reward = questioner.QuestionerRewardSettings(
+        m=cfg.reward_votes, uncertainty_scale=cfg.uncertainty_scale, diversity_scope=cfg.diversity_scope,
+        diversity_weight=cfg.diversity_weight, combine=cfg.reward_combine, count_empty=cfg.reward_count_empty)
+    bar = tqdm(range(run.state.step, cfg.questioner_steps), desc=f"iter {k} questioner", disable=cfg.quiet,
+               initial=run.state.step, total=cfg.questioner_steps)
+    for step in bar:
+        start = time.perf_counter()
+        chosen = choose(run, len(images), cfg.images_per_step)
+        rollouts, details = questioner.rollouts(policy, frozen_reasoner, tok, ip, [images[i] for i in chosen],
+                                                cfg.group_size, question_settings, answer_settings, reward,
+                                                run.generator, cfg.question_format)
+        update = grpo_step(cfg, run, policy, optimizer, reference, rollouts)
+        record = {"phase": "questioner", "iteration": k, "step": step + 1,
+                  **rollout_metrics(rollouts, time.perf_counter() - start),
+                  "valid_rate": float(np.mean([d["valid"] for d in details])),
+                  "confidence_mean": float(np.mean([d["confidence"] for d in details if d["valid"]] or [0.0])),
+                  **update, "peak_mem_gb": peak_memory_gb(run.device)}
+        run.log(record)
+        save_step(run, "questioner", policy, tok, ip, optimizer, step + 1)
+        bar.set_postfix(reward=f"{record['reward_mean']:.3f}", valid=f"{record['valid_rate']:.2f}")
+        check_stop()
+    end_phase(run, "questioner", policy, tok, ip, "curation")
+    del policy, optimizer, reference, frozen_reasoner
+    free(run.device)
+
+
+def curation_phase(cfg, run, paths, images):
+    """Q_k writes candidates, R_{k-1} votes; every candidate goes to iter_k/questions.jsonl."""
+    k = run.state.iteration
+    q_model, tok, ip = load_model(cfg, str(run.role_dir(k, "questioner")), run.device, trainable=False)
+    r_model = load_model(cfg, run.role_source(k, "reasoner"), run.device, trainable=False)[0]
+    pool = choose(run, len(images), cfg.curation_images)
+    write_settings = SamplingSettings(cfg.question_max_tokens, cfg.temperature, 0, cfg.curation_top_p)
+    vote_settings = SamplingSettings(cfg.answer_max_tokens, cfg.temperature, 0, cfg.top_p)
+    records = []
+    per_batch = max(1, cfg.images_per_step)
+    for start in tqdm(range(0, len(pool), per_batch), desc=f"iter {k} curation", disable=cfg.quiet):
+        batch = pool[start:start + per_batch]
+        _, _, texts, parsed = questioner.write_questions(q_model, tok, ip, [images[i] for i in batch],
+                                                         cfg.candidates_per_image, write_settings, run.generator,
+                                                         cfg.question_format)
+        owners = [batch[j // cfg.candidates_per_image] for j in range(len(texts))]
+        asked = [j for j, p in enumerate(parsed) if p is not None]
+        responses, answers = reasoner.answer(r_model, tok, ip, [images[owners[j]] for j in asked],
+                                             [parsed[j]["question"] for j in asked], cfg.curation_votes,
+                                             vote_settings, run.generator) if asked else ([], [])
+        votes = dict(zip(asked, zip(responses, answers, reasoner.curate(answers, cfg.tau_low, cfg.tau_high,
+                                                                        cfg.curation_count_empty))))
+        for j, (text, p) in enumerate(zip(texts, parsed)):
+            group_responses, group_answers, verdict = votes.get(j, ([], [], {"silver": None, "confidence": 0.0,
+                                                                             "kept": False}))
+            records.append({"image": paths[owners[j]], "image_index": owners[j],
+                            "question": p["question"] if p else None, "raw": text, "valid": p is not None,
+                            "answers": group_answers, "responses": group_responses, **verdict})
+    (run.dir / f"iter_{k}").mkdir(exist_ok=True)
+    write_atomic(run.dir / f"iter_{k}" / "questions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    confidences = [r["confidence"] for r in records if r["valid"]]
+    kept = sum(r["kept"] for r in records)
+    run.log({"phase": "curation", "iteration": k, "n_candidates": len(records), "n_valid": len(confidences),
+             "n_kept": kept, "kept_frac": kept / max(len(records), 1),
+             "confidence_mean": float(np.mean(confidences)) if confidences else None,
+             "confidence_hist": np.histogram(confidences, bins=10, range=(0, 1))[0].tolist()})
+    run.save_state(phase="reasoner", step=0, checkpoint="")
+    del q_model, r_model
+    free(run.device)
+
+
+def reasoner_phase(cfg, run, paths, images):
+    k = run.state.iteration
+    kept = [r for r in map(json.loads, open(run.dir / f"iter_{k}" / "questions.jsonl")) if r["kept"]]
+    if len(kept) < cfg.questions_per_step:
+        message = (f"iteration {k}: curation kept {len(kept)} question(s), fewer than one Reasoner batch "
+                   f"(--questions-per-step {cfg.questions_per_step})")
+        if cfg.on_too_few == "stop":
+            raise DataError(message + "; stopping (--on-too-few stop)")
+        print(message + f"; skipping the Reasoner phase, R_{k} = R_{k - 1} (--on-too-few skip)")
+        model, tok, ip = load_model(cfg, run.role_source(k, "reasoner"), run.device, trainable=False)
+        end_phase(run, "reasoner", model, tok, ip, "summary")
+        return
+    policy, tok, ip, optimizer, reference = start_phase(cfg, run, "reasoner")
+    settings = SamplingSettings(cfg.answer_max_tokens, cfg.temperature, 0, cfg.top_p)
+    bar = tqdm(range(run.state.step, cfg.reasoner_steps), desc=f"iter {k} reasoner", disable=cfg.quiet,
+               initial=run.state.step, total=cfg.reasoner_steps)
+    for step in bar:
+        start = time.perf_counter()
+        chosen = [kept[i] for i in choose(run, len(kept), cfg.questions_per_step)]
+        rollouts, _ = reasoner.rollouts(policy, tok, ip, [images[r["image_index"]] for r in chosen],
+                                        [r["question"] for r in chosen], [r["silver"] for r in chosen],
+                                        cfg.group_size, settings, run.generator, cfg.reasoner_reward)
+        update = grpo_step(cfg, run, policy, optimizer, reference, rollouts)
+        record = {"phase": "reasoner", "iteration": k, "step": step + 1,
+                  **rollout_metrics(rollouts, time.perf_counter() - start), **update,
+                  "peak_mem_gb": peak_memory_gb(run.device)}
+        run.log(record)
+        save_step(run, "reasoner", policy, tok, ip, optimizer, step + 1)
+        bar.set_postfix(reward=f"{record['reward_mean']:.3f}")
+        check_stop()
+    end_phase(run, "reasoner", policy, tok, ip, "summary")
+    del policy, optimizer, reference
+    free(run.device)
+
+
+def summarise(run):
+    """One line per iteration, printed and logged."""
+    k = run.state.iteration
+    lines = [json.loads(line) for line in open(run.dir / "metrics.jsonl")]
+    mine = [m for m in lines if m.get("iteration") == k]
+
+    def mean_of(phase, key):
+        values = [m[key] for m in mine if m["phase"] == phase and m.get(key) is not None]
+        return float(np.mean(values)) if values else None
+
+    curation = next((m for m in mine if m["phase"] == "curation"), {})
+    summary = {"phase": "summary", "iteration": k,
+               "questioner_reward": mean_of("questioner", "reward_mean"),
+               "valid_rate": mean_of("questioner", "valid_rate"),
+               "n_kept": curation.get("n_kept"), "kept_frac": curation.get("kept_frac"),
+               "confidence_mean": curation.get("confidence_mean"),
+               "reasoner_reward": mean_of("reasoner", "reward_mean")}
+    run.log(summary)
+    shown = " ".join(f"{key}={value:.3f}" if isinstance(value, float) else f"{key}={value}"
+                     for key, value in summary.items() if key not in ("phase",))
+    print(f"[summary] {shown}")
+    done = k == run.cfg.iterations
+    run.save_state(iteration=k if done else k + 1, phase="done" if done else "questioner", step=0)
+
+
+PHASES = {"questioner": questioner_phase, "curation": curation_phase, "reasoner": reasoner_phase}
+
+
+def train(cfg, run, paths, images):
+    while run.state.phase != "done":
+        if run.state.phase == "summary":
+            summarise(run)
+        else:
+            PHASES[run.state.phase](cfg, run, paths, images)
+        write_report(run.dir)
+        check_stop()  # a Ctrl-C during curation or a summary lands here, after its state is saved
+    print(f"done: {run.dir} (report: {run.dir / 'report.html'})")
+
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    transformers.utils.logging.disable_progress_bar()  # our own bars say what is going on
+    signal.signal(signal.SIGINT, _on_interrupt)
+    try:
+        cfg = resolve_config(cfg)
+        loaded, skipped = load_image_folder(cfg.images, max_pixels=cfg.max_pixels)
+        cfg, run = open_run(cfg)
+        record_skipped(run, skipped)
+        train(cfg, run, [str(p) for p, _ in loaded], [image for _, image in loaded])
+    except (DataError, ModelError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (Stop, KeyboardInterrupt):
+        print(f"stopped; continue with: python selfplay.py --resume {cfg.output}", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _on_interrupt(signum, frame):
+    if STOP_REQUESTED:  # second Ctrl-C: stop now, the last finished step is on disk
+        raise KeyboardInterrupt
+    STOP_REQUESTED.append(True)
+    print("\nstopping after this step (Ctrl-C again to stop now)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""selfplay.py end to end on the tiny model: every file of the run folder, bad images skipped and
+listed, and a run killed with SIGKILL that resumes to the same metrics and weights."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from data import write_shapes_folder
+from model import completion_logprobs, encode_prompts, load_vlm
+from questioner import QUESTIONER_PROMPTS
+from reasoner import reasoner_prompt
+
+REPO = Path(__file__).resolve().parents[1]
+TIMING = {"step_time", "tokens_per_s", "peak_mem_gb"}
+
+
+def small_run_flags(images, model, output):
+    return ["--images", str(images), "--model", str(model), "--output", str(output), "--iterations", "2",
+            "--questioner-steps", "2", "--reasoner-steps", "2", "--group-size", "4", "--images-per-step", "2",
+            "--question-max-tokens", "20", "--answer-max-tokens", "16", "--reward-votes", "4",
+            "--curation-images", "4", "--candidates-per-image", "4", "--curation-votes", "4",
+            "--questions-per-step", "2", "--min-pixels", "3136", "--max-pixels", "12544",
+            "--micro-batch-size", "8", "--minibatches", "2", "--lr", "1e-4", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def format_model(tmp_path_factory):
+    """The tiny model after a few supervised steps on the two output formats, with random contents
+    (so questions parse and the Reasoner's votes disagree: curation keeps some, the Reasoner trains)."""
+    model, tok, ip = load_vlm("tiny", seed=0)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (56, 56, 3), dtype=np.uint8)) for _ in range(8)]
+    questions = [f"How many {c} shapes are there?" for c in ("red", "blue", "green", "yellow")]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    for step in range(40):
+        q = [questions[i] for i in rng.integers(0, 4, 8)]
+        prompts = [QUESTIONER_PROMPTS["paper"]] * 4 + [reasoner_prompt(x) for x in q[4:]]
+        targets = [f"<question>{x}</question>" for x in q[:4]] + [
+            f"<think>count</think> \\boxed{{{n}}}" for n in rng.integers(1, 4, 4)]
+        rows = [tok(t, add_special_tokens=False)["input_ids"] + [im_end] for t in targets]
+        T = max(map(len, rows))
+        ids = torch.tensor([r + [tok.pad_token_id] * (T - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows])
+        batch = encode_prompts(tok, ip, images, prompts)
+        loss = -(completion_logprobs(model, batch, ids, mask) * mask).sum() / mask.sum()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    folder = tmp_path_factory.mktemp("format_model")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    ip.save_pretrained(folder)
+    return folder
+
+
+def image_folder(root):
+    """Four shapes scenes, images in odd but valid modes, and bad files that must be skipped."""
+    write_shapes_folder(root / "shapes", 4, seed=0, size=112)
+    odd = root / "odd"
+    odd.mkdir()
+    Image.fromarray((np.arange(56 * 56).reshape(56, 56) * 20).astype(np.uint16)).save(odd / "deep.png")
+    Image.new("CMYK", (64, 64), (0, 200, 200, 0)).save(odd / "cmyk.jpg")
+    Image.new("RGBA", (64, 64), (255, 0, 0, 128)).save(odd / "alpha.png")
+    bad = root / "bad"
+    bad.mkdir()
+    (bad / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(200)))
+    Image.new("RGB", (200, 200), "red").save(bad / "full.jpg")
+    (bad / "truncated.jpg").write_bytes((bad / "full.jpg").read_bytes()[:300])
+    (bad / "full.jpg").unlink()
+    (bad / "empty.jpg").write_bytes(b"")
+    (bad / "text.jpg").write_text("not an image")
+    Image.new("RGB", (1, 1)).save(bad / "dot.png")
+    return root, {str(bad / n) for n in ("corrupt.png", "truncated.jpg", "empty.jpg", "text.jpg", "dot.png")}
+
+
+class StrictHTML(HTMLParser):
+    VOID = {"br", "img", "meta", "hr", "input", "link", "col", "wbr", "source", "circle", "line", "rect",
+            "path", "polyline", "text", "area", "base"}
+
+    def __init__(self):
+        super().__init__()
+        self.stack = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_startendtag(self, tag, attrs):
+        pass
+
+    def handle_endtag(self, tag):
+        if tag in self.VOID:
+            return
+        assert self.stack and self.stack[-1] == tag, f"</{tag}> closes <{self.stack[-1] if self.stack else None}>"
+        self.stack.pop()
+
+
+def run_selfplay(args, **kwargs):
+    return subprocess.Popen([sys.executable, str(REPO / "selfplay.py"), *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+@pytest.mark.slow
+def test_end_to_end_writes_the_whole_run_folder(format_model, tmp_path):
+    images, bad = image_folder(tmp_path / "images")
+    out = tmp_path / "run"
+    start = time.perf_counter()
+    proc = run_selfplay(small_run_flags(images, format_model, out))
+    log, _ = proc.communicate(timeout=300)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 0, log
+    print(f"\nend-to-end tiny run: {elapsed:.1f} s")
+    assert elapsed < 120
+
+    skipped = (out / "skipped_images.txt").read_text().splitlines()
+    assert {line.split("\t")[0] for line in skipped} == bad
+    assert all(len(line.split("\t")) == 2 and line.split("\t")[1] for line in skipped)
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["iterations"] == 2 and config["model"] == str(format_model)
+    assert json.loads((out / "state.json").read_text())["phase"] == "done"
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    step_fields = {"phase", "iteration", "step", "reward_mean", "reward_std", "zero_var_frac", "kl",
+                   "clip_frac_low", "clip_frac_high", "completion_len", "step_time", "tokens_per_s", "peak_mem_gb",
+                   "loss", "grad_norm"}
+    for phase, steps in (("questioner", 2), ("reasoner", 2)):
+        for k in (1, 2):
+            lines = [m for m in metrics if m["phase"] == phase and m["iteration"] == k]
+            assert [m["step"] for m in lines] == list(range(1, steps + 1)), (phase, k)
+            assert all(step_fields <= m.keys() for m in lines)
+    assert all("valid_rate" in m for m in metrics if m["phase"] == "questioner")
+    curation = [m for m in metrics if m["phase"] == "curation"]
+    assert [m["iteration"] for m in curation] == [1, 2]
+    for m in curation:
+        assert m["n_candidates"] == 16 and sum(m["confidence_hist"]) == m["n_valid"]
+        assert m["n_kept"] >= 2, "the format model must give curation something to keep"
+    assert [m["iteration"] for m in metrics if m["phase"] == "summary"] == [1, 2]
+
+    for k in (1, 2):
+        records = [json.loads(line) for line in (out / f"iter_{k}" / "questions.jsonl").read_text().splitlines()]
+        assert len(records) == 16
+        for r in records:
+            assert Path(r["image"]).exists() and r["kept"] == (r["silver"] is not None and 0.25 <= r["confidence"] <= 0.75)
+            assert len(r["answers"]) == (4 if r["valid"] else 0)
+        for role in ("questioner", "reasoner"):
+            folder = out / f"iter_{k}" / role
+            assert (folder / "model.safetensors").exists() and (folder / "config.json").exists()
+    # checkpoints are plain transformers checkpoints, and the Reasoner did change
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    Qwen2_5_VLForConditionalGeneration.from_pretrained(out / "iter_2" / "reasoner")
+    before = load_file(Path(format_model) / "model.safetensors")
+    after = load_file(out / "iter_2" / "reasoner" / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert not (out / "resume").exists() or not any((out / "resume").iterdir())
+
+    report = (out / "report.html").read_text()
+    parser = StrictHTML()
+    parser.feed(report)
+    parser.close()
+    assert parser.stack == []
+    assert "Iteration 1" in report and "Iteration 2" in report
+
+
+def comparable(metrics_path):
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
+            for line in Path(metrics_path).read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_an_uninterrupted_run(format_model, tmp_path):
+    images, _ = image_folder(tmp_path / "images")
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    reference = run_selfplay(small_run_flags(images, format_model, whole))
+    victim = run_selfplay(small_run_flags(images, format_model, broken))
+    # Kill once the run is inside the Reasoner phase of iteration 1 (its first step is logged).
+    deadline = time.time() + 240
+    while time.time() < deadline and victim.poll() is None:
+        lines = (broken / "metrics.jsonl").read_text().splitlines() if (broken / "metrics.jsonl").exists() else []
+        if any('"phase": "reasoner"' in line for line in lines):
+            break
+        time.sleep(0.05)
+    assert victim.poll() is None, "the run ended before it could be killed"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert json.loads((broken / "state.json").read_text())["phase"] != "done"
+    resumed = run_selfplay(["--resume", str(broken), "--quiet"])
+    log, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, log
+    log, _ = reference.communicate(timeout=300)
+    assert reference.returncode == 0, log
+
+    assert comparable(broken / "metrics.jsonl") == comparable(whole / "metrics.jsonl")
+    for k in (1, 2):
+        for role in ("questioner", "reasoner"):
+            a = load_file(whole / f"iter_{k}" / role / "model.safetensors")
+            b = load_file(broken / f"iter_{k}" / role / "model.safetensors")
+            assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a), (k, role)
+    for k in (1, 2):
+        assert (whole / f"iter_{k}" / "questions.jsonl").read_text() == (broken / f"iter_{k}" / "questions.jsonl").read_text()
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    for args, needle in ((["--images", str(tmp_path / "nope"), "--model", "tiny"], "does not exist"),
+                         (["--resume", str(tmp_path)], "no state.json")):
+        proc = run_selfplay(args + ["--output", str(tmp_path / "out")])
+        log, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 2 and needle in log
+        assert "Traceback" not in log and len(log.strip().splitlines()) == 1, log
