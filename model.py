@@ -212,7 +212,8 @@ def load_vlm(name_or_path, device="cpu", dtype=torch.float32, min_pixels=None, m
 
 def _from_pretrained(name_or_path, dtype, attn_implementation):
     is_folder = os.path.isdir(name_or_path)
-    if not is_folder and (os.path.sep in name_or_path.strip("/") and name_or_path.startswith((".", "/"))):
+    # A hub id is "org/name": anything with more slashes, or starting like a path, is a folder.
+    if not is_folder and (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") >= 2):
         raise ModelError(f"model folder '{name_or_path}' does not exist; pass a folder with a "
                          "Qwen2.5-VL checkpoint, a hub id, or --model tiny for the built-in offline model")
     try:

@@ -1,0 +1,676 @@
+"""Score Reasoner checkpoints on benchmarks, side by side (spec: "Reported results").
+
+    python evaluate.py --model tiny --model tiny@1 --bench shapes --limit 100
+    python evaluate.py --model Qwen/Qwen2.5-VL-3B-Instruct --model runs/NAME/iter_3/reasoner \
+        --bench shapes,mmmu=data/mmmu,mathvision=data/mathvision --device cuda --dtype bfloat16
+
+What happens, in order:
+1. Every benchmark becomes a list of `Record`s, one common form: the built-in `shapes` questions,
+   a JSONL file in our own format (see `our_record`), or a local export of one of the paper's
+   benchmarks in its public Hugging Face schema (`--bench mmmu=FOLDER`). A bare name (`--bench
+   mmmu`) loads from the hub when the optional `datasets` package is installed.
+2. Each model answers every record once, greedily (temperature 0), with the Reasoner prompt,
+   batched through our sampler. The models are loaded one at a time.
+3. The prediction is the last \\boxed{} of the response, else its first 100 characters (the
+   spec's fallback), and `score` decides by rules per answer type.
+4. Out come a markdown table on stdout (models as columns, benchmarks as rows, accuracy with its
+   95% Wilson interval), results.json (with this run's config) and, per model and benchmark, a
+   JSONL file of every prompt, response and verdict.
+
+Left out:
+- The paper's LLM judge. Its numbers come from a judge that decides whether a prediction means the
+  gold answer; ours come from fixed rules, so they are lower wherever a right answer is written
+  differently (free text and expressions: MM-Vet above all). `score(..., judge=fn)` is the seam
+  where a judge plugs in; none is implemented here.
+- Questions with several images (a few in MMMU): one image per prompt in this codebase, so they
+  are skipped and counted, like records without an image or without a gold answer.
+"""
+
+import argparse
+import ast
+import base64
+import binascii
+import io
+import json
+import math
+import re
+import sys
+import time
+import typing
+from collections import Counter
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from data import DataError, load_image, shapes_benchmark
+from model import ModelError, encode_prompts, load_vlm
+from reasoner import reasoner_prompt
+from rewards import answers_equivalent, extract_boxed, normalize_answer
+from sampler import sample
+
+# -----------------------------------------------------------------------------
+# Config: one dataclass; the command-line flags are generated from its fields
+
+
+@dataclass
+class EvalConfig:
+    model: list[str] = field(metadata={"help": (
+        "a model to score; repeat for side-by-side columns. A hub id, a local folder, a run "
+        "checkpoint (runs/NAME/iter_K/reasoner), or a built-in random model: 'tiny', 'random-3b'. "
+        "'tiny@SEED' is the tiny model with the random weights of SEED")})
+    bench: str = field(default="shapes", metadata={"help": (
+        "comma-separated benchmarks: 'shapes' (built in), a .jsonl file in our format, NAME=PATH "
+        "(a local .jsonl/.parquet export of NAME, file or folder) or NAME alone (from the hub, "
+        "needs the `datasets` package). NAME: " + ", ".join(["mmmu", "mathverse", "mathvision",
+        "hallusionbench", "realworldqa", "visnumbench", "mmvet", "mmstar"]))})
+    limit: int | None = field(default=None, metadata={"help": "only the first N records of each benchmark"})
+    output: str | None = field(default=None,
+                               metadata={"help": "results folder (default runs/eval/DATE-TIME)"})
+    batch_size: int = field(default=16, metadata={"help": "questions answered together"})
+    max_new_tokens: int = field(default=2048, metadata={"help": "longest response in tokens (spec: 2048)"})
+    device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu",
+                        metadata={"help": "torch device"})
+    dtype: str = field(default="float32", metadata={"help": "model dtype",
+                                                    "choices": ("float32", "bfloat16", "float16")})
+    min_pixels: int | None = field(default=None, metadata={
+        "help": "fewest pixels an image is resized to (default: the model's)"})
+    max_pixels: int | None = field(default=None, metadata={
+        "help": "most pixels an image is resized to (default: the model's)"})
+    seed: int = field(default=0, metadata={
+        "help": "random weights of the built-in models ('tiny@SEED' overrides it)"})
+    quiet: bool = field(default=False, metadata={"help": "no progress bar"})
+
+
+def parse_args(argv=None):
+    """argv (list[str], None = sys.argv[1:]) -> EvalConfig. One flag per field: --batch-size for
+    batch_size; a list field is a repeatable flag, a bool field a switch."""
+    parser = argparse.ArgumentParser(description="Score Reasoner checkpoints on benchmarks, side by side.")
+    for f in fields(EvalConfig):
+        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        # Flags not given stay out of the namespace, so the dataclass alone holds the defaults.
+        kwargs = {"default": argparse.SUPPRESS}
+        if f.type is bool:
+            kwargs["action"] = "store_true"
+        elif typing.get_origin(f.type) is list:
+            kwargs.update(action="append", type=typing.get_args(f.type)[0])
+        else:
+            kwargs.update(type=next(t for t in (*typing.get_args(f.type), f.type) if t is not type(None)),
+                          choices=f.metadata.get("choices"))
+        required = f.default is MISSING and f.default_factory is MISSING
+        default = None if required else f.default if f.default_factory is MISSING else f.default_factory()
+        if default is not None and default is not False:
+            help += f" (default: {default})"
+        parser.add_argument(flag, required=required, help=help, **kwargs)
+    return EvalConfig(**vars(parser.parse_args(argv)))
+
+
+# -----------------------------------------------------------------------------
+# The common record form
+
+
+LETTERS = "ABCDEFGHIJ"  # the option letters a question may use
+
+
+@dataclass
+class Record:
+    """One benchmark question in the form every benchmark is turned into.
+
+    image: where the picture is, opened only when the question is asked (`open_image`): a PIL
+        image, a Path, bytes, or base64 text (a str); None when the row has none.
+    question: the text shown to the model, with the choices ("A. red\\nB. blue" appended when the
+        benchmark keeps them apart from the question).
+    answer: the gold answer; a capital letter for multiple-choice questions.
+    answer_type: "multiple-choice", "number", "yes-no" or "text".
+    choices: option texts in letter order; [] when there are none, or when the question holds them
+        in a form `inline_choices` does not read (then only the letter can be right).
+    skip: why the question is not asked ("no image", "missing image file", "no answer",
+        "several images", "unreadable image"), None when it is.
+    """
+    id: str
+    image: object
+    question: str
+    answer: str
+    answer_type: str
+    choices: list[str]
+    category: str
+    skip: str | None = None
+
+
+def option_letter(text):
+    """"B", "b", "(b)", "B." -> "B"; anything else -> None."""
+    m = re.fullmatch(rf"\(?([{LETTERS}])\)?\.?", text.strip(), re.IGNORECASE)
+    return m.group(1).upper() if m else None
+
+
+# Only labels the answer type for the reports; scoring itself reads numbers with rewards.py.
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)(?:/\d+)?\s*(?:\\?%|°)?")
+_INTEGER = re.compile(r"[+-]?\d+(?:,\d{3})*")
+
+
+def answer_type(answer, multiple_choice):
+    if multiple_choice:
+        return "multiple-choice"
+    s = normalize_answer(answer)
+    if s in ("yes", "no", "true", "false"):
+        return "yes-no"
+    return "number" if _NUMBER.fullmatch(s) else "text"
+
+
+def make_record(id, image, question, answer, category, choices=(), choices_in_question=False, skip=None):
+    """A Record from a benchmark's fields.
+
+    choices: option texts; unless choices_in_question (the question already shows them), they are
+    appended to the question as "A. ...". A record is multiple-choice when it has choices (or
+    shows them) and its gold is a letter; a gold written as the text of an option becomes that
+    option's letter. skip, unless given: "no image", "missing image file" or "no answer".
+    """
+    answer = "" if answer is None else str(answer).strip()
+    choices = [str(c).strip() for c in choices]
+    if choices and option_letter(answer) is None:
+        answer = next((L for L, c in zip(LETTERS, choices) if answers_equivalent(answer, c)), answer)
+    multiple_choice = (bool(choices) or choices_in_question) and option_letter(answer) is not None
+    if multiple_choice:
+        answer = option_letter(answer)
+    if choices and not choices_in_question:
+        question = question.rstrip() + "\n" + "\n".join(f"{L}. {c}" for L, c in zip(LETTERS, choices))
+    if skip is None:
+        skip = ("no image" if image is None else
+                "missing image file" if isinstance(image, Path) and not image.is_file() else
+                "no answer" if not normalize_answer(answer) else None)
+    return Record(str(id), image, question, answer, answer_type(answer, multiple_choice), choices,
+                  str(category or "all"), skip)
+
+
+# "A. x", "A: x", "A:x", "A) x", "(A) x", each at the start of a line or after a space, "," or "(".
+_MARK = re.compile(rf"(?<![^\s,(])\(?([{LETTERS}])(?:\)|[.:])\s*")
+
+
+def inline_choices(question):
+    """Option texts written into a question, in letter order; [] if there are none.
+
+    Reads the last run of marks A, B, C, ... (options follow the question, which may itself say
+    "point A."): "Options: A: 2, B: 3" -> ["2", "3"]; "Choices:\\nA:30°\\nB:60°" -> ["30°", "60°"].
+    An option ends where the next mark starts; the last one at the end of its line.
+    """
+    marks = list(_MARK.finditer(question))
+    run = []
+    for i, first in enumerate(marks):
+        if first.group(1) == "A":
+            chain = [first]
+            for m in marks[i + 1:]:
+                if ord(m.group(1)) == ord(chain[-1].group(1)) + 1:
+                    chain.append(m)
+            if len(chain) >= 2:
+                run = chain
+    texts = []
+    for m, following in zip(run, run[1:] + [None]):
+        end = following.start() if following else question.find("\n", m.end())
+        texts.append(question[m.end():end if end >= 0 else len(question)].strip().rstrip(",;").strip())
+    return texts
+
+
+def image_source(value, folder):
+    """Where a row's image is, in the forms exports hold it -> a PIL image, a Path, bytes or base64
+    text (str); None when there is none. Hugging Face image columns arrive as PIL images (through
+    `datasets`) or as {"bytes": ..., "path": ...} dicts, whose bytes are base64 text in JSONL (JSON
+    has no binary); a plain string is a path, relative to the folder of the file that names it."""
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return value["bytes"]
+        value = value.get("path")
+    if isinstance(value, str):
+        return folder / value if value else None
+    return value
+
+
+def open_image(record):
+    """The record's image as RGB PIL; DataError naming the record when it cannot be read."""
+    source = record.image
+    if isinstance(source, Path):
+        return load_image(source)
+    if isinstance(source, Image.Image):
+        return source.convert("RGB")
+    try:
+        data = base64.b64decode(source, validate=True) if isinstance(source, str) else source
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return ImageOps.exif_transpose(image).convert("RGB")
+    except (binascii.Error, OSError, SyntaxError, ValueError) as err:  # OSError: not an image
+        raise DataError(f"record '{record.id}': its image bytes do not decode ({err})") from None
+
+
+# -----------------------------------------------------------------------------
+# Benchmarks: the built-in shapes, our JSONL format, and the paper's benchmarks
+
+SHAPES_QUESTIONS, SHAPES_SEED = 500, 0
+
+
+def shapes_records():
+    """data.shapes_benchmark's 500 questions (seed 0): counting, colour, spatial, size, arithmetic."""
+    return [make_record(q["id"], q["image"], q["question"], q["answer"], q["category"],
+                        choices=q["choices"] or [], choices_in_question=bool(q["choices"]))
+            for q in shapes_benchmark(SHAPES_QUESTIONS, seed=SHAPES_SEED)]
+
+
+def our_record(row, folder, index):
+    """Our JSONL format, one question per line; anyone can write it:
+    {"image": "images/cat.png", "question": "What animal is this?", "answer": "B",
+     "choices": ["a dog", "a cat"], "category": "animals", "id": "q7"}
+    image: a path relative to the JSONL file. choices (optional): option texts, shown to the model
+    as "A. a dog\\nB. a cat"; the answer is then a letter or the text of the right option.
+    category and id are optional (id defaults to the row's index, counting from 0)."""
+    return make_record(row.get("id", index), image_source(row.get("image"), folder), row["question"],
+                       row.get("answer"), row.get("category"), choices=row.get("choices") or [])
+
+
+def mmmu_record(row, folder, index):
+    # MMMU: up to 7 images in image_1..image_7, options a stringified Python list, answer a letter;
+    # ids look like "validation_Art_Theory_12".
+    images = [image_source(row.get(f"image_{i}"), folder) for i in range(1, 8)]
+    images = [im for im in images if im is not None]
+    multiple_choice = row.get("question_type") == "multiple-choice"
+    options = row.get("options") or "[]"
+    choices = (options if isinstance(options, list) else ast.literal_eval(options)) if multiple_choice else []
+    subject = "_".join(row["id"].split("_")[1:-1]) or row.get("subfield")
+    return make_record(row["id"], images[0] if images else None, row["question"], row["answer"], subject,
+                       choices=choices, skip="several images" if len(images) > 1 else None)
+
+
+def mathverse_record(row, folder, index):
+    # MathVerse testmini: choices inline ("Choices:\nA:..."); "Vision Only" rows hold the whole
+    # question in the image and an empty question text.
+    question = row.get("question") or "Answer the question shown in the image."
+    multiple_choice = row.get("question_type") == "multi-choice"
+    return make_record(row["sample_index"], image_source(row.get("image"), folder), question, row["answer"],
+                       row.get("problem_version"), choices_in_question=multiple_choice,
+                       choices=inline_choices(question) if multiple_choice else [])
+
+
+def mathvision_record(row, folder, index):
+    # MATH-Vision: options a list ([] for open questions), the picture in decoded_image; image
+    # is its path inside the dataset repo ("images/1.jpg").
+    image = image_source(row.get("decoded_image"), folder)
+    if image is None:
+        image = image_source(row.get("image"), folder)
+    return make_record(row["id"], image, row["question"], row["answer"], row.get("subject"),
+                       choices=row.get("options") or [])
+
+
+def hallusionbench_record(row, folder, index):
+    # HallusionBench (lmms-lab): gt_answer "1" / "0" for yes / no; the non_image split has no image.
+    answer = {"1": "yes", "0": "no"}.get(str(row.get("gt_answer")).strip(), row.get("gt_answer"))
+    id = "_".join(str(row.get(k)) for k in ("category", "subcategory", "set_id", "figure_id", "question_id"))
+    return make_record(id, image_source(row.get("image"), folder), row["question"], answer,
+                       row.get("subcategory"))
+
+
+_ANSWER_DIRECTLY = re.compile(r"\s*Please answer directly with[^\n]*$")
+
+
+def realworldqa_record(row, folder, index):
+    # RealWorldQA: choices inline; the closing "Please answer directly with only the letter ..."
+    # is dropped because the Reasoner prompt asks for reasoning first.
+    question = _ANSWER_DIRECTLY.sub("", row["question"]).strip()
+    choices = inline_choices(question)
+    return make_record(index, image_source(row.get("image"), folder), question, row["answer"], "all",
+                       choices=choices, choices_in_question=bool(choices))
+
+
+def visnumbench_record(row, folder, index):
+    # VisNumBench: option is a list, or a string "(a) (90, 100) degrees, (b) ..."; answer "(d)",
+    # "d" or an option's text.
+    option = row.get("option") or []
+    if isinstance(option, str):  # split at the "(a)" marks, which the option texts never are
+        option = [text.strip().rstrip(",;").strip()
+                  for text in re.split(r"\(([a-j])\)\s*", option, flags=re.IGNORECASE)[2::2]]
+    return make_record(row.get("id", index), image_source(row.get("image"), folder), row["question"],
+                       row["answer"], row.get("Attributes") or row.get("task_class"), choices=option)
+
+
+def mmvet_record(row, folder, index):
+    # MM-Vet: free-form answers, scored by a GPT judge in its own protocol (some write alternatives
+    # as "a<OR>b", which our rules read as one string); capability is a list.
+    capability = row.get("capability") or []
+    category = "+".join(capability) if isinstance(capability, list) else capability
+    return make_record(row.get("question_id", index), image_source(row.get("image"), folder),
+                       row["question"], row["answer"], category)
+
+
+def mmstar_record(row, folder, index):
+    # MMStar: "...\nOptions: A: x, B: y, C: z, D: w" in the question, answer a letter.
+    question = row["question"]
+    return make_record(row.get("index", index), image_source(row.get("image"), folder), question,
+                       row["answer"], row.get("category"), choices=inline_choices(question),
+                       choices_in_question=True)
+
+
+def problem_record(row, folder, index):
+    """The problem / answer / images schema of EasyR1-style re-exports (the VisPlay authors' own
+    evaluation copies of these benchmarks use it), read for any benchmark name."""
+    images = row.get("images") or []
+    images = [image_source(im, folder) for im in (images if isinstance(images, list) else [images])]
+    question = row["problem"].replace("<image>", "").strip()
+    choices = inline_choices(question)
+    return make_record(index, images[0] if images else None, question, row["answer"], "all",
+                       choices=choices, choices_in_question=bool(choices),
+                       skip="several images" if len(images) > 1 else None)
+
+
+@dataclass
+class Source:
+    hub_id: str
+    config: str | None
+    split: str
+    to_record: typing.Callable
+
+
+BENCHMARKS = {  # the paper's benchmarks (MMStar: its validation set), as their public hub copies
+    "mmmu": Source("lmms-lab/MMMU", None, "validation", mmmu_record),  # MMMU/MMMU, subjects merged
+    "mathverse": Source("AI4Math/MathVerse", "testmini", "testmini", mathverse_record),
+    "mathvision": Source("MathLLMs/MathVision", None, "test", mathvision_record),
+    "hallusionbench": Source("lmms-lab/HallusionBench", None, "image", hallusionbench_record),
+    "realworldqa": Source("lmms-lab/RealWorldQA", None, "test", realworldqa_record),
+    "visnumbench": Source("GML-FMGroup/VisNumBench", None, "train", visnumbench_record),
+    "mmvet": Source("lmms-lab/MMVet", None, "test", mmvet_record),
+    "mmstar": Source("Lin-Chen/MMStar", None, "val", mmstar_record),
+}
+
+
+@dataclass
+class Benchmark:
+    name: str
+    records: list[Record]
+
+    def skipped(self):
+        """{reason: count} of the records that were not asked."""
+        return dict(Counter(r.skip for r in self.records if r.skip))
+
+
+def load_benchmark(spec, limit=None):
+    """--bench entry -> Benchmark of its first `limit` records. DataError for unknown names,
+    missing files and rows that are not of the named benchmark's schema."""
+    name, _, path = spec.strip().partition("=")
+    if name == "shapes" and not path:
+        records = shapes_records()
+    elif name.endswith(".jsonl") and not path:
+        records = read_rows(Path(name), our_record)
+        name = Path(name).stem
+    elif name in BENCHMARKS:
+        source = BENCHMARKS[name]
+        records = read_rows(Path(path), source.to_record) if path else read_hub(name, source)
+    else:
+        raise DataError(f"unknown benchmark '{spec}': use shapes, a .jsonl file, or NAME / NAME=PATH "
+                        f"with NAME one of {', '.join(BENCHMARKS)}")
+    return Benchmark(name, records[:limit])
+
+
+def read_rows(path, to_record):
+    """Records of a local export: a .jsonl or .parquet file, or a folder holding the split's
+    .jsonl files (read in name order) or .parquet files. Parquet needs the optional `datasets`."""
+    if not path.exists():
+        raise DataError(f"'{path}' does not exist")
+    files = [path] if path.is_file() else sorted(path.glob("*.jsonl")) or sorted(path.glob("*.parquet"))
+    if not files:
+        raise DataError(f"no .jsonl or .parquet files in '{path}'")
+    if files[0].suffix == ".parquet":
+        try:
+            import datasets
+        except ImportError:
+            raise DataError(f"'{path}' is parquet, which needs the optional `datasets` package; "
+                            "or export the split as JSONL (see README)") from None
+        rows = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
+        return to_records(((row, files[0].parent, f"'{path}' row {i}")
+                           for i, row in enumerate(rows)), to_record)
+    return to_records(jsonl_rows(files), to_record)
+
+
+def jsonl_rows(files):
+    for file in files:
+        with open(file, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line), file.parent, f"'{file}' line {n}"
+                    except json.JSONDecodeError as err:
+                        raise DataError(f"'{file}' line {n}: not JSON ({err.msg})") from None
+
+
+def to_records(rows, to_record):
+    """(row, folder, where) triples -> Records; a row of the wrong schema is a DataError at `where`."""
+    records = []
+    for index, (row, folder, where) in enumerate(rows):
+        try:
+            records.append((problem_record if "problem" in row else to_record)(row, folder, index))
+        except KeyError as err:
+            raise DataError(f"{where}: no field {err}; is this the right benchmark's export?") from None
+        except (ValueError, SyntaxError) as err:  # a malformed stringified option list
+            raise DataError(f"{where}: {err}") from None
+    return records
+
+
+def read_hub(name, source):
+    config = f" (config '{source.config}')" if source.config else ""
+    what = f"{source.hub_id}{config}, split '{source.split}'"
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"benchmark '{name}' is not here: download {what} as JSONL or parquet and pass "
+                        f"--bench {name}=PATH (see README), or install the optional `datasets` package "
+                        "to load it from the hub") from None
+    # Offline, gated, renamed: the hub fails in many ways, and each means "download it yourself".
+    try:
+        rows = datasets.load_dataset(source.hub_id, source.config, split=source.split)
+    except Exception as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"could not load {what} from the hub ({reason}); download it and pass "
+                        f"--bench {name}=PATH") from None
+    return to_records(((row, Path("."), f"{source.hub_id} row {i}") for i, row in enumerate(rows)),
+                      source.to_record)
+
+
+# -----------------------------------------------------------------------------
+# Scoring
+
+FALLBACK_CHARS = 100  # spec: without a \boxed{}, the prediction is the response's first 100 characters
+NUMBER_REL_TOL = 1e-2  # decimals and fractions: 1.732 counts for 1.73, 1/2 for 0.5; 1.75 does not
+SCORING = ("rule-based: last \\boxed{} (else the first 100 characters); multiple choice by letter or "
+           "the exact text of an option; numbers within 1% relative (integers exactly); yes/no; "
+           "normalised text. The paper uses an LLM judge instead.")
+
+
+def extract_prediction(response):
+    """The last \\boxed{} of a response, else its first 100 characters (the spec's fallback)."""
+    boxed = extract_boxed(response)
+    return boxed if boxed is not None else response[:FALLBACK_CHARS]
+
+
+def chosen_letter(prediction, choices):
+    """The option a prediction picks: its letter ("B", "(b)", "B. red") or the text of exactly that
+    option ("red"); None when it picks none."""
+    for letter in LETTERS:
+        if answers_equivalent(prediction, letter):
+            return letter
+    for letter, text in zip(LETTERS, choices):
+        if answers_equivalent(prediction, text):
+            return letter
+    return None
+
+
+def score(record, prediction, judge=None):
+    """Is `prediction` (the extracted answer, str) right for `record`? -> bool.
+
+    Rules, built on rewards.answers_equivalent:
+    - multiple-choice: the option the prediction picks (letter, or the text of one option) is the
+      gold letter; another option's letter or text, or no option, is wrong.
+    - number: equal within a relative tolerance of 1e-2 when the gold has decimals or is a
+      fraction; an integer gold (a count) must be matched exactly: 146 is not 145.
+    - yes-no ("true" = "yes") and text: equal after normalize_answer.
+    An empty prediction is never right. judge(record, prediction) -> bool, when given, replaces
+    the rules: the seam for an LLM judge like the paper's.
+    """
+    if judge is not None:
+        return bool(judge(record, prediction))
+    if record.answer_type == "multiple-choice":
+        return chosen_letter(prediction, record.choices) == record.answer
+    if _INTEGER.fullmatch(normalize_answer(record.answer)):
+        return answers_equivalent(prediction, record.answer)
+    return answers_equivalent(prediction, record.answer, rel_tol=NUMBER_REL_TOL)
+
+
+def wilson_interval(correct, total, z=1.959964):
+    """95% Wilson score interval of correct / total -> (low, high) in [0, 1]; None when total is 0.
+    Unlike p ± z·sqrt(p(1-p)/n) it is never zero-width at 0/n or n/n, where a random model sits.
+    E.g. 117/500 -> (0.199, 0.273); 0/10 -> (0.0, 0.278)."""
+    if total == 0:
+        return None
+    p, n = correct / total, total
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+# -----------------------------------------------------------------------------
+# Running the models
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PRESETS = ("tiny", "random-3b")
+
+
+def model_source(spec, default_seed):
+    """--model entry -> (name for load_vlm, seed): 'tiny@3' -> ('tiny', 3); 'tiny' -> ('tiny',
+    default_seed). Only the built-in presets take @SEED; anything else is passed on whole."""
+    name, at, seed = spec.partition("@")
+    if name in PRESETS and at:
+        if not seed.isdigit():
+            raise ModelError(f"'{spec}': the seed after @ must be a whole number, as in tiny@1")
+        return name, int(seed)
+    return spec, default_seed
+
+
+def answer_benchmark(model, tokenizer, image_processor, bench, cfg, label, judge=None):
+    """Greedy answers of one model to every askable record of bench -> list of sample dicts.
+    Records whose image does not open are marked skipped (for every model) and left out."""
+    askable = [r for r in bench.records if r.skip is None]
+    samples = []
+    bar = tqdm(total=len(askable), desc=f"{label} | {bench.name}", unit="q", disable=cfg.quiet)
+    for start in range(0, len(askable), cfg.batch_size):
+        batch, images = [], []
+        for record in askable[start:start + cfg.batch_size]:
+            try:
+                images.append(open_image(record))
+                batch.append(record)
+            except DataError as err:
+                record.skip = "unreadable image"
+                if not cfg.quiet:
+                    tqdm.write(f"skipped: {err}", file=sys.stderr)
+        if batch:
+            prompts = [reasoner_prompt(r.question) for r in batch]
+            encoded = encode_prompts(tokenizer, image_processor, images, prompts)
+            out = sample(model, encoded.to(model.device, model.dtype), max_new_tokens=cfg.max_new_tokens,
+                         temperature=0.0)
+            responses = tokenizer.batch_decode(out.ids.masked_fill(out.mask == 0, tokenizer.pad_token_id),
+                                               skip_special_tokens=True)
+            for record, prompt, response in zip(batch, prompts, responses):
+                prediction = extract_prediction(response)
+                samples.append({"id": record.id, "category": record.category,
+                                "answer_type": record.answer_type, "prompt": prompt, "prediction": response,
+                                "extracted": prediction, "gold": record.answer,
+                                "correct": score(record, prediction, judge)})
+        bar.update(len(askable[start:start + cfg.batch_size]))
+    bar.close()
+    return samples
+
+
+def summarize(samples, seconds):
+    correct, total = sum(s["correct"] for s in samples), len(samples)
+    by_category = {}
+    for s in samples:
+        counts = by_category.setdefault(s["category"], {"correct": 0, "scored": 0})
+        counts["correct"] += s["correct"]
+        counts["scored"] += 1
+    return {"correct": correct, "scored": total, "accuracy": correct / total if total else None,
+            "wilson95": wilson_interval(correct, total), "by_category": by_category,
+            "seconds": round(seconds, 2)}
+
+
+def cell(result):
+    """'23.4 (117/500) [19.9, 27.3]': accuracy %, (correct/scored), 95% Wilson interval."""
+    if not result["scored"]:
+        return "n/a (0/0)"
+    low, high = result["wilson95"]
+    return (f"{100 * result['accuracy']:.1f} ({result['correct']}/{result['scored']}) "
+            f"[{100 * low:.1f}, {100 * high:.1f}]")
+
+
+def markdown_table(results, models):
+    lines = ["| benchmark | " + " | ".join(models) + " | skipped |",
+             "|---" * (len(models) + 2) + "|"]
+    for name, bench in results["benchmarks"].items():
+        skipped = ", ".join(f"{n} {reason}" for reason, n in bench["skipped"].items()) or "0"
+        cells = [cell(bench["models"][m]) if m in bench["models"] else "-" for m in models]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {skipped} |")
+    lines.append("")
+    lines.append("Accuracy % (correct/scored) [95% Wilson interval]. Scoring is " + SCORING)
+    return "\n".join(lines)
+
+
+def safe_name(text):
+    return re.sub(r"[^\w.@=-]+", "_", text).strip("_")
+
+
+def write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def evaluate(cfg, judge=None):
+    """Runs cfg (EvalConfig) and writes its results; returns the results dict."""
+    specs = [s for s in cfg.bench.split(",") if s.strip()]
+    if not specs:
+        raise DataError("no benchmark given: pass --bench shapes, a .jsonl file, or NAME=PATH")
+    # All benchmarks load first, so a mistake in one shows before any model is loaded.
+    benchmarks = [load_benchmark(spec, cfg.limit) for spec in specs]
+    out = Path(cfg.output)
+    results = {"config": asdict(cfg), "scoring": SCORING,
+               "benchmarks": {b.name: {"records": len(b.records), "skipped": {}, "models": {}}
+                              for b in benchmarks}}
+    for spec in cfg.model:
+        name, seed = model_source(spec, cfg.seed)
+        model, tokenizer, image_processor = load_vlm(
+            name, device=cfg.device, dtype=DTYPES[cfg.dtype], min_pixels=cfg.min_pixels,
+            max_pixels=cfg.max_pixels, seed=seed)
+        for bench in benchmarks:
+            start = time.perf_counter()
+            samples = answer_benchmark(model, tokenizer, image_processor, bench, cfg, spec, judge)
+            write_jsonl(out / "samples" / safe_name(spec) / f"{safe_name(bench.name)}.jsonl", samples)
+            entry = results["benchmarks"][bench.name]
+            entry["models"][spec] = summarize(samples, time.perf_counter() - start)
+            entry["skipped"] = bench.skipped()
+        del model  # one model in memory at a time
+        (out / "results.json").write_text(json.dumps(results, indent=2))  # kept even if a later model fails
+    return results
+
+
+def main(argv=None):
+    """The command line: returns the exit code (0 done, 2 a user mistake, said in one line on stderr)."""
+    cfg = parse_args(argv)
+    cfg = replace(cfg, output=cfg.output or f"runs/eval/{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        results = evaluate(cfg)
+    except (ModelError, DataError) as err:
+        print(f"evaluate.py: error: {err}", file=sys.stderr)
+        return 2
+    table = markdown_table(results, cfg.model)
+    (Path(cfg.output) / "table.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

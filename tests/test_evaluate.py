@@ -1,0 +1,375 @@
+"""Tests for evaluate.py: the scoring rules, each benchmark adapter on its fixture, the shapes
+records, the Wilson interval, and the command line end to end on two tiny models."""
+
+import base64
+import importlib.util
+import io
+import json
+from collections import Counter
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import data
+import evaluate
+from evaluate import EvalConfig, extract_prediction, inline_choices, make_record, score, wilson_interval
+from model import ModelError
+
+FIXTURES = Path(__file__).parent / "fixtures" / "benchmarks"
+OURS = FIXTURES / "ours" / "questions.jsonl"
+# The flat colours the fixture images are painted with (see fixtures/benchmarks/README.md).
+RED, GREEN, BLUE, YELLOW = (230, 25, 25), (30, 160, 50), (30, 70, 230), (245, 210, 0)
+PURPLE, BLACK, WHITE, ORANGE = (140, 50, 170), (0, 0, 0), (255, 255, 255), (245, 130, 20)
+MC = "multiple-choice"
+HAS_DATASETS = importlib.util.find_spec("datasets") is not None
+
+
+def png_bytes(colour):
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# -----------------------------------------------------------------------------
+# Scoring rules
+
+IMAGE = Image.new("RGB", (32, 32), RED)
+RECORDS = {
+    "mc": make_record("mc", IMAGE, "Which colour?", "B", "c", choices=["red", "blue", "green"]),
+    "mc_text_gold": make_record("t", IMAGE, "Which colour?", "blue", "c", choices=["red", "blue", "green"]),
+    "mc_inline": make_record("i", IMAGE, "How many?\nOptions: A: 2, B: 3, C: 4, D: 5", "C", "c",
+                             choices=["2", "3", "4", "5"], choices_in_question=True),
+    "mc_unparsed": make_record("u", IMAGE, "Answer the question in the image.", "A", "c",
+                               choices_in_question=True),
+    "integer": make_record("n", IMAGE, "How many?", "12", "c"),
+    "decimal": make_record("d", IMAGE, "How long?", "1.73", "c"),
+    "half": make_record("h", IMAGE, "What share?", "0.5", "c"),
+    "yes": make_record("y", IMAGE, "Is it red?", "yes", "c"),
+    "text": make_record("x", IMAGE, "What colour?", "red", "c"),
+}
+
+SCORING_CASES = [  # (record, extracted prediction, right?)
+    ("mc", "B", True), ("mc", "b", True), ("mc", "(B)", True), ("mc", "B. blue", True),
+    ("mc", "blue", True), ("mc", "Blue.", True), ("mc", r"\text{blue}", True),
+    ("mc", "A", False),  # wrong letter
+    ("mc", "red", False), ("mc", "green", False),  # another option's text
+    ("mc", "D", False),  # a letter past the last option
+    ("mc", "B or C", False), ("mc", "purple", False), ("mc", "", False),
+    ("mc_text_gold", "B", True), ("mc_text_gold", "blue", True), ("mc_text_gold", "A", False),
+    ("mc_inline", "C", True), ("mc_inline", "4", True), ("mc_inline", "4.0", True),
+    ("mc_inline", "3", False), ("mc_inline", "B", False),
+    ("mc_unparsed", "A", True), ("mc_unparsed", "(a)", True), ("mc_unparsed", "B", False),
+    ("integer", "12", True), ("integer", "12.0", True), ("integer", "+12", True),
+    ("integer", "13", False), ("integer", "12.1", False),  # counts match exactly, not within 1%
+    ("integer", "twelve", False), ("integer", "1,2", False), ("integer", "", False),
+    ("decimal", "1.73", True), ("decimal", "1.732", True),  # 0.1% off
+    ("decimal", "1.75", False), ("decimal", "1.7", False),  # 1.2% and 1.7% off
+    ("half", "1/2", True), ("half", r"\frac{1}{2}", True), ("half", ".50", True), ("half", "0.6", False),
+    ("yes", "yes", True), ("yes", "Yes.", True), ("yes", "true", True),
+    ("yes", "no", False), ("yes", "false", False), ("yes", "yes, it is", False), ("yes", "", False),
+    ("text", "Red", True), ("text", r"\text{red}", True), ("text", "red.", True),
+    ("text", "blue", False), ("text", "a red one", False), ("text", "", False),
+]
+
+
+@pytest.mark.parametrize("key, prediction, right", SCORING_CASES)
+def test_scoring_rules(key, prediction, right):
+    assert score(RECORDS[key], prediction) is right
+
+
+def test_records_get_the_answer_type_that_picks_their_rule():
+    types = {key: (r.answer_type, r.answer) for key, r in RECORDS.items()}
+    assert types == {"mc": (MC, "B"), "mc_text_gold": (MC, "B"), "mc_inline": (MC, "C"),
+                     "mc_unparsed": (MC, "A"), "integer": ("number", "12"), "decimal": ("number", "1.73"),
+                     "half": ("number", "0.5"), "yes": ("yes-no", "yes"), "text": ("text", "red")}
+    # separate choices are shown to the model under the question; inline ones are not repeated
+    assert RECORDS["mc"].question == "Which colour?\nA. red\nB. blue\nC. green"
+    assert RECORDS["mc_inline"].question == "How many?\nOptions: A: 2, B: 3, C: 4, D: 5"
+
+
+@pytest.mark.parametrize("response, prediction", [
+    (r"<think>red or blue</think> so \boxed{B}", "B"),
+    (r"\boxed{1} no wait \boxed{\frac{1}{2}}", r"\frac{1}{2}"),  # the last box
+    ("no box at all", "no box at all"),  # the spec's fallback: the first 100 characters
+    ("x" * 150, "x" * 100),
+    (r"\boxed{}", ""),
+    (r"cut off \boxed{3", r"cut off \boxed{3"),  # an unclosed box is no box
+])
+def test_prediction_is_the_last_box_else_the_first_100_characters(response, prediction):
+    assert extract_prediction(response) == prediction
+
+
+def test_an_unboxed_sentence_is_not_read_by_the_rules():
+    assert score(RECORDS["mc"], extract_prediction("B"))
+    assert not score(RECORDS["mc"], extract_prediction("The answer is B"))  # a judge might accept it
+
+
+def test_a_judge_replaces_the_rules():
+    seen = []
+
+    def judge(record, prediction):
+        seen.append((record.id, prediction))
+        return prediction == "azure"
+
+    assert score(RECORDS["mc"], "azure", judge=judge) is True
+    assert score(RECORDS["mc"], "B", judge=judge) is False  # right by the rules, wrong by this judge
+    assert seen == [("mc", "azure"), ("mc", "B")]
+
+
+@pytest.mark.parametrize("question, choices", [
+    ("How many?\nOptions: A: 2, B: 3, C: 4, D: 5", ["2", "3", "4", "5"]),
+    ("What is the angle?\nChoices:\nA:30°\nB:60°\nC:90°", ["30°", "60°", "90°"]),
+    ("Which way?\n\nA. Left\nB. Right\nC. Up", ["Left", "Right", "Up"]),
+    ("Which is larger, (A) the red circle (B) the blue square", ["the red circle", "the blue square"]),
+    ("Is point A. above the line?\nA) yes\nB) no", ["yes", "no"]),  # the last run of marks
+    ("Is point A. above B?", []),
+    ("How many shapes are there?", []),
+])
+def test_inline_choices(question, choices):
+    assert inline_choices(question) == choices
+
+
+# -----------------------------------------------------------------------------
+# Benchmarks in the common record form
+
+# (id, answer_type, answer, choices, category, skip, colour of the image or None)
+EXPECTED = {
+    "mmmu": [
+        ("validation_Art_Theory_1", MC, "B", ["green", "red", "blue"], "Art_Theory", None, RED),
+        ("validation_Math_2", "number", "5", [], "Math", None, GREEN),
+        ("validation_Physics_3", MC, "A", ["<image 1>", "<image 2>"], "Physics", "several images", None)],
+    "mathverse": [
+        ("1", MC, "B", ["30°", "60°", "90°", "120°"], "Text Lite", None, PURPLE),
+        ("2", "number", "2.5", [], "Vision Dominant", None, ORANGE),
+        ("3", MC, "A", [], "Vision Only", None, BLACK)],
+    "mathvision": [
+        ("1", MC, "C", ["A circle", "A square", "A star"], "metric geometry - area", None, YELLOW),
+        ("2", "number", "4", [], "counting", None, GREEN)],  # from the image path: no decoded_image
+    "hallusionbench": [
+        ("VD_illusion_0_0_0", "yes-no", "no", [], "illusion", None, WHITE),
+        ("VD_illusion_0_0_1", "yes-no", "yes", [], "illusion", None, WHITE),
+        ("VS_chart_1_0_0", "yes-no", "yes", [], "chart", "no image", None)],
+    "realworldqa": [
+        ("0", MC, "B", ["Left", "Right", "Up"], "all", None, ORANGE),
+        ("1", "number", "3", [], "all", None, BLUE)],
+    "visnumbench": [
+        ("1", MC, "D", ["(90, 100) degrees", "(30, 40) degrees", "(170, 180) degrees", "(60, 70) degrees"],
+         "Angle", None, BLACK),
+        ("2", MC, "B", ["the cup", "the plate"], "Area", None, WHITE)],
+    "mmvet": [
+        ("v1_0", "text", "-1<AND>-5", [], "ocr+math", None, YELLOW),
+        ("v1_1", "number", "2", [], "rec", None, RED)],
+    "mmstar": [
+        ("0", MC, "C", ["green", "yellow", "purple", "black"], "coarse perception", None, PURPLE),
+        ("1", MC, "B", ["2", "3", "4", "5"], "fine-grained perception", None, GREEN)],
+}
+
+
+def load(spec, limit=None):
+    return evaluate.load_benchmark(spec, limit)
+
+
+def summary(record):
+    colour = None if record.skip else evaluate.open_image(record).getpixel((0, 0))
+    return record.id, record.answer_type, record.answer, record.choices, record.category, record.skip, colour
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_each_adapter_reads_its_fixture_into_records(name):
+    bench = load(f"{name}={FIXTURES / name}")
+    assert bench.name == name
+    assert [summary(r) for r in bench.records] == EXPECTED[name]
+    for r in bench.records:
+        assert all(c in r.question for c in r.choices)  # the model sees every option
+
+
+def test_adapter_question_texts():
+    mmmu = load(f"mmmu={FIXTURES / 'mmmu'}").records
+    assert mmmu[0].question == "<image 1> Which colour fills the picture?\nA. green\nB. red\nC. blue"
+    vision_only = load(f"mathverse={FIXTURES / 'mathverse'}").records[2]
+    assert vision_only.question == "Answer the question shown in the image."
+    realworldqa = load(f"realworldqa={FIXTURES / 'realworldqa'}").records
+    assert realworldqa[0].question == "Which way is the arrow pointing?\n\nA. Left\nB. Right\nC. Up"
+    assert realworldqa[1].question == "How many cars are in the picture?"
+    visnumbench = load(f"visnumbench={FIXTURES / 'visnumbench'}").records
+    assert visnumbench[1].question == "Which object is the largest?\nA. the cup\nB. the plate"
+
+
+def test_our_jsonl_format():
+    bench = load(str(OURS))
+    assert bench.name == "questions"
+    assert [summary(r) for r in bench.records] == [
+        ("red-square", "text", "red", [], "colour", None, RED),
+        ("blue-choice", MC, "B", ["red", "blue"], "colour", None, BLUE),  # gold given as option text
+        ("2", "number", "3", [], "all", "missing image file", None),  # id: the line's index
+        ("no-answer", "text", "", [], "all", "no answer", None),
+        ("count", "number", "1", [], "counting", None, BLUE)]
+    assert bench.records[1].question == "What colour is the picture?\nA. red\nB. blue"
+    assert bench.skipped() == {"missing image file": 1, "no answer": 1}
+    assert [r.id for r in load(str(OURS), limit=2).records] == ["red-square", "blue-choice"]
+
+
+def test_the_problem_answer_images_schema_reads_under_any_name():
+    bench = load(f"hallusionbench={FIXTURES / 'problem_schema'}")
+    assert [summary(r) for r in bench.records] == [
+        ("0", "yes-no", "yes", [], "all", None, RED), ("1", MC, "A", ["red", "blue"], "all", None, RED)]
+    assert bench.records[0].question == "Is there a red square in the image? Answer yes or no."
+
+
+def test_open_image_reads_every_source_form_and_names_bad_ones(tmp_path):
+    (tmp_path / "a.png").write_bytes(png_bytes(GREEN))
+    good = [Image.new("RGB", (32, 32), GREEN), tmp_path / "a.png", png_bytes(GREEN),
+            base64.b64encode(png_bytes(GREEN)).decode()]
+    for source in good:
+        assert evaluate.open_image(make_record("ok", source, "q", "a", "c")).getpixel((5, 5)) == GREEN
+    for source in [b"not an image", base64.b64encode(b"not an image").decode(), "@@not base64@@"]:
+        with pytest.raises(data.DataError, match="record 'bad'"):
+            evaluate.open_image(make_record("bad", source, "q", "a", "c"))
+
+
+def test_an_image_that_does_not_decode_is_skipped_and_counted(tiny, tmp_path):
+    rows = [{"question_id": question_id, "image": {"bytes": base64.b64encode(image).decode(), "path": None},
+             "question": "How many?", "answer": "1"}
+            for question_id, image in (("bad", b"no png"), ("good", png_bytes(RED)))]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bench = load(f"mmvet={tmp_path}")
+    cfg = EvalConfig(model=["tiny"], max_new_tokens=2, device="cpu", quiet=True)
+    samples = evaluate.answer_benchmark(*tiny, bench, cfg, "tiny")
+    assert [s["id"] for s in samples] == ["good"]
+    assert bench.skipped() == {"unreadable image": 1}
+
+
+def test_rows_of_another_schema_and_broken_files_are_data_errors(tmp_path):
+    with pytest.raises(data.DataError, match=r"line 1: no field 'sample_index'"):
+        load(f"mathverse={FIXTURES / 'ours'}")
+    (tmp_path / "broken.jsonl").write_text('{"question": "ok", "answer": "1", "image": "a.png"}\n{not json\n')
+    with pytest.raises(data.DataError, match="line 2: not JSON"):
+        load(str(tmp_path / "broken.jsonl"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(data.DataError, match="no .jsonl or .parquet files"):
+        load(f"mmstar={tmp_path / 'empty'}")
+
+
+@pytest.mark.skipif(HAS_DATASETS, reason="the messages below are for machines without `datasets`")
+def test_without_datasets_parquet_and_hub_names_say_what_to_do(tmp_path):
+    (tmp_path / "validation-00000-of-00001.parquet").write_bytes(b"PAR1")
+    with pytest.raises(data.DataError, match="optional `datasets` package"):
+        load(f"mmmu={tmp_path}")
+    with pytest.raises(data.DataError, match=r"lmms-lab/MMMU, split 'validation'.*--bench mmmu=PATH"):
+        load("mmmu")
+
+
+def test_shapes_records_carry_the_shapes_benchmark_answers():
+    records = load("shapes").records
+    reference = data.shapes_benchmark(500, seed=0)
+    assert len(records) == len(reference) == 500
+    expected_type = {"counting": "number", "arithmetic": "number", "spatial": "yes-no", "size": MC,
+                     "colour": "text"}
+    keys = ("id", "question", "answer", "category")
+    for r, q in zip(records, reference):
+        assert [getattr(r, k) for k in keys] == [q[k] for k in keys]
+        assert r.skip is None
+        assert r.image.tobytes() == q["image"].tobytes()
+        assert r.answer_type == expected_type[r.category]
+        assert r.choices == (q["choices"] or [])
+        assert all(f"({letter}) {c}" in r.question for letter, c in zip("AB", r.choices))
+    assert Counter(r.category for r in records) == {c: 100 for c in data.CATEGORIES}
+    assert [r.id for r in load("shapes", limit=7).records] == [q["id"] for q in reference[:7]]
+
+
+# -----------------------------------------------------------------------------
+# Wilson interval and the table cell
+
+
+def test_wilson_interval_against_hand_computed_values():
+    # 117/500: p = .234, z²/n = .0076832; centre = (.234 + .0038416) / 1.0076832 = .236028,
+    # half = 1.96·sqrt(.234·.766/500 + 3.8416/10⁶) / 1.0076832 = .037024
+    low, high = wilson_interval(117, 500)
+    assert low == pytest.approx(0.199004, abs=1e-5) and high == pytest.approx(0.273052, abs=1e-5)
+    # 0/10: low 0, high = (z²/n) / (1 + z²/n) = .384146 / 1.384146
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.277533), abs=1e-5)
+    assert wilson_interval(10, 10) == pytest.approx((0.722467, 1.0), abs=1e-5)
+    assert wilson_interval(0, 0) is None
+
+
+def test_table_cell():
+    samples = [{"correct": i < 117, "category": "c"} for i in range(500)]
+    assert evaluate.cell(evaluate.summarize(samples, 1.0)) == "23.4 (117/500) [19.9, 27.3]"
+    assert evaluate.cell(evaluate.summarize([], 0.0)) == "n/a (0/0)"
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def test_flags_are_generated_from_the_config_fields(capsys):
+    assert evaluate.parse_args(["--model", "tiny"]) == EvalConfig(model=["tiny"])
+    cfg = evaluate.parse_args(["--model", "a", "--model", "b@2", "--batch-size", "3", "--limit", "5",
+                               "--quiet", "--dtype", "bfloat16", "--min-pixels", "100", "--output", "x"])
+    assert (cfg.model, cfg.batch_size, cfg.limit, cfg.quiet, cfg.dtype, cfg.min_pixels, cfg.output) == (
+        ["a", "b@2"], 3, 5, True, "bfloat16", 100, "x")
+    assert EvalConfig(model=["m"]).max_new_tokens == 2048  # spec
+    with pytest.raises(SystemExit):
+        evaluate.main(["--help"])
+    help = capsys.readouterr().out
+    assert all("--" + f.name.replace("_", "-") in help for f in fields(EvalConfig))
+    bench_help = next(f for f in fields(EvalConfig) if f.name == "bench").metadata["help"]
+    assert all(name in bench_help for name in evaluate.BENCHMARKS)
+
+
+def test_model_specs():
+    assert evaluate.model_source("tiny@3", 0) == ("tiny", 3)
+    assert evaluate.model_source("tiny", 5) == ("tiny", 5)
+    assert evaluate.model_source("random-3b@2", 0) == ("random-3b", 2)
+    assert evaluate.model_source("runs/x/iter_2/reasoner", 0) == ("runs/x/iter_2/reasoner", 0)
+    with pytest.raises(ModelError, match="whole number"):
+        evaluate.model_source("tiny@x", 0)
+
+
+def test_cli_two_tiny_models_on_shapes_and_a_fixture(tmp_path, capsys):
+    argv = ["--model", "tiny", "--model", "tiny@1", "--bench", f"shapes,{OURS}", "--limit", "4",
+            "--max-new-tokens", "8", "--batch-size", "3", "--device", "cpu", "--output", str(tmp_path),
+            "--quiet"]
+    assert evaluate.main(argv) == 0
+    table = capsys.readouterr().out
+    lines = table.splitlines()
+    assert lines[0] == "| benchmark | tiny | tiny@1 | skipped |"
+    assert lines[2].startswith("| shapes | ") and lines[2].endswith(" | 0 |")
+    assert lines[3].startswith("| questions | ")
+    assert lines[3].endswith(" | 1 missing image file, 1 no answer |")
+    assert (tmp_path / "table.md").read_text().strip() == table.strip()
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["config"]["model"] == ["tiny", "tiny@1"] and results["config"]["max_new_tokens"] == 8
+    predictions = {}
+    for bench, ids in (("shapes", [q["id"] for q in data.shapes_benchmark(500)[:4]]),
+                       ("questions", ["red-square", "blue-choice"])):
+        records = {r.id: r for r in load(str(OURS) if bench == "questions" else "shapes", 4).records}
+        for model in ("tiny", "tiny@1"):
+            path = tmp_path / "samples" / model / f"{bench}.jsonl"
+            rows = [json.loads(line) for line in path.read_text().splitlines()]
+            assert [row["id"] for row in rows] == ids
+            result = results["benchmarks"][bench]["models"][model]
+            assert result["scored"] == len(ids) and result["correct"] == sum(row["correct"] for row in rows)
+            for row in rows:
+                record = records[row["id"]]
+                assert row["prompt"].startswith(record.question) and row["gold"] == record.answer
+                assert row["extracted"] == extract_prediction(row["prediction"])
+                assert row["correct"] == score(record, row["extracted"])
+            predictions[model, bench] = [row["prediction"] for row in rows]
+    assert predictions["tiny", "shapes"] != predictions["tiny@1", "shapes"]  # another seed, another model
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "tiny", "--bench", "nope"], "unknown benchmark 'nope'"),
+    (["--model", "tiny", "--bench", "mmstar=/no/such/folder"], "'/no/such/folder' does not exist"),
+    (["--model", "./no-such-model", "--bench", "shapes", "--limit", "1"], "'./no-such-model' does not exist"),
+    (["--model", "tiny@x", "--bench", "shapes", "--limit", "1"], "'tiny@x': the seed after @"),
+])
+def test_user_mistakes_exit_2_with_one_line(argv, message, tmp_path, capsys):
+    assert evaluate.main(argv + ["--device", "cpu", "--output", str(tmp_path), "--quiet"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("evaluate.py: error: ") and message in captured.err
+    assert captured.err.count("\n") == 1 and captured.out == ""
