@@ -251,11 +251,10 @@ class PromptBatch:
     def __len__(self):
         return self.input_ids.shape[0]
 
-    def to(self, device, dtype=None):
-        pixels = self.pixel_values.to(device=device, dtype=dtype or self.pixel_values.dtype)
+    def to(self, device):
         return PromptBatch(self.input_ids.to(device), self.attention_mask.to(device),
                            self.position_ids.to(device), self.next_position.to(device),
-                           pixels, self.image_grid_thw.to(device))
+                           self.pixel_values.to(device), self.image_grid_thw.to(device))
 
     def select(self, rows):
         """The sub-batch of `rows` (a list of indices, repeats allowed), left padding trimmed."""

@@ -16,7 +16,7 @@ The KL term of each phase pulls the role toward its weights at the start of the 
 
 Everything lands in the run folder: config.json, metrics.jsonl, iter_k/{questioner,reasoner}/
 (save_pretrained, safetensors), iter_k/questions.jsonl, state.json, skipped_images.txt and
-report.html. state.json is written last, atomically, after every training step, together with a
+report.html, and phase_times.jsonl (wall time and peak memory of each phase). state.json is written last, atomically, after every training step, together with a
 checkpoint of the role in training (weights, AdamW state, RNG states): a killed run resumes from
 the last finished step and ends bitwise equal to an uninterrupted one on CPU. Ctrl-C stops after the
 step in progress (a second Ctrl-C stops at once, losing that step).
@@ -220,8 +220,7 @@ class Run:
             setattr(self.state, k, v)
         self.state.sampling_rng = self.generator.get_state().tolist()
         self.state.image_rng = self.image_rng.bit_generator.state
-        with open(self.dir / "metrics.jsonl", "a"):
-            pass
+        (self.dir / "metrics.jsonl").touch()
         self.state.metrics_lines = sum(1 for _ in open(self.dir / "metrics.jsonl"))
         write_json(self.dir / "state.json", dataclasses.asdict(self.state))
 
@@ -340,6 +339,10 @@ def end_phase(run, role, policy, tokenizer, image_processor, next_phase):
 def free(device):
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def reset_peak_memory(device):
+    if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
 
@@ -426,7 +429,8 @@ def curation_phase(cfg, run, paths, images):
     vote_settings = SamplingSettings(cfg.answer_max_tokens, cfg.temperature, 0, cfg.top_p)
     records = []
     per_batch = max(1, cfg.images_per_step)
-    for start in tqdm(range(0, len(pool), per_batch), desc=f"iter {k} curation", disable=cfg.quiet):
+    bar = tqdm(range(0, len(pool), per_batch), desc=f"iter {k} curation", disable=cfg.quiet)
+    for start in bar:
         batch = pool[start:start + per_batch]
         _, _, texts, parsed = questioner.write_questions(q_model, tok, ip, [images[i] for i in batch],
                                                          cfg.candidates_per_image, write_settings, run.generator,
@@ -444,6 +448,7 @@ def curation_phase(cfg, run, paths, images):
             records.append({"image": paths[owners[j]], "image_index": owners[j],
                             "question": p["question"] if p else None, "raw": text, "valid": p is not None,
                             "answers": group_answers, "responses": group_responses, **verdict})
+        bar.set_postfix(kept=sum(r["kept"] for r in records), of=len(records))
     (run.dir / f"iter_{k}").mkdir(exist_ok=True)
     write_atomic(run.dir / f"iter_{k}" / "questions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     confidences = [r["confidence"] for r in records if r["valid"]]
@@ -522,10 +527,18 @@ PHASES = {"questioner": questioner_phase, "curation": curation_phase, "reasoner"
 
 def train(cfg, run, paths, images):
     while run.state.phase != "done":
-        if run.state.phase == "summary":
+        phase, k, first_step = run.state.phase, run.state.iteration, run.state.step
+        reset_peak_memory(run.device)
+        start = time.perf_counter()
+        if phase == "summary":
             summarise(run)
         else:
-            PHASES[run.state.phase](cfg, run, paths, images)
+            PHASES[phase](cfg, run, paths, images)
+        # Wall time and peak memory of each phase as run (a resumed phase: from first_step on). Kept
+        # apart from metrics.jsonl, which must be identical for a resumed and an uninterrupted run.
+        append_jsonl(run.dir / "phase_times.jsonl", {
+            "iteration": k, "phase": phase, "from_step": first_step, "seconds": time.perf_counter() - start,
+            "peak_mem_gb": peak_memory_gb(run.device)})
         write_report(run.dir)
         check_stop()  # a Ctrl-C during curation or a summary lands here, after its state is saved
     print(f"done: {run.dir} (report: {run.dir / 'report.html'})")

@@ -1,0 +1,457 @@
+"""Speed and memory of the three things that cost time in VisPlay, each next to a baseline measured
+in the same run, on whatever device is there (cuda if available, else cpu).
+
+    python bench.py [--model random-3b] [--prompts 8] [--samples 8] [--new-tokens 256] [--repeats 3]
+    python bench.py --model tiny            # CPU, under a minute: a smoke test of this script
+    python bench.py --only sampler --json bench.json
+
+1. Sampler vs HF `model.generate`, on the same P prompts (one image each) × n samples, T new tokens,
+   the same temperature, top-p and suppressed tokens (model.generation_config). Three paths:
+   - generate: `num_return_sequences=n`, `do_sample=True`, `top_k=0` (its default would be 50),
+     `min_new_tokens=T`, and `mm_token_type_ids` (without it transformers 5.x drops M-RoPE);
+   - ours, prefix shared: `sampler.sample(n=n)`, one prefill per prompt;
+   - ours, not shared: the prompts repeated n times with `PromptBatch.select`, `sample(n=1)`.
+   All paths must run exactly T steps: while timing, the model's stop id is set to <|image_pad|>,
+   a suppressed token no path can draw, so no row ever stops (generate's `min_new_tokens` is then
+   a no-op, kept as asked for). The new tokens each path produced are counted, and must all equal
+   P·n·T. Greedy decoding (temperature 0) is timed too unless --no-greedy: generate cannot return
+   n greedy sequences per input, so it gets the prompts repeated n times.
+   Reported: ms per decode step (a whole call / T, so prefill is spread over the steps), new
+   tokens/s, and ours/generate; on cuda also peak memory.
+2. One GRPO step: `grpo.update` (one optimizer step, AdamW, KL to a frozen reference) on a batch
+   of --grpo-rows completions of T random tokens after the same kind of prompts, with the training
+   dtypes of selfplay.py (float32 master weights; bf16 autocast and a bf16 reference on cuda).
+   Reported: step time, tokens/s (prompt + completion), peak memory, and model FLOP/s against the
+   baseline, a matrix rate measured here: a bf16 8192³ matmul on cuda, a float32 1024³ one on cpu.
+   FLOPs = (6 + 2 + 2) × trainable params × tokens: forward and backward, plus the two log-prob
+   forwards before the step (old policy, reference). Left out: attention scores (∝ length²), the
+   vision tower seeing 4 patches per token, the head running on completion tokens only, and the
+   head chunks recomputed in the backward pass; so the FLOP/s is a rough model-FLOPs figure.
+3. A miniature self-play iteration: `selfplay.py` run as a user runs it, into a temporary folder
+   (1 iteration, 1 step per phase, the model's real pixel bounds), with the wall time and, on
+   cuda, the peak memory of each phase that it logs in phase_times.jsonl. The baseline of a
+   phase's time is the whole command's. With random weights no question parses, so the
+   Reasoner never votes and its phase is skipped: pass a trained checkpoint for a fuller picture.
+   On a 3B model the run writes float32 checkpoints with AdamW state (~60 GB) to the temp folder.
+
+Timing: one warm-up call, then --repeats timed calls (time.perf_counter, torch.cuda.synchronize
+around each on cuda); the best is reported. Images are square shapes scenes of --image-size
+pixels a side, and the image processor's bounds are set to exactly that many pixels, so every
+image gives (side / 28)² tokens whatever the model's own bounds (448 -> 256 tokens, as in the
+anchor figures of DESIGN.md).
+
+Numbers from this script belong in BENCHMARKS.md, each with the exact command, the card and the
+date (all three are printed above the table). Left out: multi-GPU, compiled or CUDA-graph decoding
+(sampler.decode_step is where that would go), and a sampler baseline other than HF generate.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+
+from data import shapes_images, write_shapes_folder
+from grpo import Rollouts, make_optimizer, update
+from model import TINY_MAX_PIXELS, TINY_MIN_PIXELS, encode_prompts, load_vlm, suppressed_mask
+from sampler import sample
+
+FIGURES = ("sampler", "grpo", "selfplay")
+PROMPT = "Look at this image and write one question about it that needs reasoning to answer."
+# What 0 means for the size settings: the spec's shapes for real models, small ones for "tiny".
+SIZES = {"tiny": dict(image_size=112, new_tokens=64), "real": dict(image_size=448, new_tokens=256)}
+# FLOPs of one GRPO step per trainable parameter and token: 6 for the forward and backward pass,
+# 2 each for the forwards that give the old and the reference log-probs.
+FLOPS_PER_PARAM_TOKEN = 6 + 2 + 2
+MATMULS_PER_TIMING = 10  # one 8192³ bf16 matmul is ~2 ms on an H100: too short to time alone
+
+
+def _opt(help, **kw):
+    return field(metadata={"help": help}, **kw)
+
+
+@dataclass
+class Config:
+    model: str = _opt("'tiny', 'random-3b', a local folder or a hub id", default="random-3b")
+    device: str = _opt("cuda, cpu, or auto", default="auto")
+    only: str = _opt("comma-separated figures to run, of: " + ", ".join(FIGURES), default=",".join(FIGURES))
+    json: str = _opt("also write the table and the raw measurements to this JSON file", default="")
+    repeats: int = _opt("timed calls per measurement, after one warm-up; the best counts", default=3)
+    seed: int = _opt("seeds the images, the random weights and sampling", default=0)
+    prompts: int = _opt("P: prompts (images) of the sampler figure", default=8)
+    samples: int = _opt("n: samples per prompt; also the group size of the GRPO and self-play batches",
+                        default=8)
+    new_tokens: int = _opt("T: new tokens per sample, and completion length of the GRPO batch "
+                           "(0: 256, or 64 for tiny)", default=0)
+    image_size: int = _opt("side of the square images in pixels (0: 448, or 112 for tiny)", default=0)
+    temperature: float = _opt("sampling temperature", default=1.0)
+    top_p: float = _opt("sampling top-p", default=0.99)
+    greedy: bool = _opt("also time greedy decoding", default=True)
+    grpo_rows: int = _opt("rows of the GRPO batch (groups of --samples)", default=16)
+    micro_batch_size: int = _opt("rows per forward/backward in the GRPO step", default=8)
+    matmul_size: int = _opt("side of the matmul that measures the matrix rate (0: 8192 on cuda, 1024 on cpu)",
+                            default=0)
+    selfplay_images: int = _opt("images of the miniature self-play run", default=2)
+    selfplay_tokens: int = _opt("max new tokens of its questions and answers", default=32)
+
+
+def parse_config(argv=None):
+    """One flag per Config field, help from the field; 0 sizes resolved for the model."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=f.metadata["help"])
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+    cfg = Config(**vars(parser.parse_args(argv)))
+    unknown = set(cfg.only.split(",")) - set(FIGURES)
+    if unknown:
+        parser.error(f"--only: unknown figure(s) {sorted(unknown)}; choose from {', '.join(FIGURES)}")
+    if cfg.grpo_rows < cfg.samples or cfg.grpo_rows % cfg.samples:
+        parser.error(f"--grpo-rows ({cfg.grpo_rows}) must be a multiple of --samples ({cfg.samples})")
+    sizes = SIZES["tiny" if cfg.model == "tiny" else "real"]
+    return dataclasses.replace(cfg, **{k: v for k, v in sizes.items() if getattr(cfg, k) == 0})
+
+
+# -----------------------------------------------------------------------------
+# Timing and memory
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_time(fn, device, repeats):
+    """One warm-up call of fn(), then `repeats` timed ones. Returns (best seconds, fn's last result)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        result = fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return min(times), result
+
+
+def reset_peak_memory(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device):
+    """cuda: the peak allocated since the last reset. cpu: None (see process_rss_gib)."""
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def process_rss_gib():
+    """The process's resident-set high-water mark since it started (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+# -----------------------------------------------------------------------------
+# Models and prompts
+
+def load(cfg, device, trainable):
+    """As selfplay.py loads a role: trained weights float32, frozen ones bf16 on cuda. The image
+    processor's bounds are pinned to image_size² pixels."""
+    dtype = torch.float32 if trainable or device.type != "cuda" else torch.bfloat16
+    pixels = cfg.image_size ** 2
+    model, tokenizer, image_processor = load_vlm(cfg.model, device=device, dtype=dtype, seed=cfg.seed,
+                                                 min_pixels=pixels, max_pixels=pixels)
+    model.requires_grad_(trainable)
+    return model, tokenizer, image_processor
+
+
+def make_prompts(tokenizer, image_processor, n_prompts, image_size, seed):
+    """n_prompts shapes scenes with the same instruction -> a PromptBatch on the CPU."""
+    return encode_prompts(tokenizer, image_processor, shapes_images(n_prompts, seed, image_size),
+                          [PROMPT] * n_prompts)
+
+
+def repeat_rows(prompts, n):
+    """Each prompt n times in a row: the rows a sampler without prefix sharing decodes."""
+    return prompts.select(torch.arange(len(prompts)).repeat_interleave(n).tolist())
+
+
+# -----------------------------------------------------------------------------
+# Figure 1: sampler vs HF generate
+
+@contextlib.contextmanager
+def no_stop_tokens(model):
+    """While inside, the only stop id is <|image_pad|>, which is suppressed: no row ever stops."""
+    config = model.generation_config
+    never = model.config.image_token_id
+    assert never in config.suppress_tokens, "the stand-in stop id must be a suppressed token"
+    saved = config.eos_token_id
+    config.eos_token_id = [never]
+    try:
+        yield
+    finally:
+        config.eos_token_id = saved
+
+
+def ours(model, prompts, n, new_tokens, temperature, top_p, seed):
+    """sampler.sample -> the number of new tokens it produced."""
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    out = sample(model, prompts, n=n, max_new_tokens=new_tokens, temperature=temperature, top_p=top_p,
+                 generator=generator)
+    return int(out.mask.sum())
+
+
+def hf_generate(model, prompts, n, new_tokens, temperature, top_p, seed):
+    """model.generate with the same settings -> the number of new tokens it produced."""
+    if temperature == 0:  # greedy generate returns one sequence per input: repeat the inputs instead
+        prompts, n, sampling = repeat_rows(prompts, n), 1, dict(do_sample=False)
+    else:
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    torch.manual_seed(seed)
+    image_tokens = (prompts.input_ids == model.config.image_token_id).int()  # M-RoPE needs it in 5.x
+    out = model.generate(
+        input_ids=prompts.input_ids, attention_mask=prompts.attention_mask, pixel_values=prompts.pixel_values,
+        image_grid_thw=prompts.image_grid_thw, mm_token_type_ids=image_tokens, num_return_sequences=n,
+        max_new_tokens=new_tokens, min_new_tokens=new_tokens, **sampling)
+    return out.shape[0] * (out.shape[1] - prompts.input_ids.shape[1])
+
+
+def measure_sampler(model, prompts, n, new_tokens, temperature, top_p, repeats, seed=0):
+    """Times the three paths of figure 1 on `prompts` (a PromptBatch on the model's device).
+
+    Returns {"generate" | "ours_shared" | "ours_unshared": {seconds, new_tokens, ms_per_step,
+    tokens_per_s, peak_gib}, ...}; each ours path also has ratio = its tokens/s / generate's.
+    Raises if the paths did not all produce P·n·T new tokens.
+    """
+    device = model.device
+    args = (new_tokens, temperature, top_p, seed)
+    paths = {"generate": lambda: hf_generate(model, prompts, n, *args),
+             "ours_shared": lambda: ours(model, prompts, n, *args),
+             "ours_unshared": lambda: ours(model, repeat_rows(prompts, n), 1, *args)}
+    record = {}
+    with no_stop_tokens(model):
+        for name, run in paths.items():
+            reset_peak_memory(device)
+            seconds, produced = best_time(run, device, repeats)
+            record[name] = {"seconds": seconds, "new_tokens": produced, "ms_per_step": 1000 * seconds / new_tokens,
+                            "tokens_per_s": produced / seconds, "peak_gib": peak_memory_gib(device)}
+    expected = len(prompts) * n * new_tokens
+    counts = {name: r["new_tokens"] for name, r in record.items()}
+    if set(counts.values()) != {expected}:
+        raise RuntimeError(f"the paths must each produce P·n·T = {expected} new tokens, got {counts}")
+    for name in ("ours_shared", "ours_unshared"):
+        record[name]["ratio"] = record[name]["tokens_per_s"] / record["generate"]["tokens_per_s"]
+    return record
+
+
+def sampler_figure(cfg, model, tokenizer, image_processor):
+    prompts = make_prompts(tokenizer, image_processor, cfg.prompts, cfg.image_size, cfg.seed)
+    prompts = prompts.to(model.device)
+    modes = {f"top-p {cfg.top_p}, temperature {cfg.temperature}": (cfg.temperature, cfg.top_p)}
+    if cfg.greedy:
+        modes["greedy"] = (0.0, 1.0)
+    records, rows = {}, []
+    for mode, (temperature, top_p) in modes.items():
+        record = measure_sampler(model, prompts, cfg.samples, cfg.new_tokens, temperature, top_p,
+                                 cfg.repeats, cfg.seed)
+        records[mode] = record
+        base = record["generate"]
+        for name, label in (("ours_shared", "one prefill, n samples"), ("ours_unshared", "prompts repeated n times")):
+            mine = record[name]
+            rows.append(row(f"{mode}: ms per decode step, ours ({label})", "ms", mine["ms_per_step"],
+                            base["ms_per_step"], "HF generate"))
+            rows.append(row(f"{mode}: new tokens/s, ours ({label})", "tok/s", mine["tokens_per_s"],
+                            base["tokens_per_s"], "HF generate"))
+            if mine["peak_gib"] is not None:
+                rows.append(row(f"{mode}: peak memory, ours ({label})", "GiB", mine["peak_gib"],
+                                base["peak_gib"], "HF generate"))
+    record = {"prompt_length": prompts.input_ids.shape[1], "image_tokens": int(prompts.image_grid_thw[0].prod()) // 4,
+              "modes": records}
+    return record, rows
+
+
+# -----------------------------------------------------------------------------
+# Figure 2: one GRPO step
+
+def matmul_rate(device, size, repeats):
+    """FLOP/s of a size³ matmul (bf16 on cuda, float32 on cpu), best of `repeats` timings of
+    MATMULS_PER_TIMING back-to-back products."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+
+    def matmuls():
+        for _ in range(MATMULS_PER_TIMING):
+            a @ b
+    seconds, _ = best_time(matmuls, device, repeats)
+    return {"flops_per_s": MATMULS_PER_TIMING * 2 * size ** 3 / seconds, "size": size,
+            "dtype": str(dtype).removeprefix("torch.")}
+
+
+def grpo_batch(model, tokenizer, image_processor, cfg):
+    """--grpo-rows rows: groups of --samples rows sharing a prompt, each with T random allowed tokens
+    (all valid) and a random reward."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    prompts = make_prompts(tokenizer, image_processor, cfg.grpo_rows // cfg.samples, cfg.image_size, cfg.seed)
+    allowed = (~suppressed_mask(model)).nonzero().flatten().cpu()
+    ids = allowed[torch.randint(len(allowed), (cfg.grpo_rows, cfg.new_tokens), generator=generator)]
+    return Rollouts(repeat_rows(prompts, cfg.samples), ids, torch.ones_like(ids),
+                    torch.randn(cfg.grpo_rows, generator=generator), cfg.samples)
+
+
+def grpo_figure(cfg, device, reference, tokenizer, image_processor):
+    policy = load(cfg, device, trainable=True)[0]
+    optimizer = make_optimizer(policy)
+    rollouts = grpo_batch(policy, tokenizer, image_processor, cfg)
+    advantages = rollouts.advantages()
+
+    def step():
+        return update(policy, optimizer, rollouts, advantages, reference, micro_batch_size=cfg.micro_batch_size)
+    reset_peak_memory(device)
+    seconds, _ = best_time(step, device, cfg.repeats)
+    peak = peak_memory_gib(device)
+    rate = matmul_rate(device, cfg.matmul_size or (8192 if device.type == "cuda" else 1024), cfg.repeats)
+    params = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    tokens = int(rollouts.prompts.attention_mask.sum() + rollouts.mask.sum())
+    flops = FLOPS_PER_PARAM_TOKEN * params * tokens
+    record = {"rows": len(rollouts), "tokens": tokens, "trainable_params": params, "seconds": seconds,
+              "flops": flops, "peak_gib": peak, "process_rss_gib": process_rss_gib(), "matmul": rate}
+    matmul = f"{rate['dtype']} {rate['size']}³ matmul"
+    rows = [row(f"GRPO step ({len(rollouts)} rows × {tokens // len(rollouts)} tokens): model TFLOP/s (ratio: MFU)",
+                "TFLOP/s", flops / seconds / 1e12, rate["flops_per_s"] / 1e12, matmul),
+            row("GRPO step: time", "s", seconds),
+            row("GRPO step: tokens/s (prompt + completion)", "tok/s", tokens / seconds)]
+    if peak is not None:
+        rows.append(row("GRPO step: peak memory", "GiB", peak))
+    else:
+        rows.append(row("process RSS high-water so far (cpu; no per-step peak)", "GiB", record["process_rss_gib"]))
+    return record, rows
+
+
+# -----------------------------------------------------------------------------
+# Figure 3: a miniature self-play iteration
+
+def selfplay_argv(cfg, device, images, output):
+    argv = ["--images", str(images), "--model", cfg.model, "--output", str(output), "--device", str(device),
+            "--seed", str(cfg.seed), "--iterations", "1", "--questioner-steps", "1", "--reasoner-steps", "1",
+            "--group-size", str(cfg.samples), "--images-per-step", str(cfg.selfplay_images),
+            "--question-max-tokens", str(cfg.selfplay_tokens), "--answer-max-tokens", str(cfg.selfplay_tokens),
+            "--reward-votes", str(cfg.samples), "--curation-images", str(cfg.selfplay_images),
+            "--candidates-per-image", str(cfg.samples), "--curation-votes", str(cfg.samples),
+            "--questions-per-step", "1", "--minibatches", "1", "--micro-batch-size", str(cfg.micro_batch_size),
+            "--quiet"]
+    if cfg.model == "tiny":  # the spec's bounds would blow the tiny images up to 512 × 512
+        argv += ["--min-pixels", str(TINY_MIN_PIXELS), "--max-pixels", str(TINY_MAX_PIXELS)]
+    return argv
+
+
+def selfplay_figure(cfg, device):
+    """Runs selfplay.py as users do, then reads the time and peak memory of each phase from the
+    run's phase_times.jsonl."""
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        write_shapes_folder(folder / "images", cfg.selfplay_images, cfg.seed, cfg.image_size)
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, str(Path(__file__).with_name("selfplay.py")),
+                               *selfplay_argv(cfg, device, folder / "images", folder / "run")],
+                              capture_output=True, text=True)
+        total = time.perf_counter() - start
+        if done.returncode != 0:
+            raise RuntimeError(f"selfplay.py exited with {done.returncode}:\n{done.stdout}{done.stderr}")
+        metrics = [json.loads(line) for line in open(folder / "run" / "metrics.jsonl")]
+        phases = [json.loads(line) for line in open(folder / "run" / "phase_times.jsonl")]
+    rows = []
+    for p in phases:
+        if p["phase"] == "summary":
+            continue
+        lines = [m for m in metrics if m["phase"] == p["phase"]]
+        rows.append(row(f"self-play {p['phase']} phase ({phase_note(p['phase'], lines)}): time", "s", p["seconds"],
+                        total, "whole selfplay.py run"))
+        if p["peak_mem_gb"] is not None:
+            rows.append(row(f"self-play {p['phase']} phase: peak memory", "GiB", p["peak_mem_gb"]))
+    return {"seconds": total, "phases": phases, "metrics": metrics}, rows
+
+
+def phase_note(name, lines):
+    """What a phase did, from its lines of metrics.jsonl."""
+    if name == "curation":
+        return f"{lines[0]['n_kept']} of {lines[0]['n_candidates']} questions kept"
+    return f"{len(lines)} step(s)" if lines else "skipped: curation kept too few"
+
+
+# -----------------------------------------------------------------------------
+# The table
+
+def row(figure, unit, ours, baseline=None, baseline_is=""):
+    """One line of the table; ratio = ours / baseline, computed here from the two measurements."""
+    return {"figure": figure, "unit": unit, "ours": ours, "baseline": baseline, "baseline_is": baseline_is,
+            "ratio": ours / baseline if baseline else None}
+
+
+def number(value):
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def table(header, rows):
+    lines = [f"{k}: {v}" for k, v in header.items()]
+    lines += ["", "| figure | ours | baseline | ratio |", "|---|---|---|---|"]
+    for r in rows:
+        baseline = f"{number(r['baseline'])} {r['unit']} ({r['baseline_is']})" if r["baseline"] is not None else "—"
+        ratio = f"{r['ratio']:.3f}" if r["ratio"] is not None else "—"
+        lines.append(f"| {r['figure']} | {number(r['ours'])} {r['unit']} | {baseline} | {ratio} |")
+    return "\n".join(lines)
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    return f"cpu: {cpu}, {torch.get_num_threads()} threads"
+
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    figures = cfg.only.split(",")
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    header = {"command": " ".join(["python bench.py", *(sys.argv[1:] if argv is None else argv)]),
+              "device": device_name(device), "torch": torch.__version__, "transformers": transformers.__version__,
+              "date": time.strftime("%Y-%m-%d %H:%M"), "model": cfg.model,
+              "shapes": f"P={cfg.prompts} prompts × n={cfg.samples} samples, T={cfg.new_tokens} new tokens, "
+                        f"{cfg.image_size}×{cfg.image_size} images, best of {cfg.repeats}"}
+    records, rows = {}, []
+    if {"sampler", "grpo"} & set(figures):
+        model, tokenizer, image_processor = load(cfg, device, trainable=False)
+        if "sampler" in figures:
+            records["sampler"], new_rows = sampler_figure(cfg, model, tokenizer, image_processor)
+            rows += new_rows
+        if "grpo" in figures:
+            records["grpo"], new_rows = grpo_figure(cfg, device, model, tokenizer, image_processor)
+            rows += new_rows
+        del model
+        reset_peak_memory(device)
+    if "selfplay" in figures:
+        records["selfplay"], new_rows = selfplay_figure(cfg, device)
+        rows += new_rows
+    print(table(header, rows))
+    if cfg.json:
+        Path(cfg.json).write_text(json.dumps({"header": header, "config": dataclasses.asdict(cfg), "rows": rows,
+                                              "records": records}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
