@@ -17,9 +17,10 @@ Rows stop on <|im_end|> or <|endoftext|> (the model's generation_config); a stop
 from then on, and its mask is 1 up to and including the stop token. Pad and stop can be the same
 id, so the mask is returned explicitly and never inferred from the ids.
 
-This file is the readable reference path: HF's own forward with a DynamicCache, one decode step per
-loop iteration, and a host check for finished rows each step. `decode_step` is the seam where a
-CUDA-graph path (static cache, no host synchronisation) plugs in.
+Two interchangeable decoders do the model's part: `CacheDecoder` here, the readable reference (HF's
+own forward with a DynamicCache, a host check for finished rows each step), and
+`fast_decode.StaticDecoder`, a static cache and a plain-PyTorch decode step replayed as a CUDA graph
+(the default on a GPU). The loop below, the sampling and the log-probs are shared.
 """
 
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from fast_decode import StaticDecoder
 from model import next_token_logits, suppressed_mask
 
 
@@ -80,61 +82,69 @@ def draw(logits, temperature, top_k, top_p, generator):
     return token, logprobs.gather(-1, token[:, None]).squeeze(-1)
 
 
-def prefill(model, prompts, cache):
-    """Runs the prompts (images included) once; returns the hidden state of each last token [B, H]."""
-    out = model.model(
-        input_ids=prompts.input_ids, attention_mask=prompts.attention_mask,
-        position_ids=prompts.position_ids, pixel_values=prompts.pixel_values,
-        image_grid_thw=prompts.image_grid_thw, cache=cache, use_cache=True,
-    )
-    return out.last_hidden_state[:, -1]
+class CacheDecoder:
+    """The reference decode path: HF's own forward over a DynamicCache that grows a token per step.
 
-
-def decode_step(model, tokens, attention_mask, positions, cache):
-    """One text token per row: tokens [N], positions [N] -> hidden [N, H]; appends to `cache`.
-
-    Generated text has equal t/h/w positions, so M-RoPE here is 1-D RoPE at `positions`.
+    Use: `hidden = d.first_hidden`, then `hidden = d.step(tokens)` once per generated token
+    (tokens: [N], the ones just drawn; hidden: [N, H], predicting the next ones).
+    fast_decode.StaticDecoder has the same interface.
     """
-    out = model.model(
-        input_ids=tokens[:, None], attention_mask=attention_mask,
-        position_ids=positions[None, :, None].expand(3, -1, 1), cache=cache, use_cache=True,
-    )
-    return out.last_hidden_state[:, -1]
+
+    def __init__(self, model, prompts, n):
+        self.model = model
+        self.cache = DynamicCache(config=model.config)
+        out = model.model(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask,
+                          position_ids=prompts.position_ids, pixel_values=prompts.pixel_values,
+                          image_grid_thw=prompts.image_grid_thw, cache=self.cache, use_cache=True)
+        self.cache.batch_repeat_interleave(n)  # the prompt's keys and values, copied into its n rows
+        self.first_hidden = out.last_hidden_state[:, -1].repeat_interleave(n, dim=0)
+        self.head_weight = model.lm_head.weight
+        self.attention_mask = prompts.attention_mask.repeat_interleave(n, dim=0)
+        self.positions = prompts.next_position.repeat_interleave(n, dim=0)
+
+    def step(self, tokens):
+        # Generated text has equal t/h/w positions, so M-RoPE here is 1-D RoPE at `positions`.
+        self.attention_mask = torch.cat([self.attention_mask, torch.ones_like(self.attention_mask[:, :1])], dim=1)
+        out = self.model.model(input_ids=tokens[:, None], attention_mask=self.attention_mask,
+                               position_ids=self.positions[None, :, None].expand(3, -1, 1), cache=self.cache,
+                               use_cache=True)
+        self.positions = self.positions + 1
+        return out.last_hidden_state[:, -1]
 
 
 @torch.no_grad()
-def sample(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+def sample(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0, generator=None,
+           decoder="auto"):
     """Draws n completions for each prompt of `prompts` (a model.PromptBatch on the model's device).
 
     Returns Samples with ids, mask and logprobs of shape [B * n, T], T <= max_new_tokens (the loop
     ends early once every row has stopped). Same generator state -> same samples.
+    decoder: "hf" (CacheDecoder, the reference), "static" (fast_decode.StaticDecoder, a CUDA graph
+    on a GPU), or "auto": static on CUDA, hf elsewhere. The static path checks for finished rows
+    every 8 steps, so the GPU never waits for the host in between.
     """
     gen_config = model.generation_config
     stop_ids = torch.tensor(gen_config.eos_token_id, device=model.device).flatten()
     pad_id = gen_config.pad_token_id
     suppressed = suppressed_mask(model)
-    head = model.lm_head.weight
-
-    cache = DynamicCache(config=model.config)
-    hidden = prefill(model, prompts, cache)
-    if n > 1:
-        cache.batch_repeat_interleave(n)
-        hidden = hidden.repeat_interleave(n, dim=0)
-    attention_mask = prompts.attention_mask.repeat_interleave(n, dim=0)
-    first_position = prompts.next_position.repeat_interleave(n, dim=0)
+    static = decoder == "static" or (decoder == "auto" and model.device.type == "cuda")
+    source = StaticDecoder(model, prompts, n, max_new_tokens) if static else CacheDecoder(model, prompts, n)
+    check_every = 8 if static else 1
+    hidden = source.first_hidden
     N = hidden.shape[0]
 
     ids, logps, masks = [], [], []
     finished = torch.zeros(N, dtype=torch.bool, device=model.device)
     for t in range(max_new_tokens):
-        logits = next_token_logits(hidden, head, suppressed, temperature)
+        logits = next_token_logits(hidden, source.head_weight, suppressed, temperature)
         token, logp = draw(logits, temperature, top_k, top_p, generator)
         ids.append(token.masked_fill(finished, pad_id))
         logps.append(logp.masked_fill(finished, 0.0))
         masks.append(~finished)
         finished = finished | torch.isin(token, stop_ids)
-        if bool(finished.all()) or t == max_new_tokens - 1:
+        if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and bool(finished.all())):
             break
-        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-        hidden = decode_step(model, ids[-1], attention_mask, first_position + t, cache)
-    return Samples(torch.stack(ids, 1), torch.stack(masks, 1).long(), torch.stack(logps, 1))
+        hidden = source.step(ids[-1])
+    mask = torch.stack(masks, 1).long()
+    T = int(mask.sum(1).max())  # drop the all-pad steps taken between two checks
+    return Samples(torch.stack(ids, 1)[:, :T], mask[:, :T], torch.stack(logps, 1)[:, :T])

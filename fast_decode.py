@@ -1,0 +1,167 @@
+"""The fast decode path of the sampler: a static KV cache and one decode step for text tokens,
+written in plain PyTorch over the model's own weights, replayed as a CUDA graph on a GPU.
+
+Why it is fast. A decode step moves one token per row through 36 layers: tiny matmuls whose cost is
+reading the weights, plus a few hundred kernel launches that the host issues one by one. Going
+through HF's modules adds Python work, a mask rebuilt every step and a cache grown by
+concatenation. Here the cache has a fixed shape [rows, kv_heads, max_len, head_dim] per layer,
+every tensor of the step has a fixed shape, and the step is captured once in a CUDA graph, so a
+step is one graph launch. Rows that already stopped keep decoding pad; the sampler checks for
+finished rows every few steps rather than after each one, so nothing waits on the host.
+
+Why it is simple. During decoding every token is text, and text tokens have equal t/h/w
+positions, so Qwen2.5-VL's M-RoPE reduces to plain 1-D RoPE at the row's next position
+(`PromptBatch.next_position` + steps so far): no vision logic is needed after the prefill, which
+still runs through HF's model (it holds the image). The step is the Qwen2 decoder layer:
+RMSNorm -> q/k/v (with bias) -> RoPE -> grouped-query attention over the cache -> o_proj ->
+residual -> RMSNorm -> SiLU-gated MLP -> residual, then the final norm.
+
+On CPU the same step runs without the graph: the tests check it against HF's forward there.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from model import PromptBatch
+
+
+@dataclass
+class LayerWeights:
+    ln1: torch.Tensor
+    wq: torch.Tensor
+    bq: torch.Tensor
+    wk: torch.Tensor
+    bk: torch.Tensor
+    wv: torch.Tensor
+    bv: torch.Tensor
+    wo: torch.Tensor
+    ln2: torch.Tensor
+    w_gate: torch.Tensor
+    w_up: torch.Tensor
+    w_down: torch.Tensor
+
+
+def text_weights(model, dtype):
+    """The language model's weights in the compute dtype. Float32 master weights are copied to bf16
+    once per sampling call (reading half the bytes is most of the speed); same-dtype ones are shared."""
+    lm = model.model.language_model
+    layers = [LayerWeights(*(p.detach().to(dtype) for p in (
+        l.input_layernorm.weight, l.self_attn.q_proj.weight, l.self_attn.q_proj.bias, l.self_attn.k_proj.weight,
+        l.self_attn.k_proj.bias, l.self_attn.v_proj.weight, l.self_attn.v_proj.bias, l.self_attn.o_proj.weight,
+        l.post_attention_layernorm.weight, l.mlp.gate_proj.weight, l.mlp.up_proj.weight, l.mlp.down_proj.weight)))
+              for l in lm.layers]
+    return lm.embed_tokens.weight.detach().to(dtype), layers, lm.norm.weight.detach().to(dtype)
+
+
+def rms_norm(x, weight, eps):
+    """As Qwen2's RMSNorm: normalise in float32, scale in the compute dtype."""
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def rope(x, cos, sin):
+    """x: [N, heads, head_dim]; cos, sin: [N, 1, head_dim]. HF's rotate-half convention."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class StaticDecoder:
+    """Prefill through HF, then decode from a static cache. Use: `hidden = d.first_hidden`, then
+    `hidden = d.step(tokens)` once per generated token (tokens: [N], the ones just drawn)."""
+
+    def __init__(self, model, prompts: PromptBatch, n, max_new_tokens, dtype=None, cuda_graph=None):
+        """dtype: of the decode step (default: bf16 on CUDA, else the model's); cuda_graph: capture
+        the step (default: on CUDA)."""
+        config = model.config.text_config
+        self.device = model.device
+        # bf16 compute on a GPU even over float32 master weights; the model's own dtype elsewhere.
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else next(model.parameters()).dtype)
+        self.n_heads, self.n_kv = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.hidden_size // self.n_heads
+        self.eps = config.rms_norm_eps
+        self.embed, self.layers, self.norm = text_weights(model, self.dtype)
+        self.head_weight = model.lm_head.weight.detach().to(self.dtype)
+        theta = config.rope_parameters["rope_theta"]
+        self.inv_freq = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, device=self.device).float() / self.head_dim))
+
+        # Prefill once per prompt through HF (it runs the vision encoder), then copy into n rows each.
+        cache = DynamicCache(config=model.config)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.device.type == "cuda"):
+            out = model.model(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask,
+                              position_ids=prompts.position_ids, pixel_values=prompts.pixel_values,
+                              image_grid_thw=prompts.image_grid_thw, cache=cache, use_cache=True)
+        self.first_hidden = out.last_hidden_state[:, -1].repeat_interleave(n, dim=0)
+        N, L = len(prompts) * n, prompts.input_ids.shape[1]
+        self.prompt_len, self.max_len = L, L + max_new_tokens
+        shape = (N, self.n_kv, self.max_len, self.head_dim)
+        self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        for i, layer in enumerate(cache.layers):
+            self.k[i][:, :, :L] = layer.keys.repeat_interleave(n, dim=0)
+            self.v[i][:, :, :L] = layer.values.repeat_interleave(n, dim=0)
+        self.prompt_keys = torch.zeros(N, self.max_len, dtype=torch.bool, device=self.device)
+        self.prompt_keys[:, :L] = prompts.attention_mask.bool().repeat_interleave(n, dim=0)
+        self.slots = torch.arange(self.max_len, device=self.device)
+
+        # The step's inputs live in fixed buffers, so the captured graph can be replayed on new values.
+        self.tokens = torch.zeros(N, dtype=torch.long, device=self.device)
+        self.positions = prompts.next_position.repeat_interleave(n).to(self.device).clone()
+        self.index = torch.zeros(1, dtype=torch.long, device=self.device)  # generated tokens in the cache
+        use_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
+        self.graph = self._capture() if use_graph else None
+
+    def _forward(self):
+        """One token per row, all shapes fixed: tokens, positions, index -> hidden [N, H]."""
+        N = self.tokens.shape[0]
+        slot = self.index + self.prompt_len  # [1]: where this token's key and value go
+        freqs = self.positions[:, None].float() * self.inv_freq  # [N, head_dim / 2]
+        cos = torch.cat([freqs, freqs], -1).cos().to(self.dtype)[:, None]  # [N, 1, head_dim]
+        sin = torch.cat([freqs, freqs], -1).sin().to(self.dtype)[:, None]
+        visible = self.prompt_keys | ((self.slots >= self.prompt_len) & (self.slots <= slot))  # [N, max_len]
+        bias = torch.zeros(visible.shape, dtype=torch.float32, device=self.device).masked_fill(~visible, float("-inf"))
+        groups = self.n_heads // self.n_kv
+        x = self.embed[self.tokens]  # [N, H]
+        for w, K, V in zip(self.layers, self.k, self.v):
+            h = rms_norm(x, w.ln1, self.eps)
+            q = rope((h @ w.wq.T + w.bq).view(N, self.n_heads, self.head_dim), cos, sin)
+            k = rope((h @ w.wk.T + w.bk).view(N, self.n_kv, self.head_dim), cos, sin)
+            v = (h @ w.wv.T + w.bv).view(N, self.n_kv, self.head_dim)
+            K.index_copy_(2, slot, k[:, :, None])
+            V.index_copy_(2, slot, v[:, :, None])
+            q = q.view(N, self.n_kv, groups, self.head_dim)
+            scores = torch.einsum("nkgd,nkld->nkgl", q, K).float() / self.head_dim ** 0.5  # [N, kv, g, max_len]
+            probs = torch.softmax(scores + bias[:, None, None], dim=-1).to(self.dtype)
+            attn = torch.einsum("nkgl,nkld->nkgd", probs, V).reshape(N, -1)
+            x = x + attn @ w.wo.T
+            h = rms_norm(x, w.ln2, self.eps)
+            x = x + (torch.nn.functional.silu(h @ w.w_gate.T) * (h @ w.w_up.T)) @ w.w_down.T
+        return rms_norm(x, self.norm, self.eps)
+
+    def _capture(self):
+        """Records _forward once into a CUDA graph (after warm-up runs on a side stream, as CUDA
+        graphs require); the warm-up writes to the cache slot of index 0, which step 0 rewrites."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._forward()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.hidden_out = self._forward()
+        return graph
+
+    def step(self, tokens):
+        """Feeds the tokens just drawn ([N]); returns the hidden state that predicts the next ones."""
+        self.tokens.copy_(tokens)
+        if self.graph is None:
+            hidden = self._forward()
+        else:
+            self.graph.replay()
+            hidden = self.hidden_out
+        self.index += 1
+        self.positions += 1
+        return hidden
