@@ -319,6 +319,7 @@ def update(policy, optimizer, rollouts, advantages, ref_model=None, *, temperatu
     T_max = rollouts.ids.shape[1]
     lengths = rollouts.mask.sum(1)
     history = []
+    policy.train()  # HF applies activation checkpointing in train mode only; Qwen has no dropout
     for _ in range(epochs):
         for minibatch in torch.arange(len(rollouts)).tensor_split(minibatches):
             totals = batch_totals(rollouts.mask[minibatch])
@@ -342,6 +343,7 @@ def update(policy, optimizer, rollouts, advantages, ref_model=None, *, temperatu
             optimizer.zero_grad(set_to_none=True)
             step["grad_norm"] = float(grad_norm)
             history.append(step)
+    policy.eval()
     summary = {k: (max if k.endswith("_max") else lambda v: sum(v) / len(v))([h[k] for h in history])
                for k in history[0]}
     summary["n_steps"] = len(history)

@@ -122,6 +122,10 @@ class Config:
     minibatches: int = _opt("optimizer steps per rollout batch", "grpo", default=4)
     epochs: int = _opt("passes over each rollout batch", "grpo", default=1)
     micro_batch_size: int = _opt("rows per forward/backward (gradient accumulation)", "grpo", default=8)
+    gradient_checkpointing: bool = _opt("recompute each layer's activations in the backward pass (less memory)",
+                                        "grpo", default=True)
+    freeze_vision: bool = _opt("train the language model only (the spec trains the vision tower too)", "grpo",
+                               default=False)
     max_grad_norm: float = _opt("gradient-norm clip", "grpo", default=1.0)
 
 
@@ -293,6 +297,10 @@ def start_phase(cfg, run, role):
     k = run.state.iteration
     source = run.state.checkpoint or run.role_source(k, role)
     policy, tokenizer, image_processor = load_model(cfg, source, run.device, trainable=True)
+    if cfg.freeze_vision:
+        policy.model.visual.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        policy.activation_checkpointing_enable()
     optimizer = grpo.make_optimizer(policy, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if run.state.checkpoint:
         optimizer.load_state_dict(torch.load(Path(run.state.checkpoint) / "optimizer.pt", weights_only=True))

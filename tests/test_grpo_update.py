@@ -1,0 +1,70 @@
+"""grpo.update on the tiny model: micro-batching and activation checkpointing change no gradient."""
+
+import copy
+
+import torch
+from conftest import PROMPTS, random_images
+
+from grpo import Rollouts, update
+from model import encode_prompts
+from sampler import sample
+
+
+def rollout_batch(model, tok, ip, G=4):
+    prompts = encode_prompts(tok, ip, random_images(0), PROMPTS)
+    out = sample(model, prompts, n=G, max_new_tokens=12, generator=torch.Generator().manual_seed(0))
+    rewards = torch.tensor([float(i % 3 == 0) + 0.1 * i for i in range(len(prompts) * G)])
+    rows = torch.arange(len(prompts)).repeat_interleave(G).tolist()
+    return Rollouts(prompts.select(rows), out.ids, out.mask, rewards, group_size=G)
+
+
+def step_delta(model, rollouts, reference, **kwargs):
+    """Parameter change of one SGD step (lr 1): minus the clipped gradient."""
+    policy = copy.deepcopy(model)
+    before = [p.detach().clone() for p in policy.parameters()]
+    optimizer = torch.optim.SGD(policy.parameters(), lr=1.0)
+    metrics = update(policy, optimizer, rollouts, rollouts.advantages(), reference, max_grad_norm=1e9, **kwargs)
+    return torch.cat([(p.detach() - b).flatten() for p, b in zip(policy.parameters(), before)]), metrics
+
+
+def test_micro_batches_and_checkpointing_give_the_full_batch_gradient(tiny):
+    model, tok, ip = tiny
+    rollouts = rollout_batch(model, tok, ip)
+    reference = copy.deepcopy(model)
+    for aggregation in ("seq-mean-token-mean", "token-mean", "seq-sum-over-max-len"):
+        full, metrics = step_delta(model, rollouts, reference, micro_batch_size=len(rollouts), aggregation=aggregation)
+        assert metrics["ratio_mean"] == 1.0 and metrics["kl"] == 0.0, "old and ref equal the policy on step 1"
+        assert full.abs().max() > 0
+        micro, _ = step_delta(model, rollouts, reference, micro_batch_size=5, aggregation=aggregation)
+        assert torch.allclose(micro, full, atol=1e-6, rtol=1e-4), aggregation
+
+    checkpointed = copy.deepcopy(model)
+    checkpointed.activation_checkpointing_enable()
+    delta, _ = step_delta(checkpointed, rollouts, reference, micro_batch_size=len(rollouts))
+    plain, _ = step_delta(model, rollouts, reference, micro_batch_size=len(rollouts))
+    assert torch.allclose(delta, plain, atol=1e-6, rtol=1e-4)
+    assert not model.training and not checkpointed.training, "update leaves the model in eval mode"
+
+
+def test_checkpointing_recomputes_the_layers(tiny, monkeypatch):
+    model, tok, ip = tiny
+    rollouts = rollout_batch(model, tok, ip)
+    mlp_class = type(model.model.language_model.layers[0].mlp)
+    forward, calls = mlp_class.forward, []
+
+    def counted(self, x):  # module hooks do not fire in the recompute; the forward itself does
+        calls.append(1)
+        return forward(self, x)
+
+    monkeypatch.setattr(mlp_class, "forward", counted)
+    counts = {}
+    for enabled in (False, True):
+        policy = copy.deepcopy(model)
+        if enabled:
+            policy.activation_checkpointing_enable()
+        calls.clear()
+        step_delta(policy, rollouts, None, micro_batch_size=len(rollouts), kl_coef=0.0)
+        counts[enabled] = len(calls)
+    layers = len(model.model.language_model.layers)
+    # old log-probs (no grad) + the training forward; with checkpointing, once more in the backward
+    assert counts[False] == 2 * layers and counts[True] == 3 * layers
