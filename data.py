@@ -83,20 +83,23 @@ def load_image(path, max_pixels=None) -> Image.Image:
     return image
 
 
-def load_image_folder(folder, max_pixels=None):
+def readable_images(folder, max_pixels=None):
     """
-    Every readable image under folder: returns (images, skipped) with images a list of
-    (path, RGB image) and skipped a list of (path, one-line reason). DataError if nothing loads.
+    The image files under folder that load: returns (paths, skipped) with skipped a list of
+    (path, one-line reason). Each image is decoded once to check it, then dropped: a pool of
+    thousands of photos does not fit in memory, so callers load_image each path when they use it.
+    DataError if nothing loads.
     """
-    images, skipped = [], []
+    paths, skipped = [], []
     for path in find_images(folder):
         try:
-            images.append((path, load_image(path, max_pixels)))
+            load_image(path, max_pixels)
+            paths.append(path)
         except DataError as e:
             skipped.append((path, str(e)))
-    if not images:
+    if not paths:
         raise DataError(f"none of the {len(skipped)} image files in '{folder}' could be read (first: {skipped[0][1]})")
-    return images, skipped
+    return paths, skipped
 
 
 def _check_size(path, width, height):

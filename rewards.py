@@ -2,7 +2,7 @@
 Rewards for VisPlay self-play: answer extraction and equivalence, majority votes, the Questioner's
 uncertainty and diversity rewards, and the Reasoner's reward. Pure Python + numpy, no model.
 
-Spec: /work/shared/VISPLAY.md, sections "Questioner" (validity, r_unc, BLEU clustering r_div, the
+Spec sections: "Questioner" (validity, r_unc, BLEU clustering r_div, the
 combined reward), "Reasoner" (last \\boxed{}, answer equivalence, accuracy/format reward) and
 "Where paper and code differ" (items 1-4, 6, 7: each is a keyword argument here, paper default).
 

@@ -44,7 +44,7 @@ from tqdm import tqdm
 import grpo
 import questioner
 import reasoner
-from data import DataError, load_image_folder
+from data import DataError, load_image, readable_images
 from model import ModelError, load_vlm
 from report import write_report
 from sampler import SamplingSettings
@@ -272,6 +272,19 @@ def open_run(cfg):
     return cfg, run
 
 
+class Images:
+    """The run's images by index, decoded when used (see data.readable_images)."""
+
+    def __init__(self, paths, max_pixels):
+        self.paths, self.max_pixels = paths, max_pixels
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return load_image(self.paths[i], self.max_pixels)
+
+
 def record_skipped(run, skipped):
     write_atomic(run.dir / "skipped_images.txt", "".join(f"{p}\t{why}\n" for p, why in skipped))
     if skipped and not run.cfg.quiet:
@@ -440,12 +453,13 @@ def curation_phase(cfg, run, paths, images):
     bar = tqdm(range(0, len(pool), per_batch), desc=f"iter {k} curation", disable=cfg.quiet)
     for start in bar:
         batch = pool[start:start + per_batch]
-        _, _, texts, parsed = questioner.write_questions(q_model, tok, ip, [images[i] for i in batch],
+        batch_images = {i: images[i] for i in batch}  # decoded once, asked about N times
+        _, _, texts, parsed = questioner.write_questions(q_model, tok, ip, list(batch_images.values()),
                                                          cfg.candidates_per_image, write_settings, run.generator,
                                                          cfg.question_format)
         owners = [batch[j // cfg.candidates_per_image] for j in range(len(texts))]
         asked = [j for j, p in enumerate(parsed) if p is not None]
-        responses, answers = reasoner.answer(r_model, tok, ip, [images[owners[j]] for j in asked],
+        responses, answers = reasoner.answer(r_model, tok, ip, [batch_images[owners[j]] for j in asked],
                                              [parsed[j]["question"] for j in asked], cfg.curation_votes,
                                              vote_settings, run.generator) if asked else ([], [])
         votes = dict(zip(asked, zip(responses, answers, reasoner.curate(answers, cfg.tau_low, cfg.tau_high,
@@ -558,10 +572,10 @@ def main(argv=None):
     signal.signal(signal.SIGINT, _on_interrupt)
     try:
         cfg = resolve_config(cfg)
-        loaded, skipped = load_image_folder(cfg.images, max_pixels=cfg.max_pixels)
+        paths, skipped = readable_images(cfg.images, max_pixels=cfg.max_pixels)
         cfg, run = open_run(cfg)
         record_skipped(run, skipped)
-        train(cfg, run, [str(p) for p, _ in loaded], [image for _, image in loaded])
+        train(cfg, run, [str(p) for p in paths], Images(paths, cfg.max_pixels))
     except (DataError, ModelError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

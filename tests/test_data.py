@@ -101,9 +101,9 @@ def test_find_images_errors_are_one_line_naming_the_path(tmp_path, case):
 
 def test_every_mode_loads_as_upright_rgb(tmp_path):
     write_good_images(tmp_path)
-    images, skipped = data.load_image_folder(tmp_path)
+    paths, skipped = data.readable_images(tmp_path)
     assert skipped == []
-    loaded = {path.name: image for path, image in images}
+    loaded = {path.name: data.load_image(path) for path in paths}
     assert len(loaded) == 15 and all(image.mode == "RGB" for image in loaded.values())
     pixels = {name: np.asarray(image).astype(int) for name, image in loaded.items()}
 
@@ -135,9 +135,9 @@ def test_bad_files_are_skipped_each_with_one_line_naming_it(tmp_path, monkeypatc
     monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 200_000)  # a 600x600 image stands in for a bomb
     write_good_images(tmp_path)
     bad = write_bad_images(tmp_path)
-    images, skipped = data.load_image_folder(tmp_path)
+    paths, skipped = data.readable_images(tmp_path)
     assert {path.name for path, _ in skipped} == bad
-    assert len(images) == 15
+    assert len(paths) == 15
     reasons = {path.name: reason for path, reason in skipped}
     for name, reason in reasons.items():
         assert name in reason and "\n" not in reason, reason
@@ -152,7 +152,7 @@ def test_folder_where_nothing_loads_is_an_error(tmp_path):
     (tmp_path / "a.jpg").write_text("not an image")
     (tmp_path / "b.png").write_bytes(b"")
     with pytest.raises(data.DataError, match="none of the 2 image files") as error:
-        data.load_image_folder(tmp_path)
+        data.readable_images(tmp_path)
     assert "\n" not in str(error.value)
 
 
@@ -335,10 +335,10 @@ def test_every_benchmark_answer_matches_a_recount_of_the_pixels():
 def test_shapes_folder_round_trips_and_differs_from_the_benchmark(tmp_path):
     paths = data.write_shapes_folder(tmp_path / "shapes", 6, seed=0)
     assert [p.name for p in paths] == [f"shapes_{i:05d}.png" for i in range(6)]
-    images, skipped = data.load_image_folder(tmp_path / "shapes")
-    assert skipped == [] and [p for p, _ in images] == paths
+    readable, skipped = data.readable_images(tmp_path / "shapes")
+    assert skipped == [] and readable == paths
     generated = data.shapes_images(6, seed=0)
-    for (_, loaded), made in zip(images, generated):
-        assert np.array_equal(np.asarray(loaded), np.asarray(made))
+    for path, made in zip(readable, generated):
+        assert np.array_equal(np.asarray(data.load_image(path)), np.asarray(made))
     benchmark_images = {r["image"].tobytes() for r in data.shapes_benchmark(50, seed=0)}
     assert not benchmark_images & {image.tobytes() for image in data.shapes_images(50, seed=0)}
