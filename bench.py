@@ -45,7 +45,6 @@ date (all three are printed above the table). Left out: multi-GPU, compiled or C
 (sampler.decode_step is where that would go), and a sampler baseline other than HF generate.
 """
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -55,12 +54,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import transformers
 
+from cli import option, parse
 from data import shapes_images, write_shapes_folder
 from grpo import Rollouts, make_optimizer, update
 from model import TINY_MAX_PIXELS, TINY_MIN_PIXELS, encode_prompts, load_vlm, suppressed_mask
@@ -76,53 +76,39 @@ FLOPS_PER_PARAM_TOKEN = 6 + 2 + 2
 MATMULS_PER_TIMING = 10  # one 8192³ bf16 matmul is ~2 ms on an H100: too short to time alone
 
 
-def _opt(help, **kw):
-    return field(metadata={"help": help}, **kw)
-
-
 @dataclass
 class Config:
-    model: str = _opt("'tiny', 'random-3b', a local folder or a hub id", default="random-3b")
-    device: str = _opt("cuda, cpu, or auto", default="auto")
-    only: str = _opt("comma-separated figures to run, of: " + ", ".join(FIGURES), default=",".join(FIGURES))
-    json: str = _opt("also write the table and the raw measurements to this JSON file", default="")
-    repeats: int = _opt("timed calls per measurement, after one warm-up; the best counts", default=3)
-    seed: int = _opt("seeds the images, the random weights and sampling", default=0)
-    prompts: int = _opt("P: prompts (images) of the sampler figure", default=8)
-    samples: int = _opt("n: samples per prompt; also the group size of the GRPO and self-play batches",
+    model: str = option("'tiny', 'random-3b', a local folder or a hub id", default="random-3b")
+    device: str = option("cuda, cpu, or auto", default="auto")
+    only: str = option("comma-separated figures to run, of: " + ", ".join(FIGURES), default=",".join(FIGURES))
+    json: str = option("also write the table and the raw measurements to this JSON file", default="")
+    repeats: int = option("timed calls per measurement, after one warm-up; the best counts", default=3)
+    seed: int = option("seeds the images, the random weights and sampling", default=0)
+    prompts: int = option("P: prompts (images) of the sampler figure", default=8)
+    samples: int = option("n: samples per prompt; also the group size of the GRPO and self-play batches",
                         default=8)
-    new_tokens: int = _opt("T: new tokens per sample, and completion length of the GRPO batch "
+    new_tokens: int = option("T: new tokens per sample, and completion length of the GRPO batch "
                            "(0: 256, or 64 for tiny)", default=0)
-    image_size: int = _opt("side of the square images in pixels (0: 448, or 112 for tiny)", default=0)
-    temperature: float = _opt("sampling temperature", default=1.0)
-    top_p: float = _opt("sampling top-p", default=0.99)
-    greedy: bool = _opt("also time greedy decoding", default=True)
-    grpo_rows: int = _opt("rows of the GRPO batch (groups of --samples)", default=16)
-    micro_batch_size: int = _opt("rows per forward/backward in the GRPO step", default=8)
-    matmul_size: int = _opt("side of the matmul that measures the matrix rate (0: 8192 on cuda, 1024 on cpu)",
+    image_size: int = option("side of the square images in pixels (0: 448, or 112 for tiny)", default=0)
+    temperature: float = option("sampling temperature", default=1.0)
+    top_p: float = option("sampling top-p", default=0.99)
+    greedy: bool = option("also time greedy decoding", default=True)
+    grpo_rows: int = option("rows of the GRPO batch (groups of --samples)", default=16)
+    micro_batch_size: int = option("rows per forward/backward in the GRPO step", default=8)
+    matmul_size: int = option("side of the matmul that measures the matrix rate (0: 8192 on cuda, 1024 on cpu)",
                             default=0)
-    selfplay_images: int = _opt("images of the miniature self-play run", default=2)
-    selfplay_tokens: int = _opt("max new tokens of its questions and answers", default=32)
+    selfplay_images: int = option("images of the miniature self-play run", default=2)
+    selfplay_tokens: int = option("max new tokens of its questions and answers", default=32)
 
 
 def parse_config(argv=None):
-    """One flag per Config field, help from the field; 0 sizes resolved for the model."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                                help=f.metadata["help"])
-        else:
-            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
-    cfg = Config(**vars(parser.parse_args(argv)))
+    """The Config of argv; 0 sizes resolved for the model."""
+    cfg = parse(Config, argv, __doc__.split("\n\n")[0])
     unknown = set(cfg.only.split(",")) - set(FIGURES)
     if unknown:
-        parser.error(f"--only: unknown figure(s) {sorted(unknown)}; choose from {', '.join(FIGURES)}")
+        raise SystemExit(f"bench.py: --only: unknown figure(s) {sorted(unknown)}; choose from {', '.join(FIGURES)}")
     if cfg.grpo_rows < cfg.samples or cfg.grpo_rows % cfg.samples:
-        parser.error(f"--grpo-rows ({cfg.grpo_rows}) must be a multiple of --samples ({cfg.samples})")
+        raise SystemExit(f"bench.py: --grpo-rows ({cfg.grpo_rows}) must be a multiple of --samples ({cfg.samples})")
     sizes = SIZES["tiny" if cfg.model == "tiny" else "real"]
     return dataclasses.replace(cfg, **{k: v for k, v in sizes.items() if getattr(cfg, k) == 0})
 

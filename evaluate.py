@@ -26,7 +26,6 @@ Left out:
   are skipped and counted, like records without an image or without a gold answer.
 """
 
-import argparse
 import ast
 import base64
 import binascii
@@ -38,13 +37,14 @@ import sys
 import time
 import typing
 from collections import Counter
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from cli import option, parse
 from data import DataError, load_image, shapes_benchmark
 from model import ModelError, encode_prompts, load_vlm
 from reasoner import reasoner_prompt
@@ -57,54 +57,30 @@ from sampler import sample
 
 @dataclass
 class EvalConfig:
-    model: list[str] = field(metadata={"help": (
+    model: list[str] = option(
         "a model to score; repeat for side-by-side columns. A hub id, a local folder, a run "
         "checkpoint (runs/NAME/iter_K/reasoner), or a built-in random model: 'tiny', 'random-3b'. "
-        "'tiny@SEED' is the tiny model with the random weights of SEED")})
-    bench: str = field(default="shapes", metadata={"help": (
+        "'tiny@SEED' is the tiny model with the random weights of SEED")
+    bench: str = option(
         "comma-separated benchmarks: 'shapes' (built in), a .jsonl file in our format, NAME=PATH "
         "(a local .jsonl/.parquet export of NAME, file or folder) or NAME alone (from the hub, "
         "needs the `datasets` package). NAME: " + ", ".join(["mmmu", "mathverse", "mathvision",
-        "hallusionbench", "realworldqa", "visnumbench", "mmvet", "mmstar"]))})
-    limit: int | None = field(default=None, metadata={"help": "only the first N records of each benchmark"})
-    output: str | None = field(default=None,
-                               metadata={"help": "results folder (default runs/eval/DATE-TIME)"})
-    batch_size: int = field(default=16, metadata={"help": "questions answered together"})
-    max_new_tokens: int = field(default=2048, metadata={"help": "longest response in tokens (spec: 2048)"})
-    device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu",
-                        metadata={"help": "torch device"})
-    dtype: str = field(default="float32", metadata={"help": "model dtype",
-                                                    "choices": ("float32", "bfloat16", "float16")})
-    min_pixels: int | None = field(default=None, metadata={
-        "help": "fewest pixels an image is resized to (default: the model's)"})
-    max_pixels: int | None = field(default=None, metadata={
-        "help": "most pixels an image is resized to (default: the model's)"})
-    seed: int = field(default=0, metadata={
-        "help": "random weights of the built-in models ('tiny@SEED' overrides it)"})
-    quiet: bool = field(default=False, metadata={"help": "no progress bar"})
+        "hallusionbench", "realworldqa", "visnumbench", "mmvet", "mmstar"]), default="shapes")
+    limit: int | None = option("only the first N records of each benchmark", default=None)
+    output: str | None = option("results folder (default runs/eval/DATE-TIME)", default=None)
+    batch_size: int = option("questions answered together", default=16)
+    max_new_tokens: int = option("longest response in tokens (spec: 2048)", default=2048)
+    device: str = option("torch device", default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
+    dtype: str = option("model dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    min_pixels: int | None = option("fewest pixels an image is resized to (default: the model's)", default=None)
+    max_pixels: int | None = option("most pixels an image is resized to (default: the model's)", default=None)
+    seed: int = option("random weights of the built-in models ('tiny@SEED' overrides it)", default=0)
+    quiet: bool = option("no progress bar", default=False)
 
 
 def parse_args(argv=None):
-    """argv (list[str], None = sys.argv[1:]) -> EvalConfig. One flag per field: --batch-size for
-    batch_size; a list field is a repeatable flag, a bool field a switch."""
-    parser = argparse.ArgumentParser(description="Score Reasoner checkpoints on benchmarks, side by side.")
-    for f in fields(EvalConfig):
-        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
-        # Flags not given stay out of the namespace, so the dataclass alone holds the defaults.
-        kwargs = {"default": argparse.SUPPRESS}
-        if f.type is bool:
-            kwargs["action"] = "store_true"
-        elif typing.get_origin(f.type) is list:
-            kwargs.update(action="append", type=typing.get_args(f.type)[0])
-        else:
-            kwargs.update(type=next(t for t in (*typing.get_args(f.type), f.type) if t is not type(None)),
-                          choices=f.metadata.get("choices"))
-        required = f.default is MISSING and f.default_factory is MISSING
-        default = None if required else f.default if f.default_factory is MISSING else f.default_factory()
-        if default is not None and default is not False:
-            help += f" (default: {default})"
-        parser.add_argument(flag, required=required, help=help, **kwargs)
-    return EvalConfig(**vars(parser.parse_args(argv)))
+    """argv (list[str], None = sys.argv[1:]) -> EvalConfig."""
+    return parse(EvalConfig, argv, "Score Reasoner checkpoints on benchmarks, side by side.")
 
 
 # -----------------------------------------------------------------------------
@@ -570,7 +546,7 @@ def answer_benchmark(model, tokenizer, image_processor, bench, cfg, label, judge
         if batch:
             prompts = [reasoner_prompt(r.question) for r in batch]
             encoded = encode_prompts(tokenizer, image_processor, images, prompts)
-            out = sample(model, encoded.to(model.device, model.dtype), max_new_tokens=cfg.max_new_tokens,
+            out = sample(model, encoded.to(model.device), max_new_tokens=cfg.max_new_tokens,
                          temperature=0.0)
             responses = tokenizer.batch_decode(out.ids.masked_fill(out.mask == 0, tokenizer.pad_token_id),
                                                skip_special_tokens=True)

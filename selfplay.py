@@ -15,17 +15,17 @@ The KL term of each phase pulls the role toward its weights at the start of the 
 (`kl_reference = "iteration"`, Q_{k-1} or R_{k-1}) or toward the base model ("base").
 
 Everything lands in the run folder: config.json, metrics.jsonl, iter_k/{questioner,reasoner}/
-(save_pretrained, safetensors), iter_k/questions.jsonl, state.json, skipped_images.txt and
-report.html, and phase_times.jsonl (wall time and peak memory of each phase). state.json is written last, atomically, after every training step, together with a
-checkpoint of the role in training (weights, AdamW state, RNG states): a killed run resumes from
-the last finished step and ends bitwise equal to an uninterrupted one on CPU. Ctrl-C stops after the
+(save_pretrained, safetensors), iter_k/questions.jsonl, state.json, skipped_images.txt,
+phase_times.jsonl (wall time and peak memory of each phase) and report.html. state.json is written
+last, atomically, after every training step, together with a checkpoint of the role in training
+(weights, AdamW state, RNG states): a killed run resumes from the last finished step and ends
+bitwise equal to an uninterrupted one on CPU. Ctrl-C stops after the
 step in progress (a second Ctrl-C stops at once, losing that step).
 
 Left out: multi-GPU, LoRA, the validation benchmark during training (run evaluate.py on the
 checkpoints), and learning-rate schedules (the spec's lr is constant).
 """
 
-import argparse
 import dataclasses
 import json
 import os
@@ -47,113 +47,85 @@ import reasoner
 from data import DataError, load_image, readable_images
 from model import ModelError, load_vlm
 from report import write_report
+from cli import option, parse
 from sampler import SamplingSettings
-
-
-def _opt(help, group, **kw):
-    return field(metadata={"help": help, "group": group}, **kw)
 
 
 @dataclass
 class Config:
     # run
-    images: str = _opt("folder of unlabeled images (searched recursively)", "run", default="")
-    output: str = _opt("run folder (default: runs/<date>-<time>)", "run", default="")
-    resume: str = _opt("continue the run in this folder, with its saved config", "run", default="")
-    model: str = _opt("hub id, local folder, 'tiny' (offline) or 'random-3b'", "run",
-                      default="Qwen/Qwen2.5-VL-3B-Instruct")
-    device: str = _opt("cuda, cpu, or auto", "run", default="auto")
-    seed: int = _opt("seeds sampling, image choice and the presets' random weights", "run", default=0)
-    quiet: bool = _opt("no progress bars (for logs)", "run", default=False)
+    images: str = option("folder of unlabeled images (searched recursively)", "run", default="")
+    output: str = option("run folder (default: runs/<date>-<time>)", "run", default="")
+    resume: str = option("continue the run in this folder, with its saved config", "run", default="")
+    model: str = option("hub id, local folder, 'tiny' (offline) or 'random-3b'", "run",
+                        default="Qwen/Qwen2.5-VL-3B-Instruct")
+    device: str = option("cuda, cpu, or auto", "run", default="auto")
+    seed: int = option("seeds sampling, image choice and the presets' random weights", "run", default=0)
+    quiet: bool = option("no progress bars (for logs)", "run", default=False)
     # loop
-    iterations: int = _opt("self-play iterations K", "loop", default=3)
-    questioner_steps: int = _opt("GRPO steps of the Questioner per iteration", "loop", default=20)
-    reasoner_steps: int = _opt("GRPO steps of the Reasoner per iteration", "loop", default=20)
-    group_size: int = _opt("G: samples per prompt in both roles' rollouts", "loop", default=8)
-    min_pixels: int = _opt("images are resized to at least this many pixels", "loop", default=262_144)
-    max_pixels: int = _opt("... and at most this many", "loop", default=4_194_304)
+    iterations: int = option("self-play iterations K", "loop", default=3)
+    questioner_steps: int = option("GRPO steps of the Questioner per iteration", "loop", default=20)
+    reasoner_steps: int = option("GRPO steps of the Reasoner per iteration", "loop", default=20)
+    group_size: int = option("G: samples per prompt in both roles' rollouts", "loop", default=8)
+    min_pixels: int = option("images are resized to at least this many pixels", "loop", default=262_144)
+    max_pixels: int = option("... and at most this many", "loop", default=4_194_304)
     # questioner
-    question_format: str = _opt("'paper': <question> only; 'code': <type>/<question>/<answer>", "questioner",
-                                default="paper")
-    images_per_step: int = _opt("images per Questioner rollout step (G questions each)", "questioner", default=64)
-    question_max_tokens: int = _opt("max new tokens of a question", "questioner", default=2048)
-    reward_votes: int = _opt("m: Reasoner answers per question for the uncertainty reward", "questioner",
-                             default=10)
-    reward_top_k: int = _opt("top-k of those answers", "questioner", default=40)
-    uncertainty_scale: str = _opt("'paper': 1 - |2c - 1|; 'code': min(c, 1 - c)", "questioner", default="paper")
-    diversity_scope: str = _opt("'group': cluster within an image's G questions; 'batch': whole batch",
-                                "questioner", default="group")
-    diversity_weight: float = _opt("λ of the diversity penalty", "questioner", default=1.0)
-    reward_combine: str = _opt("'paper': valid · max(0, r_unc - r_div); 'code': no clamp, -1 if invalid",
-                               "questioner", default="paper")
-    reward_count_empty: bool = _opt("answers without \\boxed{} vote for 'None' in the reward (public code)",
-                                    "questioner", default=True)
+    question_format: str = option("'paper': <question> only; 'code': <type>/<question>/<answer>", "questioner",
+                                  choices=("paper", "code"), default="paper")
+    images_per_step: int = option("images per Questioner rollout step (G questions each)", "questioner", default=64)
+    question_max_tokens: int = option("max new tokens of a question", "questioner", default=2048)
+    reward_votes: int = option("m: Reasoner answers per question for the uncertainty reward", "questioner",
+                               default=10)
+    reward_top_k: int = option("top-k of those answers", "questioner", default=40)
+    uncertainty_scale: str = option("'paper': 1 - |2c - 1|; 'code': min(c, 1 - c)", "questioner",
+                                    choices=("paper", "code"), default="paper")
+    diversity_scope: str = option("'group': cluster within an image's G questions; 'batch': whole batch",
+                                  "questioner", choices=("group", "batch"), default="group")
+    diversity_weight: float = option("λ of the diversity penalty", "questioner", default=1.0)
+    reward_combine: str = option("'paper': valid · max(0, r_unc - r_div); 'code': no clamp, -1 if invalid",
+                                 "questioner", choices=("paper", "code"), default="paper")
+    reward_count_empty: bool = option("answers without \\boxed{} vote for 'None' in the reward (public code)",
+                                      "questioner", default=True)
     # curation
-    curation_images: int = _opt("images in the curation pool", "curation", default=1000)
-    candidates_per_image: int = _opt("N: questions written per curation image", "curation", default=8)
-    curation_top_p: float = _opt("top-p when writing candidates", "curation", default=0.95)
-    curation_votes: int = _opt("m: Reasoner answers per candidate", "curation", default=9)
-    tau_low: float = _opt("keep a question if its confidence is >= tau_low ...", "curation", default=0.25)
-    tau_high: float = _opt("... and <= tau_high (code: 0.3 / 0.8)", "curation", default=0.75)
-    curation_count_empty: bool = _opt("count answers without \\boxed{} in the confidence", "curation",
-                                      default=False)
-    on_too_few: str = _opt("when fewer questions are kept than one Reasoner batch: 'skip' the phase "
-                           "(R_k = R_{k-1}) or 'stop'", "curation", default="skip")
+    curation_images: int = option("images in the curation pool", "curation", default=1000)
+    candidates_per_image: int = option("N: questions written per curation image", "curation", default=8)
+    curation_top_p: float = option("top-p when writing candidates", "curation", default=0.95)
+    curation_votes: int = option("m: Reasoner answers per candidate", "curation", default=9)
+    tau_low: float = option("keep a question if its confidence is >= tau_low ...", "curation", default=0.25)
+    tau_high: float = option("... and <= tau_high (code: 0.3 / 0.8)", "curation", default=0.75)
+    curation_count_empty: bool = option("count answers without \\boxed{} in the confidence", "curation",
+                                        default=False)
+    on_too_few: str = option("when fewer questions are kept than one Reasoner batch: 'skip' the phase "
+                             "(R_k = R_{k-1}) or 'stop'", "curation", choices=("skip", "stop"), default="skip")
     # reasoner
-    questions_per_step: int = _opt("kept questions per Reasoner rollout step (G answers each)", "reasoner",
-                                   default=64)
-    answer_max_tokens: int = _opt("max new tokens of an answer", "reasoner", default=4096)
-    reasoner_reward: str = _opt("'paper': binary accuracy; 'code': 0.9 accuracy + 0.1 format", "reasoner",
-                                default="paper")
+    questions_per_step: int = option("kept questions per Reasoner rollout step (G answers each)", "reasoner",
+                                     default=64)
+    answer_max_tokens: int = option("max new tokens of an answer", "reasoner", default=4096)
+    reasoner_reward: str = option("'paper': binary accuracy; 'code': 0.9 accuracy + 0.1 format", "reasoner",
+                                  choices=("paper", "code"), default="paper")
     # grpo
-    lr: float = _opt("AdamW learning rate (constant)", "grpo", default=1e-6)
-    weight_decay: float = _opt("AdamW weight decay", "grpo", default=0.01)
-    temperature: float = _opt("rollout temperature", "grpo", default=1.0)
-    top_p: float = _opt("rollout top-p", "grpo", default=0.99)
-    clip_low: float = _opt("ε_low of the ratio clip", "grpo", default=0.2)
-    clip_high: float = _opt("ε_high of the ratio clip (clip-higher)", "grpo", default=0.3)
-    dual_clip: float = _opt("dual clip c for negative advantages", "grpo", default=3.0)
-    kl_coef: float = _opt("β of the k3 KL term (0 = no reference model)", "grpo", default=0.01)
-    kl_reference: str = _opt("'iteration': the role's weights at the start of the iteration; 'base'", "grpo",
-                             default="iteration")
-    advantage_scale: str = _opt("'group', 'batch' or 'none' (see grpo.group_advantages)", "grpo", default="group")
-    aggregation: str = _opt("seq-mean-token-mean, token-mean or seq-sum-over-max-len", "grpo",
-                            default="seq-mean-token-mean")
-    minibatches: int = _opt("optimizer steps per rollout batch", "grpo", default=4)
-    epochs: int = _opt("passes over each rollout batch", "grpo", default=1)
-    micro_batch_size: int = _opt("rows per forward/backward (gradient accumulation)", "grpo", default=8)
-    gradient_checkpointing: bool = _opt("recompute each layer's activations in the backward pass (less memory)",
-                                        "grpo", default=True)
-    freeze_vision: bool = _opt("train the language model only (the spec trains the vision tower too)", "grpo",
-                               default=False)
-    max_grad_norm: float = _opt("gradient-norm clip", "grpo", default=1.0)
-
-
-CHOICES = {"question_format": ("paper", "code"), "uncertainty_scale": ("paper", "code"),
-           "diversity_scope": ("group", "batch"), "reward_combine": ("paper", "code"),
-           "on_too_few": ("skip", "stop"), "reasoner_reward": ("paper", "code"),
-           "kl_reference": ("iteration", "base"), "advantage_scale": ("group", "batch", "none"),
-           "aggregation": grpo.AGGREGATIONS}
-
-
-def parse_config(argv=None):
-    """The CLI is generated from Config: one flag per field, grouped, help from the field."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    groups = {}
-    for f in dataclasses.fields(Config):
-        group = groups.setdefault(f.metadata["group"], parser.add_argument_group(f.metadata["group"]))
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or f.type == "bool":
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
-        else:
-            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            group.add_argument(flag, type=kind, default=f.default, choices=CHOICES.get(f.name),
-                               help=f.metadata["help"])
-    args = parser.parse_args(argv)
-    if not args.images and not args.resume:
-        parser.error("--images is required (or --resume a run folder)")
-    return Config(**vars(args))
+    lr: float = option("AdamW learning rate (constant)", "grpo", default=1e-6)
+    weight_decay: float = option("AdamW weight decay", "grpo", default=0.01)
+    temperature: float = option("rollout temperature", "grpo", default=1.0)
+    top_p: float = option("rollout top-p", "grpo", default=0.99)
+    clip_low: float = option("ε_low of the ratio clip", "grpo", default=0.2)
+    clip_high: float = option("ε_high of the ratio clip (clip-higher)", "grpo", default=0.3)
+    dual_clip: float = option("dual clip c for negative advantages", "grpo", default=3.0)
+    kl_coef: float = option("β of the k3 KL term (0 = no reference model)", "grpo", default=0.01)
+    kl_reference: str = option("'iteration': the role's weights at the start of the iteration; 'base'", "grpo",
+                               choices=("iteration", "base"), default="iteration")
+    advantage_scale: str = option("'group', 'batch' or 'none' (see grpo.group_advantages)", "grpo",
+                                  choices=("group", "batch", "none"), default="group")
+    aggregation: str = option("seq-mean-token-mean, token-mean or seq-sum-over-max-len", "grpo",
+                              choices=grpo.AGGREGATIONS, default="seq-mean-token-mean")
+    minibatches: int = option("optimizer steps per rollout batch", "grpo", default=4)
+    epochs: int = option("passes over each rollout batch", "grpo", default=1)
+    micro_batch_size: int = option("rows per forward/backward (gradient accumulation)", "grpo", default=8)
+    gradient_checkpointing: bool = option("recompute each layer's activations in the backward pass (less memory)",
+                                          "grpo", default=True)
+    freeze_vision: bool = option("train the language model only (the spec trains the vision tower too)", "grpo",
+                                 default=False)
+    max_grad_norm: float = option("gradient-norm clip", "grpo", default=1.0)
 
 
 # -----------------------------------------------------------------------------
@@ -567,7 +539,10 @@ def train(cfg, run, paths, images):
 
 
 def main(argv=None):
-    cfg = parse_config(argv)
+    cfg = parse(Config, argv, __doc__.split("\n\n")[0])
+    if not cfg.images and not cfg.resume:
+        print("error: --images is required (or --resume a run folder)", file=sys.stderr)
+        return 2
     transformers.utils.logging.disable_progress_bar()  # our own bars say what is going on
     signal.signal(signal.SIGINT, _on_interrupt)
     try:
