@@ -303,7 +303,8 @@ def update(policy, optimizer, rollouts, advantages, ref_model=None, *, temperatu
 
     advantages: [B], one per completion. ref_model: the frozen reference of the KL term (None, or
     kl_coef = 0, drops it). The log-probs of the sampling policy (old) and of the reference are
-    computed once, before the first step, so ρ = 1 exactly on the first step. Mini-batches are
+    computed once, before the first step, so ρ = 1 exactly on the first step (with a single step,
+    old is the training forward's own, detached). Mini-batches are
     consecutive slices of the batch (whole groups when B / minibatches is a multiple of G); inside
     one, micro-batches are summed with the mini-batch's own totals, so the gradient equals the
     gradient of the mini-batch in one piece (equation (8)). Then the gradient norm is clipped and
@@ -313,7 +314,10 @@ def update(policy, optimizer, rollouts, advantages, ref_model=None, *, temperatu
     grad_norm (before clipping) and n_steps.
     """
     device = policy.device
-    old_logp = rollout_logprobs(policy, rollouts, micro_batch_size, temperature)
+    # With one optimizer step per batch the policy has not moved when the loss is taken: old = the
+    # current log-probs, detached, and a whole forward pass over the batch is saved.
+    on_policy = epochs * minibatches == 1
+    old_logp = None if on_policy else rollout_logprobs(policy, rollouts, micro_batch_size, temperature)
     ref_logp = (rollout_logprobs(ref_model, rollouts, micro_batch_size, temperature)
                 if ref_model is not None and kl_coef > 0 else None)
     T_max = rollouts.ids.shape[1]
@@ -331,7 +335,7 @@ def update(policy, optimizer, rollouts, advantages, ref_model=None, *, temperatu
                 with autocast(device):
                     logp = completion_logprobs(policy, prompts.to(device), ids.to(device), mask.to(device), temperature)
                 loss, metrics = policy_loss(
-                    logp, old_logp[rows, :T].to(device),
+                    logp, logp.detach() if on_policy else old_logp[rows, :T].to(device),
                     None if ref_logp is None else ref_logp[rows, :T].to(device),
                     advantages[rows].to(device), mask.to(device), clip_low=clip_low, clip_high=clip_high,
                     dual_clip=dual_clip, kl_coef=kl_coef, aggregation=aggregation, **totals)

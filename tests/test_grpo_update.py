@@ -66,5 +66,6 @@ def test_checkpointing_recomputes_the_layers(tiny, monkeypatch):
         step_delta(policy, rollouts, None, micro_batch_size=len(rollouts), kl_coef=0.0)
         counts[enabled] = len(calls)
     layers = len(model.model.language_model.layers)
-    # old log-probs (no grad) + the training forward; with checkpointing, once more in the backward
-    assert counts[False] == 2 * layers and counts[True] == 3 * layers
+    # one step per batch: only the training forward (old = its own log-probs, detached); with
+    # checkpointing each layer runs once more in the backward
+    assert counts[False] == layers and counts[True] == 2 * layers
