@@ -18,13 +18,15 @@ in the same run, on whatever device is there (cuda if available, else cpu).
    n greedy sequences per input, so it gets the prompts repeated n times.
    Reported: ms per decode step (a whole call / T, so prefill is spread over the steps), new
    tokens/s, and ours/generate; on cuda also peak memory.
-2. One GRPO step: `grpo.update` (one optimizer step, AdamW, KL to a frozen reference) on a batch
+2. One GRPO step: the reference forward and `grpo.update` (one optimizer step, AdamW, KL to a
+   frozen reference) on a batch
    of --grpo-rows completions of T random tokens after the same kind of prompts, with the training
    dtypes of selfplay.py (float32 master weights; bf16 autocast and a bf16 reference on cuda).
    Reported: step time, tokens/s (prompt + completion), peak memory, and model FLOP/s against the
    baseline, a matrix rate measured here: a bf16 8192³ matmul on cuda, a float32 1024³ one on cpu.
-   FLOPs = (6 + 2 + 2) × trainable params × tokens: forward and backward, plus the two log-prob
-   forwards before the step (old policy, reference). Left out: attention scores (∝ length²), the
+   FLOPs = (6 + 2) × trainable params × tokens: forward and backward, plus the reference's
+   forward (with one optimizer step per batch the old log-probs are the training forward's own).
+   Left out: attention scores (∝ length²), the
    vision tower seeing 4 patches per token, the head running on completion tokens only, and the
    head chunks recomputed in the backward pass; so the FLOP/s is a rough model-FLOPs figure.
 3. A miniature self-play iteration: `selfplay.py` run as a user runs it, into a temporary folder
@@ -41,8 +43,9 @@ image gives (side / 28)² tokens whatever the model's own bounds (448 -> 256 tok
 anchor figures of DESIGN.md).
 
 Numbers from this script belong in BENCHMARKS.md, each with the exact command, the card and the
-date (all three are printed above the table). Left out: multi-GPU, compiled or CUDA-graph decoding
-(sampler.decode_step is where that would go), and a sampler baseline other than HF generate.
+date (all three are printed above the table). On cuda "ours" is the sampler's default there, the
+static cache with its CUDA graph (fast_decode.py); on cpu it is the reference path. Left out:
+multi-GPU, and a sampler baseline other than HF generate.
 """
 
 import contextlib
@@ -62,7 +65,7 @@ import transformers
 
 from cli import option, parse
 from data import shapes_images, write_shapes_folder
-from grpo import Rollouts, make_optimizer, update
+from grpo import Rollouts, make_optimizer, rollout_logprobs, update
 from model import TINY_MAX_PIXELS, TINY_MIN_PIXELS, encode_prompts, load_vlm, suppressed_mask
 from sampler import sample
 
@@ -71,8 +74,9 @@ PROMPT = "Look at this image and write one question about it that needs reasonin
 # What 0 means for the size settings: the spec's shapes for real models, small ones for "tiny".
 SIZES = {"tiny": dict(image_size=112, new_tokens=64), "real": dict(image_size=448, new_tokens=256)}
 # FLOPs of one GRPO step per trainable parameter and token: 6 for the forward and backward pass,
-# 2 each for the forwards that give the old and the reference log-probs.
-FLOPS_PER_PARAM_TOKEN = 6 + 2 + 2
+# 2 for the forward that gives the reference log-probs. (With one optimizer step per batch, as here,
+# the old log-probs are the training forward's own.)
+FLOPS_PER_PARAM_TOKEN = 6 + 2
 MATMULS_PER_TIMING = 10  # one 8192³ bf16 matmul is ~2 ms on an H100: too short to time alone
 
 
@@ -303,8 +307,9 @@ def grpo_figure(cfg, device, reference, tokenizer, image_processor):
     rollouts = grpo_batch(policy, tokenizer, image_processor, cfg)
     advantages = rollouts.advantages()
 
-    def step():
-        return update(policy, optimizer, rollouts, advantages, reference, micro_batch_size=cfg.micro_batch_size)
+    def step():  # the reference forward belongs to the step: selfplay.py runs it before each update
+        ref_logp = rollout_logprobs(reference, rollouts, cfg.micro_batch_size, 1.0)
+        return update(policy, optimizer, rollouts, advantages, ref_logp, micro_batch_size=cfg.micro_batch_size)
     reset_peak_memory(device)
     seconds, _ = best_time(step, device, cfg.repeats)
     peak = peak_memory_gib(device)

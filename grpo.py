@@ -296,14 +296,15 @@ def rollout_logprobs(model, rollouts, micro_batch_size, temperature):
     return logp
 
 
-def update(policy, optimizer, rollouts, advantages, ref_model=None, *, temperature=1.0, micro_batch_size=8,
+def update(policy, optimizer, rollouts, advantages, ref_logp=None, *, temperature=1.0, micro_batch_size=8,
            minibatches=1, epochs=1, clip_low=0.2, clip_high=0.3, dual_clip=3.0, kl_coef=0.01,
            aggregation="seq-mean-token-mean", max_grad_norm=1.0):
     """GRPO on one rollout batch: `epochs` passes, each over `minibatches` optimizer steps.
 
-    advantages: [B], one per completion. ref_model: the frozen reference of the KL term (None, or
-    kl_coef = 0, drops it). The log-probs of the sampling policy (old) and of the reference are
-    computed once, before the first step, so ρ = 1 exactly on the first step (with a single step,
+    advantages: [B], one per completion. ref_logp: [B, T], the rollouts' log-probs under the frozen
+    reference of the KL term (`rollout_logprobs` of a frozen copy, or of the policy itself with its
+    LoRA adapters off); None, or kl_coef = 0, drops the term. The log-probs of the sampling policy
+    (old) are, like the reference's, computed once, before the first step, so ρ = 1 exactly on the first step (with a single step,
     old is the training forward's own, detached). Mini-batches are
     consecutive slices of the batch (whole groups when B / minibatches is a multiple of G); inside
     one, micro-batches are summed with the mini-batch's own totals, so the gradient equals the
@@ -318,8 +319,8 @@ def update(policy, optimizer, rollouts, advantages, ref_model=None, *, temperatu
     # current log-probs, detached, and a whole forward pass over the batch is saved.
     on_policy = epochs * minibatches == 1
     old_logp = None if on_policy else rollout_logprobs(policy, rollouts, micro_batch_size, temperature)
-    ref_logp = (rollout_logprobs(ref_model, rollouts, micro_batch_size, temperature)
-                if ref_model is not None and kl_coef > 0 else None)
+    if kl_coef == 0:
+        ref_logp = None
     T_max = rollouts.ids.shape[1]
     lengths = rollouts.mask.sum(1)
     history = []

@@ -26,6 +26,7 @@ Left out: multi-GPU, LoRA, the validation benchmark during training (run evaluat
 checkpoints), and learning-rate schedules (the spec's lr is constant).
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -42,12 +43,13 @@ import transformers
 from tqdm import tqdm
 
 import grpo
+import lora
 import questioner
 import reasoner
+from cli import option, parse
 from data import DataError, load_image, readable_images
 from model import ModelError, load_vlm
 from report import write_report
-from cli import option, parse
 from sampler import SamplingSettings
 
 
@@ -125,6 +127,10 @@ class Config:
                                           "grpo", default=True)
     freeze_vision: bool = option("train the language model only (the spec trains the vision tower too)", "grpo",
                                  default=False)
+    lora_rank: int = option("train LoRA adapters of this rank instead of all weights (0: full fine-tuning)",
+                            "grpo", default=0)
+    lora_alpha: float = option("LoRA scale α (the update is α / r · B A); LoRA wants a larger --lr than 1e-6",
+                               "grpo", default=32.0)
     max_grad_norm: float = option("gradient-norm clip", "grpo", default=1.0)
 
 
@@ -277,23 +283,52 @@ def load_model(cfg, source, device, trainable):
 
 
 def start_phase(cfg, run, role):
-    """The role in training (resumed from its checkpoint if there is one), its optimizer, and the
-    frozen reference of its KL term."""
-    k = run.state.iteration
-    source = run.state.checkpoint or run.role_source(k, role)
-    policy, tokenizer, image_processor = load_model(cfg, source, run.device, trainable=True)
+    """The role in training, resumed at its last step if there is one, and its optimizer.
+
+    Full fine-tuning trains the float32 weights. With --lora-rank r the weights stay frozen (bf16 on
+    a GPU) and only the adapters of lora.py train; a resumed phase rebuilds them from the seed and
+    loads their trained values.
+    """
+    k, checkpoint = run.state.iteration, run.state.checkpoint
+    use_lora = cfg.lora_rank > 0
+    source = checkpoint if checkpoint and not use_lora else run.role_source(k, role)
+    policy, tokenizer, image_processor = load_model(cfg, source, run.device, trainable=not use_lora)
+    if use_lora:
+        lora.add_lora(policy, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
+        if checkpoint:
+            lora.load_lora_state_dict(policy, torch.load(Path(checkpoint) / "lora.pt", weights_only=True))
     if cfg.freeze_vision:
         policy.model.visual.requires_grad_(False)
     if cfg.gradient_checkpointing:
         policy.activation_checkpointing_enable()
     optimizer = grpo.make_optimizer(policy, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if run.state.checkpoint:
-        optimizer.load_state_dict(torch.load(Path(run.state.checkpoint) / "optimizer.pt", weights_only=True))
+    if checkpoint:
+        optimizer.load_state_dict(torch.load(Path(checkpoint) / "optimizer.pt", weights_only=True))
+    return policy, tokenizer, image_processor, optimizer
+
+
+def frozen_models(cfg, run, role, policy):
+    """The KL term's reference and, for the Questioner, the frozen Reasoner R_{k-1} that rewards it.
+
+    The reference is the role at the start of the iteration (--kl-reference iteration) or the base
+    model: with LoRA, when that is where the policy started, the policy itself with its adapters
+    off; otherwise a frozen copy. Each source is loaded once (in iteration 1 the Questioner's
+    reference and its Reasoner are both the base). Returns (reference or None, reasoner or None).
+    """
+    k = run.state.iteration
+    loaded = {}
+
+    def frozen(source):
+        if source not in loaded:
+            loaded[source] = load_model(cfg, source, run.device, trainable=False)[0]
+        return loaded[source]
+
     reference = None
     if cfg.kl_coef > 0:
-        ref_source = cfg.model if cfg.kl_reference == "base" else run.role_source(k, role)
-        reference = load_model(cfg, ref_source, run.device, trainable=False)[0]
-    return policy, tokenizer, image_processor, optimizer, reference
+        source = cfg.model if cfg.kl_reference == "base" else run.role_source(k, role)
+        reference = policy if cfg.lora_rank > 0 and source == run.role_source(k, role) else frozen(source)
+    reasoner = frozen(run.role_source(k, "reasoner")) if role == "questioner" else None
+    return reference, reasoner
 
 
 def save_role(model, tokenizer, image_processor, folder):
@@ -306,13 +341,17 @@ def save_role(model, tokenizer, image_processor, folder):
 
 
 def save_step(run, role, policy, tokenizer, image_processor, optimizer, step):
-    """After every step: the role and its optimizer into a fresh folder, then state.json points at it."""
+    """After every step: the role (or just its LoRA adapters) and its optimizer into a fresh folder,
+    then state.json points at it."""
     folder = run.dir / "resume" / f"{role}_{run.state.iteration}_{step}"
 
     def write(tmp):
-        policy.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        image_processor.save_pretrained(tmp)
+        if run.cfg.lora_rank > 0:
+            torch.save(lora.lora_state_dict(policy), tmp / "lora.pt")
+        else:
+            policy.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            image_processor.save_pretrained(tmp)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     save_folder_atomic(folder, write)
     old = run.state.checkpoint
@@ -322,6 +361,8 @@ def save_step(run, role, policy, tokenizer, image_processor, optimizer, step):
 
 
 def end_phase(run, role, policy, tokenizer, image_processor, next_phase):
+    if run.cfg.lora_rank > 0:  # merged in float32: a small update would round away in bf16 weights
+        policy = lora.merge_lora(policy.float())
     save_role(policy, tokenizer, image_processor, run.role_dir(run.state.iteration, role))
     old = run.state.checkpoint
     run.save_state(phase=next_phase, step=0, checkpoint="")
@@ -367,8 +408,17 @@ def rollout_metrics(rollouts, step_time):
             "tokens_per_s": float(lengths.sum()) / step_time}
 
 
+def reference_logprobs(cfg, policy, reference, rollouts):
+    """[B, T] log-probs of the rollouts under the KL reference (None without one)."""
+    if reference is None:
+        return None
+    with lora.adapters(policy, False) if reference is policy else contextlib.nullcontext():
+        return grpo.rollout_logprobs(reference, rollouts, cfg.micro_batch_size, cfg.temperature)
+
+
 def grpo_step(cfg, run, policy, optimizer, reference, rollouts):
-    return grpo.update(policy, optimizer, rollouts, rollouts.advantages(cfg.advantage_scale), reference,
+    return grpo.update(policy, optimizer, rollouts, rollouts.advantages(cfg.advantage_scale),
+                       reference_logprobs(cfg, policy, reference, rollouts),
                        temperature=cfg.temperature, micro_batch_size=cfg.micro_batch_size,
                        minibatches=cfg.minibatches, epochs=cfg.epochs, clip_low=cfg.clip_low,
                        clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, kl_coef=cfg.kl_coef,
@@ -382,8 +432,8 @@ def choose(run, n_items, n):
 
 def questioner_phase(cfg, run, paths, images):
     k = run.state.iteration
-    policy, tok, ip, optimizer, reference = start_phase(cfg, run, "questioner")
-    frozen_reasoner = load_model(cfg, run.role_source(k, "reasoner"), run.device, trainable=False)[0]
+    policy, tok, ip, optimizer = start_phase(cfg, run, "questioner")
+    reference, frozen_reasoner = frozen_models(cfg, run, "questioner", policy)
     question_settings = SamplingSettings(cfg.question_max_tokens, cfg.temperature, 0, cfg.top_p)
     answer_settings = SamplingSettings(cfg.answer_max_tokens, 1.0, cfg.reward_top_k, 1.0)
     reward = questioner.QuestionerRewardSettings(
@@ -468,7 +518,8 @@ def reasoner_phase(cfg, run, paths, images):
         model, tok, ip = load_model(cfg, run.role_source(k, "reasoner"), run.device, trainable=False)
         end_phase(run, "reasoner", model, tok, ip, "summary")
         return
-    policy, tok, ip, optimizer, reference = start_phase(cfg, run, "reasoner")
+    policy, tok, ip, optimizer = start_phase(cfg, run, "reasoner")
+    reference, _ = frozen_models(cfg, run, "reasoner", policy)
     settings = SamplingSettings(cfg.answer_max_tokens, cfg.temperature, 0, cfg.top_p)
     bar = tqdm(range(run.state.step, cfg.reasoner_steps), desc=f"iter {k} reasoner", disable=cfg.quiet,
                initial=run.state.step, total=cfg.reasoner_steps)

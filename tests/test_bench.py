@@ -42,4 +42,4 @@ def test_main_writes_table_and_json_of_all_three_figures(tmp_path, capsys):
         assert r["ratio"] == (r["ours"] / r["baseline"] if r["baseline"] else None)
         assert r["figure"] in printed
     grpo = result["records"]["grpo"]
-    assert grpo["flops"] == (6 + 2 + 2) * grpo["trainable_params"] * grpo["tokens"]
+    assert grpo["flops"] == (6 + 2) * grpo["trainable_params"] * grpo["tokens"]

@@ -5,7 +5,7 @@ import copy
 import torch
 from conftest import PROMPTS, random_images
 
-from grpo import Rollouts, update
+from grpo import Rollouts, rollout_logprobs, update
 from model import encode_prompts
 from sampler import sample
 
@@ -23,7 +23,8 @@ def step_delta(model, rollouts, reference, **kwargs):
     policy = copy.deepcopy(model)
     before = [p.detach().clone() for p in policy.parameters()]
     optimizer = torch.optim.SGD(policy.parameters(), lr=1.0)
-    metrics = update(policy, optimizer, rollouts, rollouts.advantages(), reference, max_grad_norm=1e9, **kwargs)
+    ref_logp = None if reference is None else rollout_logprobs(reference, rollouts, len(rollouts), 1.0)
+    metrics = update(policy, optimizer, rollouts, rollouts.advantages(), ref_logp, max_grad_norm=1e9, **kwargs)
     return torch.cat([(p.detach() - b).flatten() for p, b in zip(policy.parameters(), before)]), metrics
 
 

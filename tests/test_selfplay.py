@@ -218,3 +218,39 @@ def test_cli_errors_are_one_line(tmp_path):
         log, _ = proc.communicate(timeout=120)
         assert proc.returncode == 2 and needle in log
         assert "Traceback" not in log and len(log.strip().splitlines()) == 1, log
+
+
+@pytest.mark.slow
+def test_ctrl_c_with_lora_then_resume_equals_an_uninterrupted_run(format_model, tmp_path):
+    images, _ = image_folder(tmp_path / "images")
+    flags = ["--lora-rank", "4", "--lr", "1e-3", "--iterations", "1"]
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    reference = run_selfplay(small_run_flags(images, format_model, whole) + flags)
+    victim = run_selfplay(small_run_flags(images, format_model, stopped) + flags)
+    deadline = time.time() + 240
+    while time.time() < deadline and victim.poll() is None:
+        if (stopped / "metrics.jsonl").exists() and (stopped / "metrics.jsonl").read_text().strip():
+            break
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGINT)
+    log, _ = victim.communicate(timeout=120)
+    assert victim.returncode == 130 and "--resume" in log, log
+    state = json.loads((stopped / "state.json").read_text())
+    assert state["phase"] != "done" and (Path(state["checkpoint"]) / "lora.pt").exists()
+    assert not (Path(state["checkpoint"]) / "model.safetensors").exists(), "LoRA checkpoints hold adapters only"
+    resumed = run_selfplay(["--resume", str(stopped), "--quiet"])
+    log, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, log
+    assert reference.wait(timeout=300) == 0
+
+    assert comparable(stopped / "metrics.jsonl") == comparable(whole / "metrics.jsonl")
+    for role in ("questioner", "reasoner"):
+        a = load_file(whole / "iter_1" / role / "model.safetensors")
+        b = load_file(stopped / "iter_1" / role / "model.safetensors")
+        assert all(torch.equal(a[n], b[n]) for n in a), role
+        assert not any("lora" in n for n in a), "saved roles are merged, plain checkpoints"
+    base = load_file(Path(format_model) / "model.safetensors")
+    merged = load_file(whole / "iter_1" / "reasoner" / "model.safetensors")
+    assert a.keys() == base.keys()
+    changed = [n for n in base if not torch.equal(base[n], merged[n])]
+    assert changed and all(n.startswith("model.layers.") for n in changed), "LoRA changes the text layers only"

@@ -1,0 +1,247 @@
+"""LoRA on the tiny model: starts at the base model, trains only the adapters, switches off to give
+the base model back exactly (the KL reference), merges into a plain checkpoint, and wires into
+grpo.update with the reference taken from the same model."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+
+import grpo
+from conftest import PROMPTS, random_images
+from lora import (LoRALinear, TARGETS, adapters, add_lora, count_parameters, load_lora_state_dict,
+                  lora_state_dict, merge_lora)
+from model import completion_logprobs, encode_prompts, load_vlm
+from sampler import sample
+
+
+def completions(model, tok, ip, n=1, seed=0):
+    """Prompts (each repeated n times) and n sampled completions of each: ids, mask [3n, T]."""
+    prompts = encode_prompts(tok, ip, random_images(seed), PROMPTS)
+    out = sample(model, prompts, n=n, max_new_tokens=8, generator=torch.Generator().manual_seed(seed))
+    return prompts.select(torch.arange(len(PROMPTS)).repeat_interleave(n).tolist()), out.ids, out.mask
+
+
+def logp(model, batch):
+    with torch.no_grad():
+        return completion_logprobs(model, *batch)
+
+
+def train_adapters(model, batch, steps=5, lr=1e-2):
+    """A toy loss: raise the log-prob of the given completions, adapters only."""
+    params = add_lora(model, seed=0)
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    for _ in range(steps):
+        (-completion_logprobs(model, *batch).sum()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return params
+
+
+def lora_modules(model):
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def test_lora_linear_matches_a_float64_hand_computation():
+    torch.manual_seed(0)
+    linear = nn.Linear(12, 10)
+    layer = LoRALinear(linear, rank=4, alpha=8, generator=torch.Generator().manual_seed(0))
+    assert layer.scale == 2.0 and layer.lora_A.shape == (4, 12) and layer.lora_B.shape == (10, 4)
+    assert torch.equal(layer.lora_B, torch.zeros(10, 4))
+    # kaiming-uniform with a = sqrt(5): U(-1/sqrt(in), 1/sqrt(in)), the bound nn.Linear uses
+    assert 0.2 < layer.lora_A.abs().max() <= 12 ** -0.5
+    with torch.no_grad():
+        layer.lora_B.normal_()  # B = 0 would hide a wrong LoRA path
+    x = torch.randn(3, 5, 12)
+    W, b, A, B = (t.detach().double() for t in (linear.weight, linear.bias, layer.lora_A, layer.lora_B))
+    expected = x.double() @ W.T + b + 2.0 * (x.double() @ A.T @ B.T)
+    assert (layer(x).double() - expected).abs().max() < 1e-5
+    layer.enabled = False
+    assert (layer(x).double() - (x.double() @ W.T + b)).abs().max() < 1e-5
+
+    # A bf16 base: the output is bf16, the trained masters and their gradients stay float32.
+    layer.enabled = True
+    layer.base.to(torch.bfloat16)
+    y = layer(x.to(torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and (y.double() - expected).abs().max() < 0.05 * expected.abs().max()
+    y.float().sum().backward()
+    assert layer.lora_A.grad.dtype == layer.lora_B.grad.dtype == torch.float32
+    assert layer.lora_A.grad.abs().sum() > 0 and layer.base.weight.grad is None
+
+
+def test_at_init_the_model_is_the_base_model_and_only_adapters_train(tiny):
+    model, tok, ip = tiny
+    base = load_vlm("tiny", seed=0)[0]
+    batch = completions(base, tok, ip)
+    params = add_lora(model)
+
+    wrapped = lora_modules(model)
+    assert len(wrapped) == model.config.text_config.num_hidden_layers * len(TARGETS)
+    assert all(n.startswith("model.language_model.layers.") for n in wrapped)
+    assert not any(isinstance(m, LoRALinear) for m in model.model.visual.modules())
+    assert type(model.lm_head) is nn.Linear
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{n}.lora_{x}" for n in wrapped for x in "AB"}
+    assert {id(p) for p in params} == {id(p) for p in model.parameters() if p.requires_grad}
+    assert all(p.dtype == torch.float32 for p in params)
+    # grpo.make_optimizer keeps only trainable parameters: exactly the adapters
+    optimizer = grpo.make_optimizer(model)
+    assert {id(p) for p in optimizer.param_groups[0]["params"]} == {id(p) for p in params}
+    trainable_count, total = count_parameters(model)
+    assert trainable_count == sum(p.numel() for p in params) and total == trainable_count + count_parameters(base)[1]
+
+    # B = 0: the same log-probs and the same greedy samples (the KV-cache path) as the base model
+    ours = logp(model, batch)
+    assert torch.equal(ours, logp(base, batch)) and ours[batch[2].bool()].isfinite().all()
+    prompts = encode_prompts(tok, ip, random_images(1), PROMPTS)
+    assert torch.equal(sample(model, prompts, max_new_tokens=6, temperature=0).ids,
+                       sample(base, prompts, max_new_tokens=6, temperature=0).ids)
+
+    # the same seed draws the same A; another seed others
+    again, other = load_vlm("tiny", seed=0)[0], load_vlm("tiny", seed=0)[0]
+    assert all(torch.equal(a, b) for a, b in zip(params, add_lora(again, seed=0)))
+    assert not torch.equal(params[0], add_lora(other, seed=1)[0])
+    with pytest.raises(ValueError, match="already has"):
+        add_lora(model)
+    with pytest.raises(ValueError, match="q_projj"):
+        add_lora(load_vlm("tiny")[0], targets=("q_proj", "q_projj"))
+
+
+def test_vision_adapters_only_when_asked(tiny):
+    model, _, _ = tiny
+    add_lora(model, targets=("q_proj", "visual.qkv"))
+    wrapped = lora_modules(model)
+    vision = [n for n in wrapped if n.startswith("model.visual.")]
+    assert len(vision) == model.config.vision_config.depth and all(n.endswith("attn.qkv") for n in vision)
+    assert len(wrapped) - len(vision) == model.config.text_config.num_hidden_layers
+
+
+def test_trained_adapters_move_the_model_and_switch_off_to_the_exact_base(tiny):
+    model, tok, ip = tiny
+    base = load_vlm("tiny", seed=0)[0]
+    batch = completions(base, tok, ip)
+    before = logp(base, batch)
+    train_adapters(model, batch)
+    trained = logp(model, batch)
+    assert trained.sum() > before.sum() + 1.0  # the toy loss went down
+    for name, module in lora_modules(model).items():  # the base weights did not move
+        assert torch.equal(module.base.weight, base.get_submodule(name).weight)
+    with adapters(model, False):
+        assert torch.equal(logp(model, batch), before)  # the KL reference, exactly
+    assert torch.equal(logp(model, batch), trained)  # and back on afterwards
+
+
+def test_adapters_context_restores_each_previous_state(tiny):
+    model, _, _ = tiny
+    add_lora(model)
+    modules = list(lora_modules(model).values())
+    modules[0].enabled = False
+    with adapters(model, True):
+        assert all(m.enabled for m in modules)
+        with adapters(model, False):
+            assert not any(m.enabled for m in modules)
+        assert all(m.enabled for m in modules)
+    assert [m.enabled for m in modules] == [False] + [True] * (len(modules) - 1)
+    with pytest.raises(RuntimeError):
+        with adapters(model, False):
+            raise RuntimeError
+    assert [m.enabled for m in modules] == [False] + [True] * (len(modules) - 1)
+
+
+def test_merge_gives_a_plain_checkpoint_with_the_same_outputs(tiny, tmp_path):
+    model, tok, ip = tiny
+    base = load_vlm("tiny", seed=0)[0]
+    batch = completions(base, tok, ip)
+    train_adapters(model, batch)
+    unmerged = logp(model, batch)
+
+    merged = merge_lora(model)
+    assert not lora_modules(merged)
+    assert all(type(merged.get_submodule(n)) is nn.Linear for n, m in base.named_modules() if isinstance(m, nn.Linear))
+    assert merged.state_dict().keys() == base.state_dict().keys()
+    assert (logp(merged, batch) - unmerged).abs().max() < 1e-5
+    assert (logp(merged, batch) - logp(base, batch)).abs().max() > 1e-2
+
+    for m, folder in ((merged, tmp_path / "merged"), (base, tmp_path / "base")):
+        m.save_pretrained(folder)
+    tok.save_pretrained(tmp_path / "merged")
+    ip.save_pretrained(tmp_path / "merged")
+    saved = {}
+    for name in ("merged", "base"):
+        with safe_open(tmp_path / name / "model.safetensors", "pt") as f:
+            saved[name] = set(f.keys())
+    assert saved["merged"] == saved["base"]  # the checkpoint format of a plain model, no LoRA keys
+    reloaded = load_vlm(str(tmp_path / "merged"))[0]
+    assert (logp(reloaded, batch) - logp(merged, batch)).abs().max() < 1e-6
+
+
+def test_lora_state_dict_round_trip_restores_outputs_exactly(tiny):
+    model, tok, ip = tiny
+    batch = completions(model, tok, ip)
+    params = train_adapters(model, batch)
+    state = lora_state_dict(model)
+    trained = logp(model, batch)
+    assert len(state) == len(params) and all(k.endswith((".lora_A", ".lora_B")) for k in state)
+    assert sum(v.numel() for v in state.values()) == count_parameters(model)[0]
+    with torch.no_grad():
+        params[1].add_(1.0)  # training on must not change the snapshot
+    assert not torch.equal(logp(model, batch), trained)
+
+    fresh = load_vlm("tiny", seed=0)[0]
+    add_lora(fresh, seed=1)
+    load_lora_state_dict(fresh, state)
+    assert torch.equal(logp(fresh, batch), trained)
+    with pytest.raises(ValueError, match="do not match"):
+        load_lora_state_dict(fresh, {k: v for k, v in list(state.items())[1:]})
+
+
+def test_grpo_update_trains_adapters_with_the_reference_from_the_same_model(tiny):
+    model, tok, ip = tiny
+    base = load_vlm("tiny", seed=0)[0]
+    train_adapters(model, completions(base, tok, ip, seed=1))  # policy != reference, so the KL is > 0
+    prompts, ids, mask = completions(model, tok, ip, n=2)
+    rollouts = grpo.Rollouts(prompts, ids, mask, torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0]), group_size=2)
+    advantages = rollouts.advantages()
+
+    with adapters(model, False):
+        ref_logp = grpo.rollout_logprobs(model, rollouts, 8, 1.0)
+    assert torch.equal(ref_logp, grpo.rollout_logprobs(base, rollouts, 8, 1.0))
+    old_logp = grpo.rollout_logprobs(model, rollouts, 8, 1.0)
+    expected_kl = float(grpo.aggregate(grpo.kl_k3(old_logp, ref_logp), mask))  # ρ = 1 on the first step
+    assert expected_kl > 1e-3
+
+    twin = copy.deepcopy(model)  # the same policy, with a separate base copy as the reference
+    results = []
+    for policy, reference in ((model, ref_logp), (twin, grpo.rollout_logprobs(base, rollouts, 8, 1.0))):
+        optimizer = grpo.make_optimizer(policy, lr=1e-3, weight_decay=0.0)
+        before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+        metrics = grpo.update(policy, optimizer, rollouts, advantages, reference, micro_batch_size=4, kl_coef=0.1)
+        moved = {n for n, p in policy.named_parameters() if not torch.equal(p, before[n])}
+        assert moved and all(".lora_" in n for n in moved)  # adapters trained, base frozen
+        assert all(m.enabled for m in lora_modules(policy).values())
+        results.append(metrics)
+    assert abs(results[0]["kl"] - expected_kl) < 1e-6
+    assert results[0] == pytest.approx(results[1], abs=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+
+
+def test_fast_decode_reads_the_adapted_weights(tiny):
+    model, tok, ip = tiny
+    base = load_vlm("tiny", seed=0)[0]
+    add_lora(model, rank=4, alpha=8, seed=0)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    prompts = encode_prompts(tok, ip, random_images(0), PROMPTS)
+    runs = {}
+    for enabled in (True, False):
+        with adapters(model, enabled):
+            reference = sample(model, prompts, n=2, max_new_tokens=12, temperature=0, decoder="hf")
+            fast = sample(model, prompts, n=2, max_new_tokens=12, temperature=0, decoder="static")
+        assert torch.equal(fast.ids, reference.ids) and (fast.logprobs - reference.logprobs).abs().max() < 1e-4
+        runs[enabled] = fast
+    plain = sample(base, prompts, n=2, max_new_tokens=12, temperature=0, decoder="static")
+    assert torch.equal(plain.ids, runs[False].ids) and torch.equal(plain.logprobs, runs[False].logprobs)
+    assert (runs[True].logprobs - plain.logprobs).abs().max() > 1e-3, "the adapters must change the policy"
