@@ -548,8 +548,7 @@ def answer_benchmark(model, tokenizer, image_processor, bench, cfg, label, judge
             encoded = encode_prompts(tokenizer, image_processor, images, prompts)
             out = sample(model, encoded.to(model.device), max_new_tokens=cfg.max_new_tokens,
                          temperature=0.0)
-            responses = tokenizer.batch_decode(out.ids.masked_fill(out.mask == 0, tokenizer.pad_token_id),
-                                               skip_special_tokens=True)
+            responses = out.texts(tokenizer)
             for record, prompt, response in zip(batch, prompts, responses):
                 prediction = extract_prediction(response)
                 samples.append({"id": record.id, "category": record.category,

@@ -15,7 +15,7 @@ import torch
 from grpo import Rollouts
 from model import encode_prompts
 from rewards import extract_boxed, majority_vote, reasoner_reward
-from sampler import sample
+from sampler import sample_in_batches
 
 REASONER_PROMPT = ("{question}\n\nReason step by step inside <think> </think>, then give the final, "
                    "concise answer inside \\boxed{{}}.")
@@ -25,23 +25,19 @@ def reasoner_prompt(question):
     return REASONER_PROMPT.format(question=question)
 
 
-def answer(model, tokenizer, image_processor, images, questions, m, settings, generator, batch_size=16):
+def answer(model, tokenizer, image_processor, images, questions, m, settings, generator, batch_size=8):
     """m sampled responses to each (image, question) pair.
 
     images: list[PIL], questions: list[str], same length N -> (responses: N lists of m str,
     answers: N lists of m str | None, the last \\boxed{} of each response). Pairs go through the
     model `batch_size` at a time (so batch_size * m rows decode together).
     """
-    responses = []
-    for start in range(0, len(questions), batch_size):
-        prompts = encode_prompts(tokenizer, image_processor, images[start:start + batch_size],
-                                 [reasoner_prompt(q) for q in questions[start:start + batch_size]])
-        out = sample(model, prompts.to(model.device), n=m, generator=generator, **vars(settings))
-        texts = tokenizer.batch_decode(out.ids.masked_fill(out.mask == 0, tokenizer.pad_token_id),
-                                       skip_special_tokens=True)
-        responses += [texts[i:i + m] for i in range(0, len(texts), m)]
-    answers = [[extract_boxed(r) for r in group] for group in responses]
-    return responses, answers
+    prompts = encode_prompts(tokenizer, image_processor, images, [reasoner_prompt(q) for q in questions])
+    out = sample_in_batches(model, prompts.to(model.device), batch_size, n=m, generator=generator, **vars(settings))
+    texts = out.texts(tokenizer)
+    responses = [texts[i:i + m] for i in range(0, len(texts), m)]
+    return responses, [[extract_boxed(r) for r in group] for group in responses]
+
 
 
 def curate(answers, tau_low, tau_high, count_empty=False):
@@ -58,15 +54,15 @@ def curate(answers, tau_low, tau_high, count_empty=False):
 
 
 def rollouts(model, tokenizer, image_processor, images, questions, silver_labels, G, settings, generator,
-             reward_mode="paper"):
-    """G answers per (image, question, silver label) triple, rewarded against the label.
+             reward_mode="paper", batch_size=8):
+    """G answers per (image, question, silver label) triple, rewarded against the label;
+    batch_size triples per sampler call.
 
     Returns (Rollouts with B = len(questions) * G rows in group-major order, texts: list of B str).
     """
     prompts = encode_prompts(tokenizer, image_processor, images, [reasoner_prompt(q) for q in questions])
-    out = sample(model, prompts.to(model.device), n=G, generator=generator, **vars(settings))
-    texts = tokenizer.batch_decode(out.ids.masked_fill(out.mask == 0, tokenizer.pad_token_id),
-                                   skip_special_tokens=True)
+    out = sample_in_batches(model, prompts.to(model.device), batch_size, n=G, generator=generator, **vars(settings))
+    texts = out.texts(tokenizer)
     labels = [label for label in silver_labels for _ in range(G)]
     rewards = torch.tensor([reasoner_reward(t, s, mode=reward_mode) for t, s in zip(texts, labels)])
     rows = torch.arange(len(questions)).repeat_interleave(G)

@@ -26,6 +26,7 @@ own forward with a DynamicCache, a host check for finished rows each step), and
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
 
 from fast_decode import StaticDecoder
@@ -47,6 +48,11 @@ class Samples:
     ids: torch.Tensor
     mask: torch.Tensor
     logprobs: torch.Tensor
+
+    def texts(self, tokenizer):
+        """The text of each row, special tokens (the stop token, pad) left out."""
+        return tokenizer.batch_decode(self.ids.masked_fill(self.mask == 0, tokenizer.pad_token_id),
+                                      skip_special_tokens=True)
 
 
 def truncate_logits(logits, top_k=0, top_p=1.0):
@@ -148,3 +154,17 @@ def sample(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_k=0, to
     mask = torch.stack(masks, 1).long()
     T = int(mask.sum(1).max())  # drop the all-pad steps taken between two checks
     return Samples(torch.stack(ids, 1)[:, :T], mask[:, :T], torch.stack(logps, 1)[:, :T])
+
+
+def sample_in_batches(model, prompts, batch_size, n=1, **settings):
+    """`sample` over `batch_size` prompts at a time, results concatenated in prompt order and padded
+    to the longest: what must fit in memory is the KV cache of batch_size * n rows, not of all of
+    them. Draws from the generator in the same order as one call would, batch after batch."""
+    parts = [sample(model, prompts.select(list(range(i, min(i + batch_size, len(prompts))))), n=n, **settings)
+             for i in range(0, len(prompts), batch_size)]
+    T = max(p.ids.shape[1] for p in parts)
+    pad_id = model.generation_config.pad_token_id
+
+    def joined(name, fill):
+        return torch.cat([F.pad(getattr(p, name), (0, T - p.ids.shape[1]), value=fill) for p in parts])
+    return Samples(joined("ids", pad_id), joined("mask", 0), joined("logprobs", 0.0))

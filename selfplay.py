@@ -71,6 +71,8 @@ class Config:
     group_size: int = option("G: samples per prompt in both roles' rollouts", "loop", default=8)
     min_pixels: int = option("images are resized to at least this many pixels", "loop", default=262_144)
     max_pixels: int = option("... and at most this many", "loop", default=4_194_304)
+    sampling_batch_size: int = option("prompts per sampler call, each decoding G or m rows: bounds the KV cache",
+                                      "loop", default=8)
     # questioner
     question_format: str = option("'paper': <question> only; 'code': <type>/<question>/<answer>", "questioner",
                                   choices=("paper", "code"), default="paper")
@@ -446,7 +448,7 @@ def questioner_phase(cfg, run, paths, images):
         chosen = choose(run, len(images), cfg.images_per_step)
         rollouts, details = questioner.rollouts(policy, frozen_reasoner, tok, ip, [images[i] for i in chosen],
                                                 cfg.group_size, question_settings, answer_settings, reward,
-                                                run.generator, cfg.question_format)
+                                                run.generator, cfg.question_format, cfg.sampling_batch_size)
         update = grpo_step(cfg, run, policy, optimizer, reference, rollouts)
         record = {"phase": "questioner", "iteration": k, "step": step + 1,
                   **rollout_metrics(rollouts, time.perf_counter() - start),
@@ -478,12 +480,12 @@ def curation_phase(cfg, run, paths, images):
         batch_images = {i: images[i] for i in batch}  # decoded once, asked about N times
         _, _, texts, parsed = questioner.write_questions(q_model, tok, ip, list(batch_images.values()),
                                                          cfg.candidates_per_image, write_settings, run.generator,
-                                                         cfg.question_format)
+                                                         cfg.question_format, cfg.sampling_batch_size)
         owners = [batch[j // cfg.candidates_per_image] for j in range(len(texts))]
         asked = [j for j, p in enumerate(parsed) if p is not None]
         responses, answers = reasoner.answer(r_model, tok, ip, [batch_images[owners[j]] for j in asked],
                                              [parsed[j]["question"] for j in asked], cfg.curation_votes,
-                                             vote_settings, run.generator) if asked else ([], [])
+                                             vote_settings, run.generator, cfg.sampling_batch_size) if asked else ([], [])
         votes = dict(zip(asked, zip(responses, answers, reasoner.curate(answers, cfg.tau_low, cfg.tau_high,
                                                                         cfg.curation_count_empty))))
         for j, (text, p) in enumerate(zip(texts, parsed)):
@@ -528,7 +530,8 @@ def reasoner_phase(cfg, run, paths, images):
         chosen = [kept[i] for i in choose(run, len(kept), cfg.questions_per_step)]
         rollouts, _ = reasoner.rollouts(policy, tok, ip, [images[r["image_index"]] for r in chosen],
                                         [r["question"] for r in chosen], [r["silver"] for r in chosen],
-                                        cfg.group_size, settings, run.generator, cfg.reasoner_reward)
+                                        cfg.group_size, settings, run.generator, cfg.reasoner_reward,
+                                        cfg.sampling_batch_size)
         update = grpo_step(cfg, run, policy, optimizer, reference, rollouts)
         record = {"phase": "reasoner", "iteration": k, "step": step + 1,
                   **rollout_metrics(rollouts, time.perf_counter() - start), **update,

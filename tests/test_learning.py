@@ -57,7 +57,7 @@ def warm_up(model, tok, ip, rng, steps=40):
 
 def accuracy(model, tok, ip, colours, images):
     out = sample(model, encode_prompts(tok, ip, images, [QUESTION] * len(images)), max_new_tokens=4, temperature=0)
-    texts = tok.batch_decode(out.ids.masked_fill(out.mask == 0, tok.pad_token_id), skip_special_tokens=True)
+    texts = out.texts(tok)
     return float(np.mean([t.strip() == c for t, c in zip(texts, colours)]))
 
 
@@ -74,7 +74,7 @@ def train(negate_advantages):
         colours, images = colour_batch(rng, IMAGES_PER_STEP)
         prompts = encode_prompts(tok, ip, images, [QUESTION] * IMAGES_PER_STEP)
         out = sample(model, prompts, n=G, max_new_tokens=4, temperature=1.0, generator=generator)
-        texts = tok.batch_decode(out.ids.masked_fill(out.mask == 0, tok.pad_token_id), skip_special_tokens=True)
+        texts = out.texts(tok)
         rewards = torch.tensor([float(t.strip() == colours[i // G]) for i, t in enumerate(texts)])
         rollouts = Rollouts(prompts.select(torch.arange(IMAGES_PER_STEP).repeat_interleave(G).tolist()),
                             out.ids, out.mask, rewards, group_size=G)

@@ -6,7 +6,7 @@ import torch
 from conftest import PROMPTS, random_images
 
 from model import completion_logprobs, encode_prompts, load_vlm
-from sampler import sample, truncate_logits
+from sampler import sample, sample_in_batches, truncate_logits
 
 
 def generate_reference(model, prompts, max_new_tokens):
@@ -165,3 +165,17 @@ def test_truncation_keeps_the_float64_reference_set(top_k, top_p):
         checked += 1
         assert set(kept[row].nonzero().flatten().tolist()) == reference
     assert checked > 50
+
+
+def test_sampling_in_batches_equals_one_call_when_greedy(tiny):
+    model, tok, ip = tiny
+    first = sample(model, encode_prompts(tok, ip, random_images(7), PROMPTS), max_new_tokens=12, temperature=0)
+    model.generation_config.eos_token_id = list(model.generation_config.eos_token_id) + frequent_tokens(
+        first.ids, first.mask, k=1)
+    prompts = encode_prompts(tok, ip, random_images(7), PROMPTS)
+    whole = sample(model, prompts, n=2, max_new_tokens=12, temperature=0)
+    batched = sample_in_batches(model, prompts, 2, n=2, max_new_tokens=12, temperature=0)
+    assert torch.equal(batched.ids, whole.ids) and torch.equal(batched.mask, whole.mask)
+    assert (batched.logprobs - whole.logprobs).abs().max() < 1e-4
+    texts = batched.texts(tok)
+    assert len(texts) == 6 and all("<|im_end|>" not in t and "<|endoftext|>" not in t for t in texts)
