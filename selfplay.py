@@ -183,7 +183,8 @@ class State:
     metrics_lines: int = 0     # lines of metrics.jsonl that belong to the finished steps
     sampling_rng: list = field(default_factory=list)
     image_rng: dict = field(default_factory=dict)
-    checkpoint: str = ""       # folder with the role in training (weights + optimizer), "" between phases
+    checkpoint: str = ""       # the role in training (weights + optimizer), relative to the run folder
+                               # so the folder can move; "" between phases
 
 
 class Run:
@@ -291,21 +292,22 @@ def start_phase(cfg, run, role):
     a GPU) and only the adapters of lora.py train; a resumed phase rebuilds them from the seed and
     loads their trained values.
     """
-    k, checkpoint = run.state.iteration, run.state.checkpoint
+    k = run.state.iteration
+    checkpoint = run.dir / run.state.checkpoint if run.state.checkpoint else None
     use_lora = cfg.lora_rank > 0
-    source = checkpoint if checkpoint and not use_lora else run.role_source(k, role)
+    source = str(checkpoint) if checkpoint and not use_lora else run.role_source(k, role)
     policy, tokenizer, image_processor = load_model(cfg, source, run.device, trainable=not use_lora)
     if use_lora:
         lora.add_lora(policy, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
         if checkpoint:
-            lora.load_lora_state_dict(policy, torch.load(Path(checkpoint) / "lora.pt", weights_only=True))
+            lora.load_lora_state_dict(policy, torch.load(checkpoint / "lora.pt", weights_only=True))
     if cfg.freeze_vision:
         policy.model.visual.requires_grad_(False)
     if cfg.gradient_checkpointing:
         policy.activation_checkpointing_enable()
     optimizer = grpo.make_optimizer(policy, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if checkpoint:
-        optimizer.load_state_dict(torch.load(Path(checkpoint) / "optimizer.pt", weights_only=True))
+        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
     return policy, tokenizer, image_processor, optimizer
 
 
@@ -357,9 +359,9 @@ def save_step(run, role, policy, tokenizer, image_processor, optimizer, step):
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     save_folder_atomic(folder, write)
     old = run.state.checkpoint
-    run.save_state(step=step, checkpoint=str(folder))
-    if old and Path(old) != folder:
-        shutil.rmtree(old, ignore_errors=True)
+    run.save_state(step=step, checkpoint=str(folder.relative_to(run.dir)))
+    if old and run.dir / old != folder:
+        shutil.rmtree(run.dir / old, ignore_errors=True)
 
 
 def end_phase(run, role, policy, tokenizer, image_processor, next_phase):
@@ -369,7 +371,7 @@ def end_phase(run, role, policy, tokenizer, image_processor, next_phase):
     old = run.state.checkpoint
     run.save_state(phase=next_phase, step=0, checkpoint="")
     if old:
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(run.dir / old, ignore_errors=True)
 
 
 def free(device):

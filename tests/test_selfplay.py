@@ -236,8 +236,8 @@ def test_ctrl_c_with_lora_then_resume_equals_an_uninterrupted_run(format_model, 
     log, _ = victim.communicate(timeout=120)
     assert victim.returncode == 130 and "--resume" in log, log
     state = json.loads((stopped / "state.json").read_text())
-    assert state["phase"] != "done" and (Path(state["checkpoint"]) / "lora.pt").exists()
-    assert not (Path(state["checkpoint"]) / "model.safetensors").exists(), "LoRA checkpoints hold adapters only"
+    assert state["phase"] != "done" and (stopped / state["checkpoint"] / "lora.pt").exists()
+    assert not (stopped / state["checkpoint"] / "model.safetensors").exists(), "LoRA checkpoints hold adapters only"
     resumed = run_selfplay(["--resume", str(stopped), "--quiet"])
     log, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, log
