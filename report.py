@@ -239,14 +239,21 @@ def line_chart(title, series, x_label, y_label, integer_x=False, y_include=()) -
     return figure(title, svg(parts, title))
 
 
-def histogram_chart(title, counts) -> str:
-    """A bar chart of counts over equal bins of [0, 1], with bin edges on the x axis."""
+def histogram_chart(title, counts, band=None) -> str:
+    """A bar chart of counts over equal bins of [0, 1], with bin edges on the x axis; `band`
+    (low, high) shades the confidence band that curation keeps."""
     counts = [number(c) or 0 for c in counts]
     n = len(counts)
     x_ticks = [i / n for i in range(n + 1)]
     y_ticks = nice_ticks(0, max(counts + [1]), integer=True)
     px, py = plot_area(x_ticks, y_ticks)
     parts = axes(x_ticks, y_ticks, px, py, "majority-vote confidence c", "candidate questions")
+    if band is not None:
+        low, high = band
+        parts.append(f'<rect class="band" x="{px(low):.1f}" y="{py(y_ticks[-1]):.1f}" width="{px(high) - px(low):.1f}" '
+                     f'height="{py(0) - py(y_ticks[-1]):.1f}" fill="#22c55e" fill-opacity="0.15"/>')
+        parts.append(f'<text x="{(px(low) + px(high)) / 2:.1f}" y="{py(y_ticks[-1]) + 12:.1f}" '
+                     f'text-anchor="middle">kept: {fmt(low)} ≤ c ≤ {fmt(high)}</text>')
     for i, count in enumerate(counts):
         left, right = px(i / n) + 2, px((i + 1) / n) - 2
         parts.append(f'<rect x="{left:.1f}" y="{py(count):.1f}" width="{right - left:.1f}" '
@@ -311,8 +318,9 @@ def summary_table(iterations, metrics, questions, summaries) -> str:
             + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>\n" + "\n".join(rows) + "\n</table>")
 
 
-def charts(metrics) -> str:
-    """Reward, KL and completion length per role; curation numbers per iteration; the last histogram."""
+def charts(metrics, config) -> str:
+    """Reward, KL and completion length per role; curation numbers per iteration; the last histogram
+    with the run's confidence band (config's tau_low, tau_high) shaded."""
     steps = {phase: training_steps(metrics, phase) for phase in TRAINING_PHASES}
 
     def per_step(field):
@@ -326,8 +334,9 @@ def charts(metrics) -> str:
     with_hist = [k for k, line in sorted(curation.items())
                  if isinstance(line.get("confidence_hist"), list) and line["confidence_hist"]]
     if with_hist:
+        band = (number(config.get("tau_low")), number(config.get("tau_high")))
         hist = histogram_chart(f"Confidence of the candidates, curation of iteration {with_hist[-1]}",
-                               curation[with_hist[-1]]["confidence_hist"])
+                               curation[with_hist[-1]]["confidence_hist"], band if None not in band else None)
     else:
         hist = figure("Confidence of the candidates, last curation", '<p class="empty">no data yet</p>')
     return "\n".join([
@@ -530,7 +539,7 @@ def render(run_dir) -> str:
         header(run_dir, config, metrics, folders, summaries),
         f"<nav>{nav}</nav>",
         summary_table(iterations, metrics, questions, summaries),
-        charts(metrics),
+        charts(metrics, config),
         '<h2 id="gallery">Questions</h2>',
         *(galleries or ['<p class="empty">No iterations yet.</p>']),
         skipped_section(run_dir),

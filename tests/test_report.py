@@ -100,7 +100,8 @@ def run(tmp_path):
     run_dir = tmp_path / "demo-run"
     run_dir.mkdir()
     (run_dir / "config.json").write_text(json.dumps({"model": "tiny", "iterations": 2, "note": HOSTILE,
-                                                     "sampling": {"top_p": 0.99}}))
+                                                     "sampling": {"top_p": 0.99}, "tau_low": 0.25,
+                                                     "tau_high": 0.75}))
     real = tmp_path / "cat.png"
     Image.new("RGBA", (300, 120), (200, 30, 30, 128)).save(real)
     missing = tmp_path / "gone<b>.png"
@@ -262,3 +263,12 @@ def test_nice_ticks():
     assert report.nice_ticks(0.03, 0.83) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
     assert report.nice_ticks(1, 2, integer=True) == [1, 2]
     assert report.nice_ticks(5, 5) == [4.4, 4.6, 4.8, 5.0, 5.2, 5.4, 5.6]  # one value: drawn mid-axis
+
+
+def test_histogram_shades_the_kept_band_of_the_config(run):
+    page = report.write_report(run).read_text(encoding="utf-8")
+    assert page.count('class="band"') == 1 and "kept: 0.25 ≤ c ≤ 0.75" in page
+    config = json.loads((run / "config.json").read_text())
+    del config["tau_low"]
+    (run / "config.json").write_text(json.dumps(config))
+    assert 'class="band"' not in report.write_report(run).read_text(encoding="utf-8")
