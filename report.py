@@ -292,13 +292,18 @@ def header(run_dir, config, metrics, folders, summaries) -> str:
             f'<p class="meta">Report written {time.strftime("%Y-%m-%d %H:%M:%S")}.</p>')
 
 
+# Fields of selfplay.py's summary lines that the fixed columns of the table already show.
+SHOWN_IN_SUMMARY = {"questioner_reward", "n_kept", "kept_frac", "confidence_mean", "reasoner_reward"}
+
+
 def summary_table(iterations, metrics, questions, summaries) -> str:
     """One row per iteration; extra columns for whatever the loop's summary lines hold."""
     if not iterations:
         return '<h2 id="summary">Summary</h2>\n<p class="empty">No iterations yet.</p>'
     steps = {phase: training_steps(metrics, phase) for phase in TRAINING_PHASES}
     curation = lines_by_iteration(metrics, "curation")
-    extra = list(dict.fromkeys(key for line in summaries.values() for key in line if key not in ("phase", "iteration")))
+    extra = list(dict.fromkeys(key for line in summaries.values() for key in line
+                               if key not in ("phase", "iteration") and key not in SHOWN_IN_SUMMARY))
     head = ["iteration", "questioner reward", "valid candidates", "kept", "mean confidence", "reasoner reward"] + extra
     rows = []
     for k in iterations:
