@@ -420,7 +420,7 @@ def reference_logprobs(cfg, policy, reference, rollouts):
         return grpo.rollout_logprobs(reference, rollouts, cfg.micro_batch_size, cfg.temperature)
 
 
-def grpo_step(cfg, run, policy, optimizer, reference, rollouts):
+def grpo_step(cfg, policy, optimizer, reference, rollouts):
     return grpo.update(policy, optimizer, rollouts, rollouts.advantages(cfg.advantage_scale),
                        reference_logprobs(cfg, policy, reference, rollouts),
                        temperature=cfg.temperature, micro_batch_size=cfg.micro_batch_size,
@@ -451,7 +451,7 @@ def questioner_phase(cfg, run, paths, images):
         rollouts, details = questioner.rollouts(policy, frozen_reasoner, tok, ip, [images[i] for i in chosen],
                                                 cfg.group_size, question_settings, answer_settings, reward,
                                                 run.generator, cfg.question_format, cfg.sampling_batch_size)
-        update = grpo_step(cfg, run, policy, optimizer, reference, rollouts)
+        update = grpo_step(cfg, policy, optimizer, reference, rollouts)
         record = {"phase": "questioner", "iteration": k, "step": step + 1,
                   **rollout_metrics(rollouts, time.perf_counter() - start),
                   "valid_rate": float(np.mean([d["valid"] for d in details])),
@@ -519,7 +519,8 @@ def reasoner_phase(cfg, run, paths, images):
         if cfg.on_too_few == "stop":
             raise DataError(message + "; stopping (--on-too-few stop)")
         print(message + f"; skipping the Reasoner phase, R_{k} = R_{k - 1} (--on-too-few skip)")
-        model, tok, ip = load_model(cfg, run.role_source(k, "reasoner"), run.device, trainable=False)
+        # loaded as trainable weights are (float32), so the copy loses no precision
+        model, tok, ip = load_model(cfg, run.role_source(k, "reasoner"), run.device, trainable=True)
         end_phase(run, "reasoner", model, tok, ip, "summary")
         return
     policy, tok, ip, optimizer = start_phase(cfg, run, "reasoner")
@@ -534,7 +535,7 @@ def reasoner_phase(cfg, run, paths, images):
                                         [r["question"] for r in chosen], [r["silver"] for r in chosen],
                                         cfg.group_size, settings, run.generator, cfg.reasoner_reward,
                                         cfg.sampling_batch_size)
-        update = grpo_step(cfg, run, policy, optimizer, reference, rollouts)
+        update = grpo_step(cfg, policy, optimizer, reference, rollouts)
         record = {"phase": "reasoner", "iteration": k, "step": step + 1,
                   **rollout_metrics(rollouts, time.perf_counter() - start), **update,
                   "peak_mem_gb": peak_memory_gb(run.device)}
