@@ -159,7 +159,8 @@ def sample(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_k=0, to
 def sample_in_batches(model, prompts, batch_size, n=1, **settings):
     """`sample` over `batch_size` prompts at a time, results concatenated in prompt order and padded
     to the longest: what must fit in memory is the KV cache of batch_size * n rows, not of all of
-    them. Draws from the generator in the same order as one call would, batch after batch."""
+    them. Reproducible for a generator state, though not the same draws as one call over all the
+    prompts (the generator is consumed batch after batch); greedy results are the same."""
     parts = [sample(model, prompts.select(list(range(i, min(i + batch_size, len(prompts))))), n=n, **settings)
              for i in range(0, len(prompts), batch_size)]
     T = max(p.ids.shape[1] for p in parts)
