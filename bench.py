@@ -65,7 +65,7 @@ import transformers
 
 from cli import option, parse
 from data import shapes_images, write_shapes_folder
-from grpo import Rollouts, make_optimizer, rollout_logprobs, update
+from grpo import Rollouts, make_optimizer, rollout_logprobs, update, weights_dtype
 from model import TINY_MAX_PIXELS, TINY_MIN_PIXELS, encode_prompts, load_vlm, suppressed_mask
 from sampler import sample
 
@@ -158,10 +158,10 @@ def process_rss_gib():
 # Models and prompts
 
 def load(cfg, device, trainable):
-    """As selfplay.py loads a role: trained weights float32, frozen ones bf16 on cuda. The image
-    processor's bounds are pinned to image_size² pixels."""
-    dtype = torch.float32 if trainable or device.type != "cuda" else torch.bfloat16
+    """As selfplay.py loads a role (grpo.weights_dtype). The image processor's bounds are pinned to
+    image_size² pixels."""
     pixels = cfg.image_size ** 2
+    dtype = weights_dtype(device, trainable)
     model, tokenizer, image_processor = load_vlm(cfg.model, device=device, dtype=dtype, seed=cfg.seed,
                                                  min_pixels=pixels, max_pixels=pixels)
     model.requires_grad_(trainable)
@@ -172,11 +172,6 @@ def make_prompts(tokenizer, image_processor, n_prompts, image_size, seed):
     """n_prompts shapes scenes with the same instruction -> a PromptBatch on the CPU."""
     return encode_prompts(tokenizer, image_processor, shapes_images(n_prompts, seed, image_size),
                           [PROMPT] * n_prompts)
-
-
-def repeat_rows(prompts, n):
-    """Each prompt n times in a row: the rows a sampler without prefix sharing decodes."""
-    return prompts.select(torch.arange(len(prompts)).repeat_interleave(n).tolist())
 
 
 # -----------------------------------------------------------------------------
@@ -207,7 +202,7 @@ def ours(model, prompts, n, new_tokens, temperature, top_p, seed):
 def hf_generate(model, prompts, n, new_tokens, temperature, top_p, seed):
     """model.generate with the same settings -> the number of new tokens it produced."""
     if temperature == 0:  # greedy generate returns one sequence per input: repeat the inputs instead
-        prompts, n, sampling = repeat_rows(prompts, n), 1, dict(do_sample=False)
+        prompts, n, sampling = prompts.repeat(n), 1, dict(do_sample=False)
     else:
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
     torch.manual_seed(seed)
@@ -230,7 +225,7 @@ def measure_sampler(model, prompts, n, new_tokens, temperature, top_p, repeats, 
     args = (new_tokens, temperature, top_p, seed)
     paths = {"generate": lambda: hf_generate(model, prompts, n, *args),
              "ours_shared": lambda: ours(model, prompts, n, *args),
-             "ours_unshared": lambda: ours(model, repeat_rows(prompts, n), 1, *args)}
+             "ours_unshared": lambda: ours(model, prompts.repeat(n), 1, *args)}
     record = {}
     with no_stop_tokens(model):
         for name, run in paths.items():
@@ -297,7 +292,7 @@ def grpo_batch(model, tokenizer, image_processor, cfg):
     prompts = make_prompts(tokenizer, image_processor, cfg.grpo_rows // cfg.samples, cfg.image_size, cfg.seed)
     allowed = (~suppressed_mask(model)).nonzero().flatten().cpu()
     ids = allowed[torch.randint(len(allowed), (cfg.grpo_rows, cfg.new_tokens), generator=generator)]
-    return Rollouts(repeat_rows(prompts, cfg.samples), ids, torch.ones_like(ids),
+    return Rollouts(prompts.repeat(cfg.samples), ids, torch.ones_like(ids),
                     torch.randn(cfg.grpo_rows, generator=generator), cfg.samples)
 
 

@@ -269,6 +269,12 @@ def autocast(device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+def weights_dtype(device, trainable):
+    """Trained weights are float32 (the master copy; autocast gives bf16 compute on CUDA); frozen
+    ones are bf16 on a GPU, where memory is what they cost, and float32 elsewhere."""
+    return torch.float32 if trainable or device.type != "cuda" else torch.bfloat16
+
+
 def micro_batches(rows, lengths, size):
     """Splits `rows` (indices) into chunks of `size`, longest first, so each chunk is padded only to
     its own longest completion. rows: [n] long, lengths: [B] long -> list of [<= size] long."""

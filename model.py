@@ -256,6 +256,10 @@ class PromptBatch:
                            self.position_ids.to(device), self.next_position.to(device),
                            self.pixel_values.to(device), self.image_grid_thw.to(device))
 
+    def repeat(self, n):
+        """Each prompt n times in a row (row b * n + j is prompt b): the prompts of n samples each."""
+        return self.select(torch.arange(len(self)).repeat_interleave(n).tolist())
+
     def select(self, rows):
         """The sub-batch of `rows` (a list of indices, repeats allowed), left padding trimmed."""
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.input_ids.device)

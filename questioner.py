@@ -108,6 +108,5 @@ def rollouts(questioner_model, reasoner_model, tokenizer, image_processor, image
     rewards, details = score_questions(reasoner_model, tokenizer, image_processor,
                                        [images[g] for g in group_ids], parsed, texts, group_ids,
                                        reward, answer_settings, generator, batch_size)
-    rows = torch.arange(len(images)).repeat_interleave(G)
-    return Rollouts(prompts.select(rows), out.ids.cpu(), out.mask.cpu(), torch.tensor(rewards),
+    return Rollouts(prompts.repeat(G), out.ids.cpu(), out.mask.cpu(), torch.tensor(rewards),
                     group_size=G), details

@@ -276,9 +276,8 @@ def record_skipped(run, skipped):
 # Models of a phase
 
 def load_model(cfg, source, device, trainable):
-    """A role's weights. Trained ones stay float32 (the master copy; bf16 compute comes from autocast);
-    frozen ones are bf16 on a GPU, where memory is what they cost."""
-    dtype = torch.float32 if trainable or device.type != "cuda" else torch.bfloat16
+    """A role's weights, in the dtype of grpo.weights_dtype."""
+    dtype = grpo.weights_dtype(device, trainable)
     model, tokenizer, image_processor = load_vlm(source, device=device, dtype=dtype, seed=cfg.seed,
                                                  min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
     model.requires_grad_(trainable)
@@ -335,13 +334,15 @@ def frozen_models(cfg, run, role, policy):
     return reference, reasoner
 
 
+def write_role(model, tokenizer, image_processor, folder):
+    """A checkpoint loadable by plain transformers (safetensors)."""
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    image_processor.save_pretrained(folder)
+
+
 def save_role(model, tokenizer, image_processor, folder):
-    """A checkpoint loadable by plain transformers (safetensors), written atomically."""
-    def write(tmp):
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        image_processor.save_pretrained(tmp)
-    save_folder_atomic(folder, write)
+    save_folder_atomic(folder, lambda tmp: write_role(model, tokenizer, image_processor, tmp))
 
 
 def save_step(run, role, policy, tokenizer, image_processor, optimizer, step):
@@ -353,9 +354,7 @@ def save_step(run, role, policy, tokenizer, image_processor, optimizer, step):
         if run.cfg.lora_rank > 0:
             torch.save(lora.lora_state_dict(policy), tmp / "lora.pt")
         else:
-            policy.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            image_processor.save_pretrained(tmp)
+            write_role(policy, tokenizer, image_processor, tmp)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     save_folder_atomic(folder, write)
     old = run.state.checkpoint

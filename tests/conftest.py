@@ -17,6 +17,15 @@ def random_images(seed, sizes=((64, 64), (100, 50), (30, 90))):
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
 
 
+def completions(tok, texts):
+    """Right-padded ids of each text followed by <|im_end|>, and their mask: [B, T] each."""
+    rows = [tok(t, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")] for t in texts]
+    T = max(map(len, rows))
+    ids = torch.tensor([r + [tok.pad_token_id] * (T - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows])
+    return ids, mask
+
+
 PROMPTS = ["What is this?", "How many red circles are in the picture? Think step by step.", "hi"]
 
 

@@ -14,8 +14,7 @@ def rollout_batch(model, tok, ip, G=4):
     prompts = encode_prompts(tok, ip, random_images(0), PROMPTS)
     out = sample(model, prompts, n=G, max_new_tokens=12, generator=torch.Generator().manual_seed(0))
     rewards = torch.tensor([float(i % 3 == 0) + 0.1 * i for i in range(len(prompts) * G)])
-    rows = torch.arange(len(prompts)).repeat_interleave(G).tolist()
-    return Rollouts(prompts.select(rows), out.ids, out.mask, rewards, group_size=G)
+    return Rollouts(prompts.repeat(G), out.ids, out.mask, rewards, group_size=G)
 
 
 def step_delta(model, rollouts, reference, **kwargs):

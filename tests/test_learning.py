@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import completions
 from grpo import Rollouts, make_optimizer, update
 from model import completion_logprobs, encode_prompts, load_vlm
 from sampler import sample
@@ -33,21 +34,12 @@ def colour_batch(rng, n):
     return colours, [flat_image(c, rng) for c in colours]
 
 
-def answer_ids(tok, words):
-    """Right-padded token ids of 'word<|im_end|>' and their mask."""
-    rows = [tok(w, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")] for w in words]
-    T = max(map(len, rows))
-    ids = torch.tensor([r + [tok.pad_token_id] * (T - len(r)) for r in rows])
-    mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows])
-    return ids, mask
-
-
 def warm_up(model, tok, ip, rng, steps=40):
     """Supervised steps towards a random colour word: the model learns the answer format only."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(steps):
         _, images = colour_batch(rng, 16)
-        ids, mask = answer_ids(tok, [NAMES[i] for i in rng.integers(0, len(NAMES), 16)])
+        ids, mask = completions(tok, [NAMES[i] for i in rng.integers(0, len(NAMES), 16)])
         prompts = encode_prompts(tok, ip, images, [QUESTION] * 16)
         loss = -(completion_logprobs(model, prompts, ids, mask) * mask).sum() / mask.sum()
         loss.backward()
@@ -76,7 +68,7 @@ def train(negate_advantages):
         out = sample(model, prompts, n=G, max_new_tokens=4, temperature=1.0, generator=generator)
         texts = out.texts(tok)
         rewards = torch.tensor([float(t.strip() == colours[i // G]) for i, t in enumerate(texts)])
-        rollouts = Rollouts(prompts.select(torch.arange(IMAGES_PER_STEP).repeat_interleave(G).tolist()),
+        rollouts = Rollouts(prompts.repeat(G),
                             out.ids, out.mask, rewards, group_size=G)
         advantages = rollouts.advantages() * (-1 if negate_advantages else 1)
         update(model, optimizer, rollouts, advantages, micro_batch_size=32, minibatches=2, kl_coef=0.0)

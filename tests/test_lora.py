@@ -21,7 +21,7 @@ def completions(model, tok, ip, n=1, seed=0):
     """Prompts (each repeated n times) and n sampled completions of each: ids, mask [3n, T]."""
     prompts = encode_prompts(tok, ip, random_images(seed), PROMPTS)
     out = sample(model, prompts, n=n, max_new_tokens=8, generator=torch.Generator().manual_seed(seed))
-    return prompts.select(torch.arange(len(PROMPTS)).repeat_interleave(n).tolist()), out.ids, out.mask
+    return prompts.repeat(n), out.ids, out.mask
 
 
 def logp(model, batch):

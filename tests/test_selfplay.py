@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from conftest import completions
 from data import write_shapes_folder
 from model import completion_logprobs, encode_prompts, load_vlm
 from questioner import QUESTIONER_PROMPTS
@@ -43,16 +44,12 @@ def format_model(tmp_path_factory):
     images = [Image.fromarray(rng.integers(0, 256, (56, 56, 3), dtype=np.uint8)) for _ in range(8)]
     questions = [f"How many {c} shapes are there?" for c in ("red", "blue", "green", "yellow")]
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    im_end = tok.convert_tokens_to_ids("<|im_end|>")
     for step in range(40):
         q = [questions[i] for i in rng.integers(0, 4, 8)]
         prompts = [QUESTIONER_PROMPTS["paper"]] * 4 + [reasoner_prompt(x) for x in q[4:]]
         targets = [f"<question>{x}</question>" for x in q[:4]] + [
             f"<think>count</think> \\boxed{{{n}}}" for n in rng.integers(1, 4, 4)]
-        rows = [tok(t, add_special_tokens=False)["input_ids"] + [im_end] for t in targets]
-        T = max(map(len, rows))
-        ids = torch.tensor([r + [tok.pad_token_id] * (T - len(r)) for r in rows])
-        mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows])
+        ids, mask = completions(tok, targets)
         batch = encode_prompts(tok, ip, images, prompts)
         loss = -(completion_logprobs(model, batch, ids, mask) * mask).sum() / mask.sum()
         loss.backward()
