@@ -1,4 +1,4 @@
-"""Speed and memory of the three things that cost time in VisPlay, each next to a baseline measured
+"""Speed and memory of what costs time and memory in VisPlay, each speed next to a baseline measured
 in the same run, on whatever device is there (cuda if available, else cpu).
 
     python bench.py [--model random-3b] [--prompts 8] [--samples 8] [--new-tokens 256] [--repeats 3]
@@ -19,9 +19,9 @@ in the same run, on whatever device is there (cuda if available, else cpu).
    Reported: ms per decode step (a whole call / T, so prefill is spread over the steps), new
    tokens/s, and ours/generate; on cuda also peak memory.
 2. One GRPO step: the reference forward and `grpo.update` (one optimizer step, AdamW, KL to a
-   frozen reference) on a batch
-   of --grpo-rows completions of T random tokens after the same kind of prompts, with the training
-   dtypes of selfplay.py (float32 master weights; bf16 autocast and a bf16 reference on cuda).
+   frozen reference) on a batch of --grpo-rows completions of T random tokens after the same kind
+   of prompts, set up as selfplay.py trains (float32 master weights; bf16 autocast and a bf16
+   reference on cuda; activation checkpointing unless --no-gradient-checkpointing).
    Reported: step time, tokens/s (prompt + completion), peak memory, and model FLOP/s against the
    baseline, a matrix rate measured here: a bf16 8192³ matmul on cuda, a float32 1024³ one on cpu.
    FLOPs = (6 + 2) × trainable params × tokens: forward and backward, plus the reference's
@@ -29,12 +29,21 @@ in the same run, on whatever device is there (cuda if available, else cpu).
    Left out: attention scores (∝ length²), the
    vision tower seeing 4 patches per token, the head running on completion tokens only, and the
    head chunks recomputed in the backward pass; so the FLOP/s is a rough model-FLOPs figure.
-3. A miniature self-play iteration: `selfplay.py` run as a user runs it, into a temporary folder
-   (1 iteration, 1 step per phase, the model's real pixel bounds), with the wall time and, on
-   cuda, the peak memory of each phase that it logs in phase_times.jsonl. The baseline of a
-   phase's time is the whole command's. With random weights no question parses, so the
-   Reasoner never votes and its phase is skipped: pass a trained checkpoint for a fuller picture.
-   On a 3B model the run writes float32 checkpoints with AdamW state (~60 GB) to the temp folder.
+3. Peak memory of each phase (questioner, curation, reasoner) at selfplay.py's own sizes, once per
+   run of --memory-runs (selfplay.py's defaults; with LoRA; with LoRA and half the sampling batch):
+   `phase_peaks` holds the models a phase holds and goes through its memory-heavy moments with
+   selfplay.py's own functions. Every sampler call is made at full length but ends after a few
+   steps (the static cache is allocated for the longest completion up front, so memory does not
+   depend on how long rows run); the GRPO step runs on a micro-batch of full-length completions.
+   What it does not do is run a phase's many steps: their time, not their memory, grows with them.
+   Off cuda the rows give the process's RSS high-water instead.
+4. A miniature self-play iteration: `selfplay.py` run as a user runs it, into a temporary folder
+   (1 iteration, 1 step per phase, the model's real pixel bounds, plus --selfplay-flags), with the
+   wall time and, on cuda, the peak memory of each phase that it logs in phase_times.jsonl. The
+   baseline of a phase's time is the whole command's. With random weights no question parses, so
+   the Reasoner never votes and its phase is skipped: pass a trained checkpoint for a fuller
+   picture. On a 3B model the run writes float32 checkpoints (with AdamW state under full
+   fine-tuning, ~60 GB) to the temp folder.
 
 Timing: one warm-up call, then --repeats timed calls (time.perf_counter, torch.cuda.synchronize
 around each on cuda); the best is reported. Images are square shapes scenes of --image-size
@@ -50,9 +59,11 @@ multi-GPU, and a sampler baseline other than HF generate.
 
 import contextlib
 import dataclasses
+import gc
 import json
 import platform
 import resource
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -63,13 +74,16 @@ from pathlib import Path
 import torch
 import transformers
 
+import questioner
+import reasoner
+import selfplay
 from cli import option, parse
 from data import shapes_images, write_shapes_folder
 from grpo import Rollouts, make_optimizer, rollout_logprobs, update, weights_dtype
 from model import TINY_MAX_PIXELS, TINY_MIN_PIXELS, encode_prompts, load_vlm, suppressed_mask
-from sampler import sample
+from sampler import SamplingSettings, sample
 
-FIGURES = ("sampler", "grpo", "selfplay")
+FIGURES = ("sampler", "grpo", "memory", "selfplay")
 PROMPT = "Look at this image and write one question about it that needs reasoning to answer."
 # What 0 means for the size settings: the spec's shapes for real models, small ones for "tiny".
 SIZES = {"tiny": dict(image_size=112, new_tokens=64), "real": dict(image_size=448, new_tokens=256)}
@@ -99,10 +113,17 @@ class Config:
     greedy: bool = option("also time greedy decoding", default=True)
     grpo_rows: int = option("rows of the GRPO batch (groups of --samples)", default=16)
     micro_batch_size: int = option("rows per forward/backward in the GRPO step", default=8)
+    gradient_checkpointing: bool = option("recompute activations in the GRPO step's backward pass, as selfplay.py "
+                                          "does by default", default=True)
     matmul_size: int = option("side of the matmul that measures the matrix rate (0: 8192 on cuda, 1024 on cpu)",
                             default=0)
+    memory_runs: str = option("the memory figure's runs, separated by ';': each the selfplay.py flags it "
+                              "adds to selfplay.py's defaults", default=" ;--lora-rank 16;--lora-rank 16 "
+                              "--sampling-batch-size 4")
     selfplay_images: int = option("images of the miniature self-play run", default=2)
     selfplay_tokens: int = option("max new tokens of its questions and answers", default=32)
+    selfplay_flags: str = option("more selfplay.py flags for that run (full fine-tuning of a 3B model writes "
+                                 "~60 GB of checkpoints; '--lora-rank 16' writes ~30)", default="")
 
 
 def parse_config(argv=None):
@@ -178,17 +199,22 @@ def make_prompts(tokenizer, image_processor, n_prompts, image_size, seed):
 # Figure 1: sampler vs HF generate
 
 @contextlib.contextmanager
-def no_stop_tokens(model):
-    """While inside, the only stop id is <|image_pad|>, which is suppressed: no row ever stops."""
+def stop_ids(model, ids):
+    """While inside, `ids` are the model's only stop tokens."""
     config = model.generation_config
-    never = model.config.image_token_id
-    assert never in config.suppress_tokens, "the stand-in stop id must be a suppressed token"
     saved = config.eos_token_id
-    config.eos_token_id = [never]
+    config.eos_token_id = list(ids)
     try:
         yield
     finally:
         config.eos_token_id = saved
+
+
+def no_stop_tokens(model):
+    """While inside, the only stop id is <|image_pad|>, which is suppressed: no row ever stops."""
+    never = model.config.image_token_id
+    assert never in model.generation_config.suppress_tokens, "the stand-in stop id must be a suppressed token"
+    return stop_ids(model, [never])
 
 
 def ours(model, prompts, n, new_tokens, temperature, top_p, seed):
@@ -285,21 +311,22 @@ def matmul_rate(device, size, repeats):
             "dtype": str(dtype).removeprefix("torch.")}
 
 
-def grpo_batch(model, tokenizer, image_processor, cfg):
-    """--grpo-rows rows: groups of --samples rows sharing a prompt, each with T random allowed tokens
-    (all valid) and a random reward."""
-    generator = torch.Generator().manual_seed(cfg.seed)
-    prompts = make_prompts(tokenizer, image_processor, cfg.grpo_rows // cfg.samples, cfg.image_size, cfg.seed)
+def random_rollouts(model, prompts, G, T, seed):
+    """A group of G rows per prompt of `prompts`, each with T random allowed tokens (all valid) and a
+    random reward."""
+    generator = torch.Generator().manual_seed(seed)
     allowed = (~suppressed_mask(model)).nonzero().flatten().cpu()
-    ids = allowed[torch.randint(len(allowed), (cfg.grpo_rows, cfg.new_tokens), generator=generator)]
-    return Rollouts(prompts.repeat(cfg.samples), ids, torch.ones_like(ids),
-                    torch.randn(cfg.grpo_rows, generator=generator), cfg.samples)
+    ids = allowed[torch.randint(len(allowed), (len(prompts) * G, T), generator=generator)]
+    return Rollouts(prompts.repeat(G), ids, torch.ones_like(ids), torch.randn(len(ids), generator=generator), G)
 
 
 def grpo_figure(cfg, device, reference, tokenizer, image_processor):
     policy = load(cfg, device, trainable=True)[0]
+    if cfg.gradient_checkpointing:
+        policy.activation_checkpointing_enable()
     optimizer = make_optimizer(policy)
-    rollouts = grpo_batch(policy, tokenizer, image_processor, cfg)
+    prompts = make_prompts(tokenizer, image_processor, cfg.grpo_rows // cfg.samples, cfg.image_size, cfg.seed)
+    rollouts = random_rollouts(policy, prompts, cfg.samples, cfg.new_tokens, cfg.seed)
     advantages = rollouts.advantages()
 
     def step():  # the reference forward belongs to the step: selfplay.py runs it before each update
@@ -327,7 +354,99 @@ def grpo_figure(cfg, device, reference, tokenizer, image_processor):
 
 
 # -----------------------------------------------------------------------------
-# Figure 3: a miniature self-play iteration
+# Figure 3: peak memory of each self-play phase
+
+QUESTION = "How many shapes in this picture are red, and is the largest of them left of the smallest one?"
+
+
+def stop_at_once(*models):
+    """While inside, every token is a stop token. The static cache (fast_decode.py) is allocated
+    for the longest completion whatever the rows do, so a sampler call still takes the memory of a
+    full-length one, but ends after a few steps."""
+    stack = contextlib.ExitStack()
+    for model in models:
+        stack.enter_context(stop_ids(model, range(model.config.text_config.vocab_size)))
+    return stack
+
+
+def phase_peaks(scfg, device, images):
+    """The memory-heavy moments of each phase of a self-play iteration k >= 2 under selfplay.py's
+    Config `scfg`, holding the models that phase holds (selfplay.frozen_models; from k = 2 on the
+    Questioner's reference Q_{k-1} and its Reasoner R_{k-1} are two models), in order:
+    every sampler call at full length (stop_at_once) with sampling_batch_size prompts; then one
+    GRPO step (selfplay.grpo_step, one optimizer step) on a micro-batch of full-length completions.
+    Questions asked of the Reasoner are one short question (QUESTION).
+    Returns {phase: peak GiB since the phase began} on cuda; off cuda, the process's RSS high-water.
+    """
+    G, seed = scfg.group_size, scfg.seed
+    images = images[:scfg.sampling_batch_size]
+    questions = [QUESTION] * len(images)
+    generator = torch.Generator(device).manual_seed(seed)
+    write = SamplingSettings(scfg.question_max_tokens, scfg.temperature, 0, scfg.top_p)
+    vote = SamplingSettings(scfg.answer_max_tokens, scfg.temperature, 0, scfg.top_p)
+    one_step = dataclasses.replace(scfg, minibatches=1, epochs=1)
+    groups = -(-scfg.micro_batch_size // G)  # enough groups to fill the largest micro-batch
+
+    def frozen():
+        return selfplay.load_model(scfg, scfg.model, device, trainable=False)[0]
+
+    def finish(name, peaks):
+        peaks[name] = peak_memory_gib(device) if device.type == "cuda" else process_rss_gib()
+        gc.collect()
+        reset_peak_memory(device)
+
+    peaks = {}
+    reset_peak_memory(device)
+    # Questioner: Q_k trains; R_{k-1} answers each question m times; the KL reference is Q_{k-1}.
+    policy, tok, ip, optimizer = selfplay.trainable_role(scfg, scfg.model, device)
+    answerer = frozen()
+    reference = policy if scfg.lora_rank else frozen()
+    with stop_at_once(policy, answerer):
+        questioner.write_questions(policy, tok, ip, images, G, write, generator, scfg.question_format, len(images))
+        reasoner.answer(answerer, tok, ip, images, questions, scfg.reward_votes, vote, generator, len(images))
+    prompts = encode_prompts(tok, ip, images[:groups], [questioner.QUESTIONER_PROMPTS[scfg.question_format]] * groups)
+    selfplay.grpo_step(one_step, policy, optimizer, reference,
+                       random_rollouts(policy, prompts, G, scfg.question_max_tokens, seed))
+    del policy, optimizer, answerer, reference
+    finish("questioner", peaks)
+    # Curation: Q_k writes N candidates per image; R_{k-1} votes m times on each.
+    writer = frozen()
+    answerer = frozen()
+    with stop_at_once(writer, answerer):
+        questioner.write_questions(writer, tok, ip, images, scfg.candidates_per_image, write, generator,
+                                   scfg.question_format, len(images))
+        reasoner.answer(answerer, tok, ip, images, questions, scfg.curation_votes, vote, generator, len(images))
+    del writer, answerer
+    finish("curation", peaks)
+    # Reasoner: R_k trains on G answers per kept question; the KL reference is R_{k-1}.
+    policy, tok, ip, optimizer = selfplay.trainable_role(scfg, scfg.model, device)
+    reference = policy if scfg.lora_rank else frozen()
+    with stop_at_once(policy):
+        reasoner.answer(policy, tok, ip, images, questions, G, vote, generator, len(images))
+    prompts = encode_prompts(tok, ip, images[:groups], [reasoner.reasoner_prompt(QUESTION)] * groups)
+    selfplay.grpo_step(one_step, policy, optimizer, reference,
+                       random_rollouts(policy, prompts, G, scfg.answer_max_tokens, seed))
+    del policy, optimizer, reference
+    finish("reasoner", peaks)
+    return peaks
+
+
+def memory_figure(cfg, device):
+    """phase_peaks for each run of --memory-runs, at selfplay.py's pixel bounds."""
+    record, rows = {}, []
+    for flags in cfg.memory_runs.split(";"):
+        scfg = parse(selfplay.Config, ["--model", cfg.model, "--device", str(device), "--seed", str(cfg.seed),
+                                       *shlex.split(flags)])
+        images = shapes_images(scfg.sampling_batch_size, cfg.seed, cfg.image_size)
+        label = flags.strip() or "selfplay.py defaults"
+        record[label] = phase_peaks(scfg, device, images)
+        what = "peak memory" if device.type == "cuda" else "process RSS high-water (cpu) after"
+        rows += [row(f"{what} the {phase} phase ({label})", "GiB", peak) for phase, peak in record[label].items()]
+    return record, rows
+
+
+# -----------------------------------------------------------------------------
+# Figure 4: a miniature self-play iteration
 
 def selfplay_argv(cfg, device, images, output):
     argv = ["--images", str(images), "--model", cfg.model, "--output", str(output), "--device", str(device),
@@ -340,7 +459,7 @@ def selfplay_argv(cfg, device, images, output):
             "--quiet"]
     if cfg.model == "tiny":  # the spec's bounds would blow the tiny images up to 512 × 512
         argv += ["--min-pixels", str(TINY_MIN_PIXELS), "--max-pixels", str(TINY_MAX_PIXELS)]
-    return argv
+    return argv + shlex.split(cfg.selfplay_flags)
 
 
 def selfplay_figure(cfg, device):
@@ -430,6 +549,9 @@ def main(argv=None):
             rows += new_rows
         del model
         reset_peak_memory(device)
+    if "memory" in figures:
+        records["memory"], new_rows = memory_figure(cfg, device)
+        rows += new_rows
     if "selfplay" in figures:
         records["selfplay"], new_rows = selfplay_figure(cfg, device)
         rows += new_rows

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from model import PromptBatch
+from model import PromptBatch, prompt_embeddings
 
 
 @dataclass
@@ -87,12 +87,11 @@ class StaticDecoder:
         theta = config.rope_parameters["rope_theta"]
         self.inv_freq = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, device=self.device).float() / self.head_dim))
 
-        # Prefill once per prompt through HF (it runs the vision encoder), then copy into n rows each.
+        # Prefill once per prompt through HF's text model, then copy the cache into n rows each.
         cache = DynamicCache(config=model.config)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.device.type == "cuda"):
-            out = model.model(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask,
-                              position_ids=prompts.position_ids, pixel_values=prompts.pixel_values,
-                              image_grid_thw=prompts.image_grid_thw, cache=cache, use_cache=True)
+            out = model.model(inputs_embeds=prompt_embeddings(model, prompts), attention_mask=prompts.attention_mask,
+                              position_ids=prompts.position_ids, cache=cache, use_cache=True)
         self.first_hidden = out.last_hidden_state[:, -1].repeat_interleave(n, dim=0)
         N, L = len(prompts) * n, prompts.input_ids.shape[1]
         self.prompt_len, self.max_len = L, L + max_new_tokens

@@ -191,7 +191,10 @@ def load_vlm(name_or_path, device="cpu", dtype=torch.float32, min_pixels=None, m
         tokenizer = tiny_tokenizer()
         config = tiny_config(tokenizer) if name_or_path == "tiny" else qwen_3b_config(tokenizer)
         config._attn_implementation = attn_implementation
-        with torch.random.fork_rng(devices=[]):
+        # Built where it will run: drawing 3.75B random weights on two CPU cores takes a minute.
+        # The weights therefore depend on the device's generator as well as on the seed.
+        device = torch.device(device)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
             torch.manual_seed(seed)
             model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.float32)
         image_processor = Qwen2VLImageProcessorPil(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
@@ -259,6 +262,21 @@ class PromptBatch:
     def repeat(self, n):
         """Each prompt n times in a row (row b * n + j is prompt b): the prompts of n samples each."""
         return self.select(torch.arange(len(self)).repeat_interleave(n).tolist())
+
+    def distinct_images(self):
+        """Each image once, however many rows show it (the G rows of a GRPO group, the N questions of
+        a curation image). Returns (pixel_values, image_grid_thw) of the distinct images and
+        row_image [B] long: the distinct image that row b shows."""
+        chunks = self.pixel_values.split(self.image_grid_thw.prod(-1).tolist())
+        kept, row_image = [], []
+        for chunk, grid in zip(chunks, self.image_grid_thw):
+            same = (i for i, (c, g) in enumerate(kept) if torch.equal(g, grid) and torch.equal(c, chunk))
+            index = next(same, len(kept))
+            if index == len(kept):
+                kept.append((chunk, grid))
+            row_image.append(index)
+        return (torch.cat([c for c, _ in kept]), torch.stack([g for _, g in kept]),
+                torch.tensor(row_image, device=self.input_ids.device))
 
     def select(self, rows):
         """The sub-batch of `rows` (a list of indices, repeats allowed), left padding trimmed."""
@@ -368,22 +386,36 @@ def completion_positions(prompts, T):
     return pos[None].expand(3, -1, -1)
 
 
-def completion_logprobs(model, prompts, completion_ids, completion_mask, temperature=1.0, chunk_tokens=4096):
+def prompt_embeddings(model, prompts):
+    """[B, L, H] input embeddings of the prompts, the image tokens filled with the vision tower's
+    output. Each distinct image goes through the tower once (PromptBatch.distinct_images): its
+    embeddings, and the gradient they pass back, are those of encoding it in every row that shows
+    it, at a fraction of the cost (a GRPO group's G rows share one image)."""
+    pixel_values, grid, row_image = prompts.distinct_images()
+    image = model.model.visual(pixel_values, grid_thw=grid).pooler_output  # [tokens of all distinct images, H]
+    per_image = image.split((grid.prod(-1) // model.config.vision_config.spatial_merge_size ** 2).tolist())
+    image = torch.cat([per_image[i] for i in row_image.tolist()])
+    embeds = model.model.get_input_embeddings()(prompts.input_ids)
+    is_image = (prompts.input_ids == model.config.image_token_id)[..., None]
+    return embeds.masked_scatter(is_image, image.to(embeds.dtype))
+
+
+def completion_logprobs(model, prompts, completion_ids, completion_mask, temperature=1.0, chunk_tokens=1024):
     """Per-token log-probs of `completion_ids` [B, T] after `prompts`, under the temperature-scaled,
     untruncated distribution (the same as `sampler.sample` reports). Returns logp [B, T] float32,
     0 where `completion_mask` is 0. Differentiable.
 
     The head runs over `chunk_tokens` completion tokens at a time; with gradients on, each chunk is
-    recomputed in the backward pass (checkpointed), so neither pass holds [B, T, V] in float32.
+    recomputed in the backward pass (checkpointed), so neither pass holds [B, T, V] in float32
+    (a chunk's float32 logits are 0.6 GB with Qwen's 152k vocabulary).
     """
     B, T = completion_ids.shape
     L = prompts.input_ids.shape[1]
+    embeds = torch.cat([prompt_embeddings(model, prompts), model.model.get_input_embeddings()(completion_ids)], dim=1)
     out = model.model(
-        input_ids=torch.cat([prompts.input_ids, completion_ids], dim=1),
+        inputs_embeds=embeds,
         attention_mask=torch.cat([prompts.attention_mask, completion_mask.to(prompts.attention_mask.dtype)], dim=1),
         position_ids=torch.cat([prompts.position_ids, completion_positions(prompts, T)], dim=2),
-        pixel_values=prompts.pixel_values,
-        image_grid_thw=prompts.image_grid_thw,
         use_cache=False,
     )
     # The hidden state at position p predicts token p + 1: the last prompt token predicts the first

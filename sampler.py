@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from fast_decode import StaticDecoder
-from model import next_token_logits, suppressed_mask
+from model import next_token_logits, prompt_embeddings, suppressed_mask
 
 
 @dataclass
@@ -99,9 +99,8 @@ class CacheDecoder:
     def __init__(self, model, prompts, n):
         self.model = model
         self.cache = DynamicCache(config=model.config)
-        out = model.model(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask,
-                          position_ids=prompts.position_ids, pixel_values=prompts.pixel_values,
-                          image_grid_thw=prompts.image_grid_thw, cache=self.cache, use_cache=True)
+        out = model.model(inputs_embeds=prompt_embeddings(model, prompts), attention_mask=prompts.attention_mask,
+                          position_ids=prompts.position_ids, cache=self.cache, use_cache=True)
         self.cache.batch_repeat_interleave(n)  # the prompt's keys and values, copied into its n rows
         self.first_hidden = out.last_hidden_state[:, -1].repeat_interleave(n, dim=0)
         self.head_weight = model.lm_head.weight

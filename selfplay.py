@@ -284,28 +284,35 @@ def load_model(cfg, source, device, trainable):
     return model, tokenizer, image_processor
 
 
-def start_phase(cfg, run, role):
-    """The role in training, resumed at its last step if there is one, and its optimizer.
+def trainable_role(cfg, source, device):
+    """A role ready to train from `source`, and its AdamW.
 
     Full fine-tuning trains the float32 weights. With --lora-rank r the weights stay frozen (bf16 on
-    a GPU) and only the adapters of lora.py train; a resumed phase rebuilds them from the seed and
-    loads their trained values.
+    a GPU) and only the adapters of lora.py train (initialised from the seed).
     """
-    k = run.state.iteration
-    checkpoint = run.dir / run.state.checkpoint if run.state.checkpoint else None
     use_lora = cfg.lora_rank > 0
-    source = str(checkpoint) if checkpoint and not use_lora else run.role_source(k, role)
-    policy, tokenizer, image_processor = load_model(cfg, source, run.device, trainable=not use_lora)
+    policy, tokenizer, image_processor = load_model(cfg, source, device, trainable=not use_lora)
     if use_lora:
         lora.add_lora(policy, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
-        if checkpoint:
-            lora.load_lora_state_dict(policy, torch.load(checkpoint / "lora.pt", weights_only=True))
     if cfg.freeze_vision:
         policy.model.visual.requires_grad_(False)
     if cfg.gradient_checkpointing:
         policy.activation_checkpointing_enable()
     optimizer = grpo.make_optimizer(policy, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return policy, tokenizer, image_processor, optimizer
+
+
+def start_phase(cfg, run, role):
+    """The role in training, resumed at its last step if there is one, and its optimizer. A resumed
+    full fine-tuning run loads the checkpointed weights; a LoRA one rebuilds the base and the
+    adapters and loads the adapters' trained values."""
+    checkpoint = run.dir / run.state.checkpoint if run.state.checkpoint else None
+    use_lora = cfg.lora_rank > 0
+    source = str(checkpoint) if checkpoint and not use_lora else run.role_source(run.state.iteration, role)
+    policy, tokenizer, image_processor, optimizer = trainable_role(cfg, source, run.device)
     if checkpoint:
+        if use_lora:
+            lora.load_lora_state_dict(policy, torch.load(checkpoint / "lora.pt", weights_only=True))
         optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
     return policy, tokenizer, image_processor, optimizer
 

@@ -4,8 +4,11 @@ Nothing here asserts a speed."""
 import json
 
 import pytest
+import torch
 
 import bench
+from model import TINY_MAX_PIXELS, TINY_MIN_PIXELS
+from sampler import sample
 
 
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 0.99), (0.0, 1.0)])
@@ -26,17 +29,38 @@ def test_sampler_record_counts_equal_tokens_and_derives_the_ratio(tiny, temperat
     assert list(model.generation_config.eos_token_id) == stop_ids, "the stop ids must be restored"
 
 
-def test_main_writes_table_and_json_of_all_three_figures(tmp_path, capsys):
+def test_stop_at_once_ends_sampling_early_and_restores_the_stop_ids(tiny):
+    model, tok, ip = tiny
+    stop_ids = list(model.generation_config.eos_token_id)
+    prompts = bench.make_prompts(tok, ip, 2, 56, seed=0)
+    with bench.stop_at_once(model):
+        out = sample(model, prompts, n=2, max_new_tokens=30, generator=torch.Generator().manual_seed(0))
+    assert out.mask.sum(1).tolist() == [1, 1, 1, 1], "every token stops its row"
+    assert list(model.generation_config.eos_token_id) == stop_ids
+    out = sample(model, prompts, n=2, max_new_tokens=30, generator=torch.Generator().manual_seed(0))
+    assert out.mask.sum(1).max() > 1
+
+
+# selfplay.py flags of a memory-figure run that fits the tiny model on a CPU
+SMALL_RUN = ("--question-max-tokens 6 --answer-max-tokens 6 --sampling-batch-size 2 --group-size 2 "
+             f"--micro-batch-size 2 --min-pixels {TINY_MIN_PIXELS} --max-pixels {TINY_MAX_PIXELS}")
+
+
+def test_main_writes_table_and_json_of_all_figures(tmp_path, capsys):
     out = tmp_path / "bench.json"
     bench.main(["--model", "tiny", "--device", "cpu", "--prompts", "2", "--samples", "2", "--new-tokens", "4",
                 "--image-size", "56", "--repeats", "1", "--no-greedy", "--grpo-rows", "4",
-                "--matmul-size", "64", "--selfplay-images", "1", "--selfplay-tokens", "4", "--json", str(out)])
+                "--matmul-size", "64", "--selfplay-images", "1", "--selfplay-tokens", "4", "--json", str(out),
+                "--memory-runs", f"{SMALL_RUN};{SMALL_RUN} --lora-rank 2"])
     printed = capsys.readouterr().out
     result = json.loads(out.read_text())
     assert {"device", "torch", "transformers", "date", "command"} <= set(result["header"])
     figures = [r["figure"] for r in result["rows"]]
     assert any("ours (one prefill" in f for f in figures) and any("MFU" in f for f in figures)
     assert any(f.startswith("self-play questioner") for f in figures)
+    assert set(result["records"]["memory"]) == {SMALL_RUN, f"{SMALL_RUN} --lora-rank 2"}
+    for peaks in result["records"]["memory"].values():
+        assert list(peaks) == ["questioner", "curation", "reasoner"]
     for r in result["rows"]:
         assert r["ours"] > 0
         assert r["ratio"] == (r["ours"] / r["baseline"] if r["baseline"] else None)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PROMPTS, random_images
+from conftest import PROMPTS, completions, random_images
 
 import model as M
 from model import ModelError, completion_logprobs, encode_prompts, load_vlm
@@ -109,6 +109,33 @@ def test_completion_logprobs_match_hf_forward_and_chunking_changes_nothing(tiny)
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     assert torch.allclose(grads[0], grads[1], atol=1e-5, rtol=1e-4)
     assert grads[0].abs().sum() > 0
+
+
+def test_an_image_in_several_rows_is_encoded_once_with_the_same_logprobs_and_gradients(tiny):
+    model, tok, ip = tiny
+    same_size = random_images(6, sizes=((64, 64), (64, 64)))  # same grid, other pixels: two images
+    prompts = encode_prompts(tok, ip, [same_size[0], same_size[1], same_size[0], same_size[0]],
+                             [PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[0]])
+    pixel_values, grid, row_image = prompts.distinct_images()
+    assert row_image.tolist() == [0, 1, 0, 0]
+    assert torch.equal(grid, prompts.image_grid_thw[:2]) and pixel_values.shape[0] == grid.prod(-1).sum()
+
+    ids, mask = completions(tok, ["a b", "c", "d e f", "g"])
+    patches = []
+    handle = model.model.visual.register_forward_hook(lambda mod, args, out: patches.append(args[0].shape[0]))
+    ours = completion_logprobs(model, prompts, ids, mask)
+    handle.remove()
+    assert patches == [pixel_values.shape[0]], "each distinct image goes through the vision tower once"
+    reference = hf_logprobs(model, prompts, ids, mask, 1.0)  # HF encodes the image of every row
+    assert (ours.double() - reference).abs().max() < 1e-4
+
+    grads = []
+    for logprobs in (lambda: completion_logprobs(model, prompts, ids, mask), lambda: hf_logprobs(model, prompts, ids, mask, 1.0)):
+        model.zero_grad()
+        logprobs().sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.model.visual.parameters()]))
+    assert grads[0].abs().sum() > 0
+    assert torch.allclose(grads[0], grads[1].float(), atol=1e-5, rtol=1e-3)
 
 
 def test_prompt_batch_select_matches_encoding_the_rows_alone(tiny):
