@@ -120,6 +120,8 @@ class Config:
     memory_runs: str = option("the memory figure's runs, separated by ';': each the selfplay.py flags it "
                               "adds to selfplay.py's defaults", default=" ;--lora-rank 16;--lora-rank 16 "
                               "--sampling-batch-size 4")
+    profile: bool = option("after timing, profile one more call of our sampler and of the GRPO step and print "
+                           "the ops that took the most time", default=False)
     selfplay_images: int = option("images of the miniature self-play run", default=2)
     selfplay_tokens: int = option("max new tokens of its questions and answers", default=32)
     selfplay_flags: str = option("more selfplay.py flags for that run (full fine-tuning of a 3B model writes "
@@ -168,6 +170,19 @@ def reset_peak_memory(device):
 def peak_memory_gib(device):
     """cuda: the peak allocated since the last reset. cpu: None (see process_rss_gib)."""
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def print_profile(name, fn, device, rows=15):
+    """One call of fn under torch.profiler; prints the ops with the most self time on the device
+    (on the host for cpu)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"profile of one call: {name}\n{prof.key_averages().table(sort_by=key, row_limit=rows)}")
 
 
 def process_rss_gib():
@@ -240,12 +255,12 @@ def hf_generate(model, prompts, n, new_tokens, temperature, top_p, seed):
     return out.shape[0] * (out.shape[1] - prompts.input_ids.shape[1])
 
 
-def measure_sampler(model, prompts, n, new_tokens, temperature, top_p, repeats, seed=0):
+def measure_sampler(model, prompts, n, new_tokens, temperature, top_p, repeats, seed=0, profile=False):
     """Times the three paths of figure 1 on `prompts` (a PromptBatch on the model's device).
 
     Returns {"generate" | "ours_shared" | "ours_unshared": {seconds, new_tokens, ms_per_step,
     tokens_per_s, peak_gib}, ...}; each ours path also has ratio = its tokens/s / generate's.
-    Raises if the paths did not all produce P·n·T new tokens.
+    Raises if the paths did not all produce P·n·T new tokens. profile: print_profile of ours, shared.
     """
     device = model.device
     args = (new_tokens, temperature, top_p, seed)
@@ -259,6 +274,9 @@ def measure_sampler(model, prompts, n, new_tokens, temperature, top_p, repeats, 
             seconds, produced = best_time(run, device, repeats)
             record[name] = {"seconds": seconds, "new_tokens": produced, "ms_per_step": 1000 * seconds / new_tokens,
                             "tokens_per_s": produced / seconds, "peak_gib": peak_memory_gib(device)}
+        if profile:
+            print_profile(f"sampler, ours (one prefill, n samples), temperature {temperature}", paths["ours_shared"],
+                          device)
     expected = len(prompts) * n * new_tokens
     counts = {name: r["new_tokens"] for name, r in record.items()}
     if set(counts.values()) != {expected}:
@@ -277,7 +295,7 @@ def sampler_figure(cfg, model, tokenizer, image_processor):
     records, rows = {}, []
     for mode, (temperature, top_p) in modes.items():
         record = measure_sampler(model, prompts, cfg.samples, cfg.new_tokens, temperature, top_p,
-                                 cfg.repeats, cfg.seed)
+                                 cfg.repeats, cfg.seed, cfg.profile)
         records[mode] = record
         base = record["generate"]
         for name, label in (("ours_shared", "one prefill, n samples"), ("ours_unshared", "prompts repeated n times")):
@@ -335,6 +353,8 @@ def grpo_figure(cfg, device, reference, tokenizer, image_processor):
     reset_peak_memory(device)
     seconds, _ = best_time(step, device, cfg.repeats)
     peak = peak_memory_gib(device)
+    if cfg.profile:
+        print_profile("GRPO step", step, device)
     rate = matmul_rate(device, cfg.matmul_size or (8192 if device.type == "cuda" else 1024), cfg.repeats)
     params = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     tokens = int(rollouts.prompts.attention_mask.sum() + rollouts.mask.sum())

@@ -3,9 +3,13 @@
 # sampler against the reference path), then bench.py's figures on random-3b. Each step has its own
 # time limit, so one that fails or hangs leaves the others' results; each writes OUT_DIR/<step>.log.
 #
-#   bash bench_gpu.sh [OUT_DIR]          # PYTHON=... to pick the interpreter
+#   bash bench_gpu.sh [OUT_DIR [STEP ...]]     # PYTHON=... picks the interpreter
+#
+# Steps (all by default): tests sampler_grpo memory grpo_no_checkpointing selfplay_lora.
+# selfplay_lora writes ~30 GB of checkpoints to the temporary folder.
 set -u
 out=${1:-bench_gpu}
+shift $(($# > 0 ? 1 : 0))
 python=${PYTHON:-python3}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -15,16 +19,23 @@ step() {  # step NAME SECONDS COMMAND...
     shift 2
     timeout "$limit" "$@" >"$out/$name.log" 2>&1
     echo "== $name: exit $? after $((SECONDS - start)) s (limit $limit s)"
-    grep -v "^|---" "$out/$name.log" | tail -n 30
+    grep -v -e "^|---" -e "^----" -e "^USDT" "$out/$name.log" | tail -n 60
 }
 
+bench=("$python" bench.py --model random-3b)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$python" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-step tests 90 "$python" -m pytest -q -x -p no:cacheprovider tests/test_fast_decode.py tests/test_model.py
-step sampler_grpo 170 "$python" bench.py --model random-3b --only sampler,grpo --repeats 1 --no-greedy \
-    --json "$out/sampler_grpo.json"
-step memory_full 80 "$python" bench.py --model random-3b --only memory --memory-runs " "
-step memory_lora 60 "$python" bench.py --model random-3b --only memory --memory-runs "--lora-rank 16"
-step selfplay_lora 110 "$python" bench.py --model random-3b --only selfplay --selfplay-flags "--lora-rank 16"
-step memory_lora_half 60 "$python" bench.py --model random-3b --only memory \
-    --memory-runs "--lora-rank 16 --sampling-batch-size 4"
+steps=("$@")
+[ ${#steps[@]} -gt 0 ] || steps=(tests sampler_grpo memory grpo_no_checkpointing selfplay_lora)
+for name in "${steps[@]}"; do
+    case $name in
+    tests) step tests 90 "$python" -m pytest -q -x -p no:cacheprovider tests/test_fast_decode.py tests/test_model.py ;;
+    sampler_grpo) step sampler_grpo 180 "${bench[@]}" --only sampler,grpo --repeats 1 --no-greedy --profile \
+        --json "$out/sampler_grpo.json" ;;
+    memory) step memory 150 "${bench[@]}" --only memory --json "$out/memory.json" ;;
+    grpo_no_checkpointing) step grpo_no_checkpointing 60 "${bench[@]}" --only grpo --repeats 1 \
+        --no-gradient-checkpointing ;;
+    selfplay_lora) step selfplay_lora 120 "${bench[@]}" --only selfplay --selfplay-flags "--lora-rank 16" ;;
+    *) echo "unknown step: $name" && exit 2 ;;
+    esac
+done

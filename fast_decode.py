@@ -7,12 +7,15 @@ through HF's modules adds Python work, a mask rebuilt every step and a cache gro
 concatenation. Here the cache has a fixed shape [rows, kv_heads, max_len, head_dim] per layer,
 every tensor of the step has a fixed shape, and the step is captured once in a CUDA graph, so a
 step is one graph launch. Rows that already stopped keep decoding pad; the sampler checks for
-finished rows every few steps rather than after each one, so nothing waits on the host.
+finished rows every few steps rather than after each one, so nothing waits on the host. Inside
+the graph every kernel still costs a few microseconds, so the step is written to need few (about
+20 a layer): q, k and v from one matmul, q and k rotated together, attention in one SDPA call, the
+residual adds folded into the output matmuls.
 
 Why it is simple. During decoding every token is text, and text tokens have equal t/h/w
 positions, so Qwen2.5-VL's M-RoPE reduces to plain 1-D RoPE at the row's next position
 (`PromptBatch.next_position` + steps so far): no vision logic is needed after the prefill, which
-still runs through HF's model (it holds the image). The step is the Qwen2 decoder layer:
+still runs through HF's model (over `model.prompt_embeddings`, which hold the image). The step is the Qwen2 decoder layer:
 RMSNorm -> q/k/v (with bias) -> RoPE -> grouped-query attention over the cache -> o_proj ->
 residual -> RMSNorm -> SiLU-gated MLP -> residual, then the final norm.
 
@@ -22,6 +25,7 @@ On CPU the same step runs without the graph: the tests check it against HF's for
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
 
 from model import PromptBatch, prompt_embeddings
@@ -30,12 +34,8 @@ from model import PromptBatch, prompt_embeddings
 @dataclass
 class LayerWeights:
     ln1: torch.Tensor
-    wq: torch.Tensor
-    bq: torch.Tensor
-    wk: torch.Tensor
-    bk: torch.Tensor
-    wv: torch.Tensor
-    bv: torch.Tensor
+    w_qkv: torch.Tensor  # q_proj, k_proj and v_proj stacked: one matmul gives all three
+    b_qkv: torch.Tensor
     wo: torch.Tensor
     ln2: torch.Tensor
     w_gate: torch.Tensor
@@ -45,27 +45,35 @@ class LayerWeights:
 
 def text_weights(model, dtype):
     """The language model's weights in the compute dtype. Float32 master weights are copied to bf16
-    once per sampling call (reading half the bytes is most of the speed); same-dtype ones are shared."""
+    once per sampling call (reading half the bytes is most of the speed); same-dtype ones are shared,
+    except q/k/v, which are stacked into a new tensor (0.4 GB for the 3B model)."""
     lm = model.model.language_model
-    layers = [LayerWeights(*(p.detach().to(dtype) for p in (
-        l.input_layernorm.weight, l.self_attn.q_proj.weight, l.self_attn.q_proj.bias, l.self_attn.k_proj.weight,
-        l.self_attn.k_proj.bias, l.self_attn.v_proj.weight, l.self_attn.v_proj.bias, l.self_attn.o_proj.weight,
-        l.post_attention_layernorm.weight, l.mlp.gate_proj.weight, l.mlp.up_proj.weight, l.mlp.down_proj.weight)))
-              for l in lm.layers]
-    return lm.embed_tokens.weight.detach().to(dtype), layers, lm.norm.weight.detach().to(dtype)
+
+    def w(p):
+        return p.detach().to(dtype)
+    layers = []
+    for layer in lm.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        layers.append(LayerWeights(
+            w(layer.input_layernorm.weight),
+            torch.cat([w(attn.q_proj.weight), w(attn.k_proj.weight), w(attn.v_proj.weight)]),
+            torch.cat([w(attn.q_proj.bias), w(attn.k_proj.bias), w(attn.v_proj.bias)]),
+            w(attn.o_proj.weight), w(layer.post_attention_layernorm.weight), w(mlp.gate_proj.weight),
+            w(mlp.up_proj.weight), w(mlp.down_proj.weight)))
+    return w(lm.embed_tokens.weight), layers, w(lm.norm.weight)
 
 
 def rms_norm(x, weight, eps):
     """As Qwen2's RMSNorm: normalise in float32, scale in the compute dtype."""
-    xf = x.float()
-    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return weight * F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
 
 
-def rope(x, cos, sin):
-    """x: [N, heads, head_dim]; cos, sin: [N, 1, head_dim]. HF's rotate-half convention."""
+def rope(x, cos, sin_signed):
+    """x: [N, heads, head_dim]; cos, sin_signed: [N, 1, head_dim]. HF's rotate-half convention,
+    rotate_half(x) = [-x2, x1]: with the sign folded into the first half of sin_signed, the rotation
+    is a swap of halves."""
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    return torch.addcmul(x * cos, torch.cat([x[..., half:], x[..., :half]], dim=-1), sin_signed)
 
 
 class StaticDecoder:
@@ -92,9 +100,11 @@ class StaticDecoder:
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.device.type == "cuda"):
             out = model.model(inputs_embeds=prompt_embeddings(model, prompts), attention_mask=prompts.attention_mask,
                               position_ids=prompts.position_ids, cache=cache, use_cache=True)
-        self.first_hidden = out.last_hidden_state[:, -1].repeat_interleave(n, dim=0)
+        # (float32 after float32 weights: autocast leaves the residual stream alone)
+        self.first_hidden = out.last_hidden_state[:, -1].to(self.dtype).repeat_interleave(n, dim=0)
         N, L = len(prompts) * n, prompts.input_ids.shape[1]
-        self.prompt_len, self.max_len = L, L + max_new_tokens
+        # Cache slots past the last token are masked; a multiple of 16 suits the attention kernels.
+        self.prompt_len, self.max_len = L, -(-(L + max_new_tokens) // 16) * 16
         shape = (N, self.n_kv, self.max_len, self.head_dim)
         self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
@@ -114,29 +124,27 @@ class StaticDecoder:
 
     def _forward(self):
         """One token per row, all shapes fixed: tokens, positions, index -> hidden [N, H]."""
-        N = self.tokens.shape[0]
+        N, heads, kv, d = self.tokens.shape[0], self.n_heads, self.n_kv, self.head_dim
         slot = self.index + self.prompt_len  # [1]: where this token's key and value go
-        freqs = self.positions[:, None].float() * self.inv_freq  # [N, head_dim / 2]
-        cos = torch.cat([freqs, freqs], -1).cos().to(self.dtype)[:, None]  # [N, 1, head_dim]
-        sin = torch.cat([freqs, freqs], -1).sin().to(self.dtype)[:, None]
+        freqs = self.positions[:, None].float() * self.inv_freq  # [N, d / 2]
+        cos = torch.cat([freqs, freqs], -1).cos().to(self.dtype)[:, None]  # [N, 1, d]
+        sin_signed = torch.cat([-freqs, freqs], -1).sin().to(self.dtype)[:, None]
         visible = self.prompt_keys | ((self.slots >= self.prompt_len) & (self.slots <= slot))  # [N, max_len]
-        bias = torch.zeros(visible.shape, dtype=torch.float32, device=self.device).masked_fill(~visible, float("-inf"))
-        groups = self.n_heads // self.n_kv
+        visible = visible[:, None, None]  # [N, 1, 1, max_len]: the same for every head and query
         x = self.embed[self.tokens]  # [N, H]
         for w, K, V in zip(self.layers, self.k, self.v):
             h = rms_norm(x, w.ln1, self.eps)
-            q = rope((h @ w.wq.T + w.bq).view(N, self.n_heads, self.head_dim), cos, sin)
-            k = rope((h @ w.wk.T + w.bk).view(N, self.n_kv, self.head_dim), cos, sin)
-            v = (h @ w.wv.T + w.bv).view(N, self.n_kv, self.head_dim)
-            K.index_copy_(2, slot, k[:, :, None])
-            V.index_copy_(2, slot, v[:, :, None])
-            q = q.view(N, self.n_kv, groups, self.head_dim)
-            scores = torch.einsum("nkgd,nkld->nkgl", q, K).float() / self.head_dim ** 0.5  # [N, kv, g, max_len]
-            probs = torch.softmax(scores + bias[:, None, None], dim=-1).to(self.dtype)
-            attn = torch.einsum("nkgl,nkld->nkgd", probs, V).reshape(N, -1)
-            x = x + attn @ w.wo.T
+            qkv = F.linear(h, w.w_qkv, w.b_qkv).view(N, heads + 2 * kv, d)
+            qk = rope(qkv[:, :heads + kv], cos, sin_signed)  # q and k heads rotate alike
+            K.index_copy_(2, slot, qk[:, heads:, None])
+            V.index_copy_(2, slot, qkv[:, heads + kv:, None])
+            # Grouped-query attention as plain attention: the query heads of a kv head are its
+            # "query positions", [N, kv, heads / kv, d], so K and V are never repeated.
+            q = qk[:, :heads].reshape(N, kv, heads // kv, d)
+            attn = F.scaled_dot_product_attention(q, K, V, attn_mask=visible).reshape(N, heads * d)
+            x = torch.addmm(x, attn, w.wo.T)  # the residual add rides on the matmul
             h = rms_norm(x, w.ln2, self.eps)
-            x = x + (torch.nn.functional.silu(h @ w.w_gate.T) * (h @ w.w_up.T)) @ w.w_down.T
+            x = torch.addmm(x, F.silu(F.linear(h, w.w_gate)) * F.linear(h, w.w_up), w.w_down.T)
         return rms_norm(x, self.norm, self.eps)
 
     def _capture(self):

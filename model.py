@@ -191,12 +191,13 @@ def load_vlm(name_or_path, device="cpu", dtype=torch.float32, min_pixels=None, m
         tokenizer = tiny_tokenizer()
         config = tiny_config(tokenizer) if name_or_path == "tiny" else qwen_3b_config(tokenizer)
         config._attn_implementation = attn_implementation
-        # Built where it will run: drawing 3.75B random weights on two CPU cores takes a minute.
-        # The weights therefore depend on the device's generator as well as on the seed.
+        # Built where it will run and in the dtype asked for: drawing 3.75B random weights on two
+        # CPU cores takes a minute, and a float32 draw cast to bf16 would pass through twice the
+        # memory. The weights therefore depend on the device and dtype as well as on the seed.
         device = torch.device(device)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
             torch.manual_seed(seed)
-            model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.float32)
+            model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)
         image_processor = Qwen2VLImageProcessorPil(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
     else:
         tokenizer, model, image_processor = _from_pretrained(name_or_path, dtype, attn_implementation)

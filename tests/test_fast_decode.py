@@ -6,7 +6,7 @@ from conftest import PROMPTS, random_images
 from test_sampler import frequent_tokens
 
 from fast_decode import StaticDecoder
-from model import completion_logprobs, encode_prompts, load_vlm
+from model import completion_logprobs, encode_prompts, load_vlm, next_token_logits, suppressed_mask
 from sampler import CacheDecoder, sample
 
 
@@ -31,6 +31,25 @@ def test_static_hidden_states_match_step_by_step(tiny):
         a, b = slow.step(tokens), fast.step(tokens)
         assert (a - b).abs().max() < 1e-4
         tokens = (tokens * 7 + 3) % len(tok)
+
+
+@torch.no_grad()
+def test_bf16_steps_over_float32_weights_as_on_a_gpu(tiny):
+    """The GPU's setting (a float32 policy decoded in bf16), run on the CPU without a graph."""
+    model, tok, ip = tiny
+    prompts = encode_prompts(tok, ip, random_images(3), PROMPTS)
+    exact = StaticDecoder(model, prompts, 2, max_new_tokens=4)
+    fast = StaticDecoder(model, prompts, 2, max_new_tokens=4, dtype=torch.bfloat16, cuda_graph=False)
+    assert fast.first_hidden.dtype == fast.head_weight.dtype == torch.bfloat16
+    suppressed = suppressed_mask(model)
+    tokens = torch.arange(len(prompts) * 2) + 100
+    hidden = {"exact": exact.first_hidden, "fast": fast.first_hidden}
+    for _ in range(3):
+        logp = {name: torch.log_softmax(next_token_logits(h, source.head_weight, suppressed, 1.0), -1)
+                for (name, h), source in zip(hidden.items(), (exact, fast))}
+        total_variation = 0.5 * (logp["fast"].exp() - logp["exact"].exp()).abs().sum(-1)
+        assert total_variation.max() < 0.05  # bf16 against float32
+        hidden = {"exact": exact.step(tokens), "fast": fast.step(tokens)}
 
 
 def test_static_sampling_with_stops_and_late_finish_checks(tiny):
