@@ -120,8 +120,8 @@ class Config:
     memory_runs: str = option("the memory figure's runs, separated by ';': each the selfplay.py flags it "
                               "adds to selfplay.py's defaults", default=" ;--lora-rank 16;--lora-rank 16 "
                               "--sampling-batch-size 4")
-    profile: bool = option("after timing, profile one more call of our sampler and of the GRPO step and print "
-                           "the ops that took the most time", default=False)
+    profile: str = option("comma-separated figures (sampler, grpo) of which one more call is profiled after the "
+                          "timing, printing the ops that took the most time", default="")
     selfplay_images: int = option("images of the miniature self-play run", default=2)
     selfplay_tokens: int = option("max new tokens of its questions and answers", default=32)
     selfplay_flags: str = option("more selfplay.py flags for that run (full fine-tuning of a 3B model writes "
@@ -295,7 +295,7 @@ def sampler_figure(cfg, model, tokenizer, image_processor):
     records, rows = {}, []
     for mode, (temperature, top_p) in modes.items():
         record = measure_sampler(model, prompts, cfg.samples, cfg.new_tokens, temperature, top_p,
-                                 cfg.repeats, cfg.seed, cfg.profile)
+                                 cfg.repeats, cfg.seed, "sampler" in cfg.profile.split(","))
         records[mode] = record
         base = record["generate"]
         for name, label in (("ours_shared", "one prefill, n samples"), ("ours_unshared", "prompts repeated n times")):
@@ -353,7 +353,7 @@ def grpo_figure(cfg, device, reference, tokenizer, image_processor):
     reset_peak_memory(device)
     seconds, _ = best_time(step, device, cfg.repeats)
     peak = peak_memory_gib(device)
-    if cfg.profile:
+    if "grpo" in cfg.profile.split(","):
         print_profile("GRPO step", step, device)
     rate = matmul_rate(device, cfg.matmul_size or (8192 if device.type == "cuda" else 1024), cfg.repeats)
     params = sum(p.numel() for p in policy.parameters() if p.requires_grad)

@@ -29,8 +29,8 @@ steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=(tests sampler_grpo memory grpo_no_checkpointing selfplay_lora)
 for name in "${steps[@]}"; do
     case $name in
-    tests) step tests 90 "$python" -m pytest -q -x -p no:cacheprovider tests/test_fast_decode.py tests/test_model.py ;;
-    sampler_grpo) step sampler_grpo 180 "${bench[@]}" --only sampler,grpo --repeats 1 --no-greedy --profile \
+    tests) step tests 90 "$python" -m pytest -q -p no:cacheprovider tests/test_fast_decode.py tests/test_model.py ;;
+    sampler_grpo) step sampler_grpo 180 "${bench[@]}" --only sampler,grpo --repeats 1 --no-greedy --profile grpo \
         --json "$out/sampler_grpo.json" ;;
     memory) step memory 150 "${bench[@]}" --only memory --json "$out/memory.json" ;;
     grpo_no_checkpointing) step grpo_no_checkpointing 60 "${bench[@]}" --only grpo --repeats 1 \
