@@ -460,7 +460,7 @@ def memory_figure(cfg, device):
         images = shapes_images(scfg.sampling_batch_size, cfg.seed, cfg.image_size)
         label = flags.strip() or "selfplay.py defaults"
         record[label] = phase_peaks(scfg, device, images)
-        what = "peak memory" if device.type == "cuda" else "process RSS high-water (cpu) after"
+        what = "peak memory of" if device.type == "cuda" else "process RSS high-water (cpu) after"
         rows += [row(f"{what} the {phase} phase ({label})", "GiB", peak) for phase, peak in record[label].items()]
     return record, rows
 

@@ -10,7 +10,8 @@ step is one graph launch. Rows that already stopped keep decoding pad; the sampl
 finished rows every few steps rather than after each one, so nothing waits on the host. Inside
 the graph every kernel still costs a few microseconds, so the step is written to need few (about
 20 a layer): q, k and v from one matmul, q and k rotated together, attention in one SDPA call, the
-residual adds folded into the output matmuls.
+residual adds folded into the output matmuls. LoRA adapters (lora.py) add two thin matmuls to each
+adapted projection rather than a merged copy of its weight.
 
 Why it is simple. During decoding every token is text, and text tokens have equal t/h/w
 positions, so Qwen2.5-VL's M-RoPE reduces to plain 1-D RoPE at the row's next position
@@ -28,38 +29,80 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from lora import LoRALinear
 from model import PromptBatch, prompt_embeddings
+
+
+@dataclass
+class Linear:
+    """A projection of the decode step: weight [out, in], bias [out] or None, and a LoRA update kept
+    as its two factors, down [r, in] and up [out, r] with the scale folded in (r = 0 without
+    adapters), so an adapted weight is never merged into a copy (4.8 GB for the 3B model)."""
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    down: torch.Tensor
+    up: torch.Tensor
+
+    def __call__(self, x, residual=None):
+        """[N, in] -> [N, out]; plus `residual` [N, out], added by the matmul itself."""
+        if residual is None:
+            y = F.linear(x, self.weight, self.bias)
+        else:
+            y = torch.addmm(residual, x, self.weight.T)
+            if self.bias is not None:
+                y = y + self.bias
+        if self.down.shape[0]:
+            y = torch.addmm(y, F.linear(x, self.down), self.up.T)
+        return y
+
+
+def as_linear(module, dtype):
+    """An nn.Linear, or a lora.LoRALinear (its adapter only while enabled), in the compute dtype.
+    Float32 master weights are copied to bf16 once per sampling call (reading half the bytes is most
+    of the speed); weights already in the dtype are shared, not copied."""
+    adapted = isinstance(module, LoRALinear)
+    base = module.base if adapted else module
+    weight = base.weight.detach().to(dtype)
+    bias = None if base.bias is None else base.bias.detach().to(dtype)
+    if adapted and module.enabled:
+        down, up = module.lora_A.detach().to(dtype), (module.scale * module.lora_B.detach()).to(dtype)
+    else:
+        down, up = weight.new_zeros(0, weight.shape[1]), weight.new_zeros(weight.shape[0], 0)
+    return Linear(weight, bias, down, up)
+
+
+def stacked(modules, dtype):
+    """One Linear for several that read the same input (q, k and v), outputs concatenated: one
+    matmul instead of three. The adapters' down factors stack too and their up factors go on a
+    block diagonal, so each output still sees only its own adapter."""
+    parts = [as_linear(m, dtype) for m in modules]
+    return Linear(torch.cat([p.weight for p in parts]), torch.cat([p.bias for p in parts]),
+                  torch.cat([p.down for p in parts]), torch.block_diag(*[p.up for p in parts]))
 
 
 @dataclass
 class LayerWeights:
     ln1: torch.Tensor
-    w_qkv: torch.Tensor  # q_proj, k_proj and v_proj stacked: one matmul gives all three
-    b_qkv: torch.Tensor
-    wo: torch.Tensor
+    qkv: Linear
+    o: Linear
     ln2: torch.Tensor
-    w_gate: torch.Tensor
-    w_up: torch.Tensor
-    w_down: torch.Tensor
+    gate: Linear
+    up: Linear
+    down: Linear
 
 
 def text_weights(model, dtype):
-    """The language model's weights in the compute dtype. Float32 master weights are copied to bf16
-    once per sampling call (reading half the bytes is most of the speed); same-dtype ones are shared,
-    except q/k/v, which are stacked into a new tensor (0.4 GB for the 3B model)."""
+    """The language model's weights in the compute dtype: (embedding, layers, final norm)."""
     lm = model.model.language_model
 
     def w(p):
         return p.detach().to(dtype)
-    layers = []
-    for layer in lm.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        layers.append(LayerWeights(
-            w(layer.input_layernorm.weight),
-            torch.cat([w(attn.q_proj.weight), w(attn.k_proj.weight), w(attn.v_proj.weight)]),
-            torch.cat([w(attn.q_proj.bias), w(attn.k_proj.bias), w(attn.v_proj.bias)]),
-            w(attn.o_proj.weight), w(layer.post_attention_layernorm.weight), w(mlp.gate_proj.weight),
-            w(mlp.up_proj.weight), w(mlp.down_proj.weight)))
+    layers = [LayerWeights(w(layer.input_layernorm.weight),
+                           stacked([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj], dtype),
+                           as_linear(layer.self_attn.o_proj, dtype), w(layer.post_attention_layernorm.weight),
+                           as_linear(layer.mlp.gate_proj, dtype), as_linear(layer.mlp.up_proj, dtype),
+                           as_linear(layer.mlp.down_proj, dtype))
+              for layer in lm.layers]
     return w(lm.embed_tokens.weight), layers, w(lm.norm.weight)
 
 
@@ -134,7 +177,7 @@ class StaticDecoder:
         x = self.embed[self.tokens]  # [N, H]
         for w, K, V in zip(self.layers, self.k, self.v):
             h = rms_norm(x, w.ln1, self.eps)
-            qkv = F.linear(h, w.w_qkv, w.b_qkv).view(N, heads + 2 * kv, d)
+            qkv = w.qkv(h).view(N, heads + 2 * kv, d)
             qk = rope(qkv[:, :heads + kv], cos, sin_signed)  # q and k heads rotate alike
             K.index_copy_(2, slot, qk[:, heads:, None])
             V.index_copy_(2, slot, qkv[:, heads + kv:, None])
@@ -142,9 +185,9 @@ class StaticDecoder:
             # "query positions", [N, kv, heads / kv, d], so K and V are never repeated.
             q = qk[:, :heads].reshape(N, kv, heads // kv, d)
             attn = F.scaled_dot_product_attention(q, K, V, attn_mask=visible).reshape(N, heads * d)
-            x = torch.addmm(x, attn, w.wo.T)  # the residual add rides on the matmul
+            x = w.o(attn, residual=x)
             h = rms_norm(x, w.ln2, self.eps)
-            x = torch.addmm(x, F.silu(F.linear(h, w.w_gate)) * F.linear(h, w.w_up), w.w_down.T)
+            x = w.down(F.silu(w.gate(h)) * w.up(h), residual=x)
         return rms_norm(x, self.norm, self.eps)
 
     def _capture(self):

@@ -23,6 +23,8 @@ reference log-probs of the KL term come from the same model with its adapters sw
 `with adapters(model, False): ...`, which is the model at the start of the phase: no second copy
 of the weights. At the end of a phase `merge_lora` folds B A into W, so `save_pretrained` writes a
 plain Qwen2.5-VL checkpoint; between steps `lora_state_dict` is all a resumable checkpoint needs.
+The sampler's fast decode step (fast_decode.py) reads the base weights and the two factors as they
+are, never a merged copy of the weights.
 
 Left out: dropout on the LoRA path (the paper's 0.05-0.1 matters little for short RL runs, and
 without it the disabled-adapter reference is exact), quantised base weights (QLoRA), rank-stabilised
@@ -62,19 +64,6 @@ class LoRALinear(nn.Module):
         # .to(x.dtype) lets a bf16 input meet the float32 masters (gradients still reach them).
         h = F.linear(x, self.lora_A.to(x.dtype))
         return out + self.scale * F.linear(h, self.lora_B.to(x.dtype))
-
-    @property
-    def weight(self):  # [out, in]
-        """W + scale · B A when enabled, else W: the layer's effective weight, for code that reads
-        weights instead of calling the layer (fast_decode's decode step)."""
-        if not self.enabled:
-            return self.base.weight
-        delta = self.scale * (self.lora_B.float() @ self.lora_A.float())
-        return (self.base.weight.float() + delta).to(self.base.weight.dtype)
-
-    @property
-    def bias(self):
-        return self.base.bias
 
     def extra_repr(self):
         return f"rank={self.lora_A.shape[0]}, scale={self.scale:g}, enabled={self.enabled}"

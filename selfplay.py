@@ -18,11 +18,11 @@ Everything lands in the run folder: config.json, metrics.jsonl, iter_k/{question
 (save_pretrained, safetensors), iter_k/questions.jsonl, state.json, skipped_images.txt,
 phase_times.jsonl (wall time and peak memory of each phase) and report.html. state.json is written
 last, atomically, after every training step, together with a checkpoint of the role in training
-(weights, AdamW state, RNG states): a killed run resumes from the last finished step and ends
-bitwise equal to an uninterrupted one on CPU. Ctrl-C stops after the
-step in progress (a second Ctrl-C stops at once, losing that step).
+(weights, AdamW state, RNG states; with --lora-rank only the adapters): a killed run resumes from
+the last finished step and ends bitwise equal to an uninterrupted one on CPU. Ctrl-C stops after
+the step in progress (a second Ctrl-C stops at once, losing that step).
 
-Left out: multi-GPU, LoRA, the validation benchmark during training (run evaluate.py on the
+Left out: multi-GPU, the validation benchmark during training (run evaluate.py on the
 checkpoints), and learning-rate schedules (the spec's lr is constant).
 """
 

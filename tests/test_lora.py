@@ -11,6 +11,7 @@ from safetensors import safe_open
 
 import grpo
 from conftest import PROMPTS, random_images
+from fast_decode import StaticDecoder
 from lora import (LoRALinear, TARGETS, adapters, add_lora, count_parameters, load_lora_state_dict,
                   lora_state_dict, merge_lora)
 from model import completion_logprobs, encode_prompts, load_vlm
@@ -244,4 +245,22 @@ def test_fast_decode_reads_the_adapted_weights(tiny):
         runs[enabled] = fast
     plain = sample(base, prompts, n=2, max_new_tokens=12, temperature=0, decoder="static")
     assert torch.equal(plain.ids, runs[False].ids) and torch.equal(plain.logprobs, runs[False].logprobs)
+    # The decode step shares the base weights and keeps each adapter as its two factors.
+    gate = model.model.language_model.layers[0].mlp.gate_proj
+    step = StaticDecoder(model, prompts, 1, max_new_tokens=2).layers[0].gate
+    assert step.weight.data_ptr() == gate.base.weight.data_ptr()
+    assert torch.equal(step.down, gate.lora_A) and torch.allclose(step.up, gate.scale * gate.lora_B)
     assert (runs[True].logprobs - plain.logprobs).abs().max() > 1e-3, "the adapters must change the policy"
+
+
+def test_fast_decode_with_adapters_on_some_projections_only(tiny):
+    """q and v adapted, k not: in the stacked q/k/v projection each output sees its own adapter only."""
+    model, tok, ip = tiny
+    add_lora(model, rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"), seed=0)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.normal_(0, 0.05, generator=torch.Generator().manual_seed(2))
+    prompts = encode_prompts(tok, ip, random_images(1), PROMPTS)
+    reference = sample(model, prompts, n=2, max_new_tokens=12, temperature=0, decoder="hf")
+    fast = sample(model, prompts, n=2, max_new_tokens=12, temperature=0, decoder="static")
+    assert torch.equal(fast.ids, reference.ids) and (fast.logprobs - reference.logprobs).abs().max() < 1e-4
