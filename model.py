@@ -35,6 +35,8 @@ from transformers import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from vision_attention import use_windowed_attention
+
 # Qwen's special tokens, in Qwen's order: they follow the BPE vocabulary, so <|endoftext|> is the
 # first id after it, as in the real tokenizer (151643).
 QWEN_SPECIAL_TOKENS = [
@@ -185,7 +187,8 @@ def load_vlm(name_or_path, device="cpu", dtype=torch.float32, min_pixels=None, m
 
     `name_or_path`: "tiny", "random-3b", a local folder, or a hub id. `min_pixels` / `max_pixels`
     override the image processor's bounds (how many pixels an image is resized into). `seed` fixes
-    the random weights of the presets.
+    the random weights of the presets. With "sdpa" the vision tower's attention is
+    vision_attention.windowed_attention: the same function, one call per layer.
     """
     if name_or_path in ("tiny", "random-3b"):
         tokenizer = tiny_tokenizer()
@@ -201,6 +204,8 @@ def load_vlm(name_or_path, device="cpu", dtype=torch.float32, min_pixels=None, m
         image_processor = Qwen2VLImageProcessorPil(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
     else:
         tokenizer, model, image_processor = _from_pretrained(name_or_path, dtype, attn_implementation)
+    if attn_implementation == "sdpa":
+        use_windowed_attention(model)
     tokenizer.padding_side = "left"
     if tokenizer.chat_template is None:
         tokenizer.chat_template = QWEN_VL_CHAT_TEMPLATE
