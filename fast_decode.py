@@ -16,9 +16,9 @@ adapted projection rather than a merged copy of its weight.
 Why it is simple. During decoding every token is text, and text tokens have equal t/h/w
 positions, so Qwen2.5-VL's M-RoPE reduces to plain 1-D RoPE at the row's next position
 (`PromptBatch.next_position` + steps so far): no vision logic is needed after the prefill, which
-still runs through HF's model (over `model.prompt_embeddings`, which hold the image). The step is the Qwen2 decoder layer:
-RMSNorm -> q/k/v (with bias) -> RoPE -> grouped-query attention over the cache -> o_proj ->
-residual -> RMSNorm -> SiLU-gated MLP -> residual, then the final norm.
+still runs through HF's model (over `model.prompt_embeddings`, which hold the image). The step is
+the Qwen2 decoder layer: RMSNorm -> q/k/v (with bias) -> RoPE -> grouped-query attention over the
+cache -> o_proj -> residual -> RMSNorm -> SiLU-gated MLP -> residual, then the final norm.
 
 On CPU the same step runs without the graph: the tests check it against HF's forward there.
 """
@@ -37,7 +37,7 @@ from model import PromptBatch, prompt_embeddings
 class Linear:
     """A projection of the decode step: weight [out, in], bias [out] or None, and a LoRA update kept
     as its two factors, down [r, in] and up [out, r] with the scale folded in (r = 0 without
-    adapters), so an adapted weight is never merged into a copy (4.8 GB for the 3B model)."""
+    adapters), so an adapted weight is never merged into a copy (~5 GB for the 3B model)."""
     weight: torch.Tensor
     bias: torch.Tensor | None
     down: torch.Tensor
