@@ -43,8 +43,9 @@ def windowed_attention(module, query, key, value, attention_mask=None, scaling=N
     out = F.scaled_dot_product_attention(windows(query), windows(key), windows(value), attn_mask=mask,
                                          dropout_p=dropout, scale=scaling)  # [W, heads, longest, d]
     # Back to the packed order: patch p is row p - starts[w] of its window w.
-    window = torch.searchsorted(cu_seq_lens_q[1:], torch.arange(S, device=query.device), right=True)
-    row = window * longest + torch.arange(S, device=query.device) - starts[window]
+    patch = torch.arange(S, device=query.device)
+    window = torch.searchsorted(cu_seq_lens_q[1:], patch, right=True)
+    row = window * longest + patch - starts[window]
     return out.transpose(1, 2).reshape(W * longest, heads, d)[row][None], None
 
 
