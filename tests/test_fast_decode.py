@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import PROMPTS, random_images
-from test_sampler import frequent_tokens
+from test_sampler import add_frequent_stops
 
 from fast_decode import StaticDecoder
 from model import completion_logprobs, encode_prompts, load_vlm, next_token_logits, suppressed_mask
@@ -56,8 +56,7 @@ def test_static_sampling_with_stops_and_late_finish_checks(tiny):
     model, tok, ip = tiny
     prompts = encode_prompts(tok, ip, random_images(4), PROMPTS)
     first = sample(model, prompts, n=4, max_new_tokens=20, generator=torch.Generator().manual_seed(0))
-    model.generation_config.eos_token_id = list(model.generation_config.eos_token_id) + frequent_tokens(
-        first.ids, first.mask, k=40)
+    add_frequent_stops(model, first, k=40)
     out = sample(model, prompts, n=4, max_new_tokens=20, generator=torch.Generator().manual_seed(1),
                  decoder="static")
     lengths = out.mask.sum(1)

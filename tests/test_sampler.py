@@ -17,10 +17,12 @@ def generate_reference(model, prompts, max_new_tokens):
     return out[:, prompts.input_ids.shape[1]:]
 
 
-def frequent_tokens(ids, mask, k=1):
-    """The k tokens that rows produce most after their first step: used as extra stop ids."""
-    values, counts = torch.unique(ids[:, 1:][mask[:, 1:].bool()], return_counts=True)
-    return values[counts.argsort(descending=True)[:k]].tolist()
+def add_frequent_stops(model, samples, k=1):
+    """Makes the k tokens that `samples`' rows produce most after their first step extra stop ids
+    of `model`, so that rows sampled the same way stop early and at different steps."""
+    values, counts = torch.unique(samples.ids[:, 1:][samples.mask[:, 1:].bool()], return_counts=True)
+    config = model.generation_config
+    config.eos_token_id = list(config.eos_token_id) + values[counts.argsort(descending=True)[:k]].tolist()
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -40,8 +42,7 @@ def test_greedy_with_stops_equals_generate():
     model, tok, ip = load_vlm("tiny", seed=3)
     prompts = encode_prompts(tok, ip, random_images(3), PROMPTS)
     first = sample(model, prompts, n=1, max_new_tokens=24, temperature=0)
-    model.generation_config.eos_token_id = list(model.generation_config.eos_token_id) + frequent_tokens(
-        first.ids, first.mask, k=1)
+    add_frequent_stops(model, first, k=1)
     ours = sample(model, prompts, n=1, max_new_tokens=24, temperature=0)
     assert ours.mask.sum(1).min() < 24, "some row must stop early for this test to mean anything"
     assert torch.equal(ours.ids, generate_reference(model, prompts, 24))
@@ -61,8 +62,7 @@ def test_logprobs_equal_a_recomputing_forward(tiny, temperature, top_p):
     prompts = encode_prompts(tok, ip, random_images(4), PROMPTS)
     gen = torch.Generator().manual_seed(0)
     first = sample(model, prompts, n=4, max_new_tokens=20, temperature=temperature, top_p=top_p, generator=gen)
-    model.generation_config.eos_token_id = list(model.generation_config.eos_token_id) + frequent_tokens(
-        first.ids, first.mask, k=20)
+    add_frequent_stops(model, first, k=20)
     out = sample(model, prompts, n=4, max_new_tokens=20, temperature=temperature, top_p=top_p,
                  generator=torch.Generator().manual_seed(1))
     lengths = out.mask.sum(1)
@@ -76,8 +76,7 @@ def test_stop_tokens_end_rows_and_only_pad_follows(tiny):
     model, tok, ip = tiny
     prompts = encode_prompts(tok, ip, random_images(5), PROMPTS)
     first = sample(model, prompts, n=4, max_new_tokens=20, generator=torch.Generator().manual_seed(0))
-    model.generation_config.eos_token_id = list(model.generation_config.eos_token_id) + frequent_tokens(
-        first.ids, first.mask, k=20)
+    add_frequent_stops(model, first, k=20)
     stops = set(model.generation_config.eos_token_id)
     out = sample(model, prompts, n=4, max_new_tokens=20, generator=torch.Generator().manual_seed(0))
     pad = model.generation_config.pad_token_id
@@ -169,8 +168,7 @@ def test_truncation_keeps_the_float64_reference_set(top_k, top_p):
 def test_sampling_in_batches_equals_one_call_when_greedy(tiny):
     model, tok, ip = tiny
     first = sample(model, encode_prompts(tok, ip, random_images(7), PROMPTS), max_new_tokens=12, temperature=0)
-    model.generation_config.eos_token_id = list(model.generation_config.eos_token_id) + frequent_tokens(
-        first.ids, first.mask, k=1)
+    add_frequent_stops(model, first, k=1)
     prompts = encode_prompts(tok, ip, random_images(7), PROMPTS)
     whole = sample(model, prompts, n=2, max_new_tokens=12, temperature=0)
     batched = sample_in_batches(model, prompts, 2, n=2, max_new_tokens=12, temperature=0)
