@@ -134,7 +134,8 @@ class StaticDecoder:
         self.head_dim = config.hidden_size // self.n_heads
         self.eps = config.rms_norm_eps
         self.embed, self.layers, self.norm = text_weights(model, self.dtype)
-        self.head_weight = model.lm_head.weight.detach().to(self.dtype)
+        head = model.lm_head.weight  # Qwen2.5-VL-3B ties it to the embedding: one compute copy serves both
+        self.head_weight = self.embed if head is model.get_input_embeddings().weight else head.detach().to(self.dtype)
         theta = config.rope_parameters["rope_theta"]
         self.inv_freq = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, device=self.device).float() / self.head_dim))
 

@@ -41,6 +41,7 @@ def test_bf16_steps_over_float32_weights_as_on_a_gpu(tiny):
     exact = StaticDecoder(model, prompts, 2, max_new_tokens=4)
     fast = StaticDecoder(model, prompts, 2, max_new_tokens=4, dtype=torch.bfloat16, cuda_graph=False)
     assert fast.first_hidden.dtype == fast.head_weight.dtype == torch.bfloat16
+    assert fast.head_weight is fast.embed, "the tied head and embedding are cast to bf16 once"
     suppressed = suppressed_mask(model)
     tokens = torch.arange(len(prompts) * 2) + 100
     hidden = {"exact": exact.first_hidden, "fast": fast.first_hidden}
