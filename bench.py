@@ -392,7 +392,9 @@ def stop_at_once(*models):
 def phase_peaks(scfg, device, images):
     """The memory-heavy moments of each phase of a self-play iteration k >= 2 under selfplay.py's
     Config `scfg`, holding the models that phase holds (selfplay.frozen_models; from k = 2 on the
-    Questioner's reference Q_{k-1} and its Reasoner R_{k-1} are two models), in order:
+    Questioner's reference Q_{k-1} and its Reasoner R_{k-1} are two models; with LoRA both share
+    the policy's weights, and the roles' earlier updates, ~120 MB per phase at r = 16, are left
+    out), in order:
     every sampler call at full length (stop_at_once) with sampling_batch_size prompts; then one
     GRPO step (selfplay.grpo_step, one optimizer step) on a micro-batch of full-length completions.
     Questions asked of the Reasoner are one short question (QUESTION).
@@ -407,8 +409,8 @@ def phase_peaks(scfg, device, images):
     one_step = dataclasses.replace(scfg, minibatches=1, epochs=1)
     groups = -(-scfg.micro_batch_size // G)  # enough groups to fill the largest micro-batch
 
-    def frozen():
-        return selfplay.load_model(scfg, scfg.model, device, trainable=False)[0]
+    def frozen(beside=None):
+        return selfplay.sampling_role(scfg, device, scfg.model, beside)
 
     def finish(name, peaks):
         peaks[name] = peak_memory_gib(device) if device.type == "cuda" else process_rss_gib()
@@ -419,7 +421,7 @@ def phase_peaks(scfg, device, images):
     reset_peak_memory(device)
     # Questioner: Q_k trains; R_{k-1} answers each question m times; the KL reference is Q_{k-1}.
     policy, tok, ip, optimizer = selfplay.trainable_role(scfg, scfg.model, device)
-    answerer = frozen()
+    answerer = frozen(beside=policy)
     reference = policy if scfg.lora_rank else frozen()
     with stop_at_once(policy, answerer):
         questioner.write_questions(policy, tok, ip, images, G, write, generator, scfg.question_format, len(images))
@@ -431,7 +433,7 @@ def phase_peaks(scfg, device, images):
     finish("questioner", peaks)
     # Curation: Q_k writes N candidates per image; R_{k-1} votes m times on each.
     writer = frozen()
-    answerer = frozen()
+    answerer = frozen(beside=writer)
     with stop_at_once(writer, answerer):
         questioner.write_questions(writer, tok, ip, images, scfg.candidates_per_image, write, generator,
                                    scfg.question_format, len(images))

@@ -10,7 +10,7 @@ step is one graph launch. Rows that already stopped keep decoding pad; the sampl
 finished rows every few steps rather than after each one, so nothing waits on the host. Inside
 the graph every kernel still costs a few microseconds, so the step is written to need few (about
 20 a layer): q, k and v from one matmul, q and k rotated together, attention in one SDPA call, the
-residual adds folded into the output matmuls. LoRA adapters (lora.py) add two thin matmuls to each
+residual adds folded into the output matmuls. LoRA updates (lora.py) add two thin matmuls to each
 adapted projection rather than a merged copy of its weight.
 
 Why it is simple. During decoding every token is text, and text tokens have equal t/h/w
@@ -57,15 +57,16 @@ class Linear:
 
 
 def as_linear(module, dtype):
-    """An nn.Linear, or a lora.LoRALinear (its adapter only while enabled), in the compute dtype.
-    Float32 master weights are copied to bf16 once per sampling call (reading half the bytes is most
-    of the speed); weights already in the dtype are shared, not copied."""
+    """An nn.Linear, or a lora.LoRALinear with its update as one pair of factors (its earlier
+    updates and, while enabled, its adapter), in the compute dtype. Float32 master weights are
+    copied to bf16 once per sampling call (reading half the bytes is most of the speed); weights
+    already in the dtype are shared, not copied."""
     adapted = isinstance(module, LoRALinear)
     base = module.base if adapted else module
     weight = base.weight.detach().to(dtype)
     bias = None if base.bias is None else base.bias.detach().to(dtype)
-    if adapted and module.enabled:
-        down, up = module.lora_A.detach().to(dtype), (module.scale * module.lora_B.detach()).to(dtype)
+    if adapted:
+        down, up = (f.to(dtype) for f in module.factors())
     else:
         down, up = weight.new_zeros(0, weight.shape[1]), weight.new_zeros(weight.shape[0], 0)
     return Linear(weight, bias, down, up)

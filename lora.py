@@ -6,6 +6,8 @@ An adapted linear layer computes
 
     y = W x + b + (α / r) · B A x          W [out, in] frozen,  A [r, in],  B [out, r],  r << in, out
 
+(plus the role's earlier updates, if any, as frozen factors: see "Self-play with LoRA" below).
+
 A starts random and small (kaiming-uniform with a = sqrt(5), the bound 1 / sqrt(in) of nn.Linear's
 own init, as the paper's code and peft); B starts at zero, so B A = 0 and training starts exactly at
 the base model. A and B are float32 even when the base is bf16: they are the master weights that
@@ -21,10 +23,19 @@ How it plugs into GRPO: the optimizer gets only the parameters `add_lora` return
 parameter has requires_grad False, so `grpo.make_optimizer` already picks exactly these). The
 reference log-probs of the KL term come from the same model with its adapters switched off,
 `with adapters(model, False): ...`, which is the model at the start of the phase: no second copy
-of the weights. At the end of a phase `merge_lora` folds B A into W, so `save_pretrained` writes a
-plain Qwen2.5-VL checkpoint; between steps `lora_state_dict` is all a resumable checkpoint needs.
-The sampler's fast decode step (fast_decode.py) reads the base weights and the two factors as they
-are, never a merged copy of the weights.
+of the weights. Between steps `lora_state_dict` is all a resumable checkpoint needs. The sampler's
+fast decode step (fast_decode.py) reads the base weights and the factors as they are, never a
+merged copy of the weights.
+
+Self-play with LoRA: every role is the one frozen base plus low-rank updates. A role's update from
+each phase it trained stays factored: at the end of a phase, `updates` returns the adapters' whole
+update so far (earlier phases and this one, concatenated along the rank), and the role's next
+phase starts from the base with those as its frozen `past` factors and a fresh adapter on top. So
+the Questioner in training and the frozen Reasoner that rewards it are one set of base weights and
+two sets of factors (`shared_copy`): 7 GiB of bf16 weights for the 3B model, not 14. Merging into
+the base, as `merge_lora` does for the plain checkpoint each role also gets, would make each role a
+different model, and on a bf16 base it would round away, weight by weight, any update below
+bf16's resolution (2^-8 of the weight); the factors keep the update itself in float32.
 
 Left out: dropout on the LoRA path (the paper's 0.05-0.1 matters little for short RL runs, and
 without it the disabled-adapter reference is exact), quantised base weights (QLoRA), rank-stabilised
@@ -32,6 +43,8 @@ or other scalings, per-layer ranks, and adapters on the embedding or lm_head.
 """
 
 import contextlib
+import copy
+import itertools
 import math
 
 import torch
@@ -43,7 +56,8 @@ LORA_SUFFIXES = (".lora_A", ".lora_B")
 
 
 class LoRALinear(nn.Module):
-    """A frozen nn.Linear `base` plus the trainable low-rank update scale · B A."""
+    """A frozen nn.Linear `base`, the frozen updates of the role's earlier phases (`past`), and the
+    trainable low-rank update scale · B A."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, generator=None):
         super().__init__()
@@ -53,20 +67,36 @@ class LoRALinear(nn.Module):
         # Drawn in float32 on the CPU, then moved: the same seed gives the same A on any device.
         A = torch.empty(rank, base.in_features)  # [r, in]
         nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
-        self.lora_A = nn.Parameter(A.to(base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))  # [out, r]
+        device = base.weight.device
+        self.lora_A = nn.Parameter(A.to(device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=device))  # [out, r]
+        # The earlier updates, scales folded in and concatenated along the rank: past_B @ past_A is
+        # their sum [out, in]. Float32 and frozen; rank 0 for a role that starts at the base model.
+        self.register_buffer("past_A", torch.zeros(0, base.in_features, device=device), persistent=False)
+        self.register_buffer("past_B", torch.zeros(base.out_features, 0, device=device), persistent=False)
 
     def forward(self, x):  # x [..., in] -> [..., out]
         out = self.base(x)
+        # Two thin matmuls per update, [..., in] -> [..., r] -> [..., out]; B A [out, in] is never
+        # built. .to(x.dtype) lets a bf16 input meet the float32 factors (gradients still reach A, B).
+        if self.past_A.shape[0]:
+            out = out + F.linear(F.linear(x, self.past_A.to(x.dtype)), self.past_B.to(x.dtype))
         if not self.enabled:
-            return out  # exactly the base layer: this is what the KL reference relies on
-        # Two thin matmuls, [..., in] -> [..., r] -> [..., out]; B A [out, in] is never built.
-        # .to(x.dtype) lets a bf16 input meet the float32 masters (gradients still reach them).
+            return out  # the role at the start of its phase: what the KL reference relies on
         h = F.linear(x, self.lora_A.to(x.dtype))
         return out + self.scale * F.linear(h, self.lora_B.to(x.dtype))
 
+    def factors(self):
+        """What the layer adds to the base, as one factored update: (A [R, in], B [out, R]), float32,
+        B @ A = the update. The trainable part counts while enabled and once trained (a fresh one,
+        B = 0, adds nothing)."""
+        if not self.enabled or not self.lora_B.any():
+            return self.past_A, self.past_B
+        return (torch.cat([self.past_A, self.lora_A.detach()]),
+                torch.cat([self.past_B, self.scale * self.lora_B.detach()], dim=1))
+
     def extra_repr(self):
-        return f"rank={self.lora_A.shape[0]}, scale={self.scale:g}, enabled={self.enabled}"
+        return f"rank={self.lora_A.shape[0]}, past_rank={self.past_A.shape[0]}, scale={self.scale:g}, enabled={self.enabled}"
 
 
 def _children(module, kind):
@@ -105,7 +135,8 @@ def add_lora(model, rank=16, alpha=32, targets=TARGETS, seed=0):
 @contextlib.contextmanager
 def adapters(model, enabled: bool):
     """Switches every adapter of `model` on or off inside the block, then restores each one's
-    previous state (also on an exception). `with adapters(policy, False):` is the base model."""
+    previous state (also on an exception). `with adapters(policy, False):` is the role at the start
+    of its phase: the base model plus its earlier updates (`past`), which stay on."""
     modules = [m for m in model.modules() if isinstance(m, LoRALinear)]
     before = [m.enabled for m in modules]
     for m in modules:
@@ -119,17 +150,60 @@ def adapters(model, enabled: bool):
 
 @torch.no_grad()
 def merge_lora(model):
-    """Folds scale · B A into each base weight and puts the plain nn.Linear back, in place: the model
-    then has exactly the base model's parameter names, for `save_pretrained`. Merges every adapter,
-    enabled or not. The sum is done in float32 and rounded once to the base dtype: on a bf16 base,
-    updates below bf16's resolution (2^-8 of a weight) are lost, so call `model.float()` first to
-    keep them (the saved checkpoint is then float32)."""
+    """Folds each adapted layer's update (`LoRALinear.factors`: the earlier ones, and the trainable
+    one while enabled) into its base weight and puts the plain nn.Linear back, in place: the model
+    then has exactly the base model's parameter names, for `save_pretrained`. The sum is done in
+    float32 and rounded once to the base dtype: on a bf16 base, updates below bf16's resolution
+    (2^-8 of a weight) are lost, so call `model.float()` first to keep them (the saved checkpoint is
+    then float32). The base weights change in place: so does any `shared_copy` of the model."""
     for parent, name, lora in _children(model, LoRALinear):
         W = lora.base.weight  # [out, in]
-        delta = lora.scale * (lora.lora_B.float() @ lora.lora_A.float())  # [out, r] @ [r, in]
-        W.copy_((W.float() + delta).to(W.dtype))
+        A, B = lora.factors()
+        W.copy_((W.float() + B.float() @ A.float()).to(W.dtype))  # [out, R] @ [R, in]
         setattr(parent, name, lora.base)
     return model
+
+
+def updates(model):
+    """The whole low-rank update of each adapted layer (`LoRALinear.factors`), copied to the CPU:
+    {"<layer>.past_A": [R, in], "<layer>.past_B": [out, R]}, the form `set_past` takes, so the role's
+    next phase starts from it. R grows by r with every phase that trained (~120 MB each for the 3B at
+    r = 16)."""
+    result = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            A, B = module.factors()
+            result[f"{name}.past_A"], result[f"{name}.past_B"] = A.to("cpu", torch.float32), B.to("cpu", torch.float32)
+    return result
+
+
+@torch.no_grad()
+def set_past(model, past):
+    """Makes `past` (from `updates`; {} = none, the base model) the frozen earlier updates of the
+    model's adapters. The trainable parts are left as they are."""
+    modules = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    expected = {f"{name}.past_{x}" for name in modules for x in "AB"}
+    if past and past.keys() != expected:
+        raise ValueError(f"LoRA updates do not match the model's adapters: missing {sorted(expected - past.keys())[:3]}, "
+                         f"unexpected {sorted(past.keys() - expected)[:3]}")
+    for name, m in modules.items():
+        A = past.get(f"{name}.past_A", m.past_A.new_zeros(0, m.base.in_features))
+        B = past.get(f"{name}.past_B", m.past_B.new_zeros(m.base.out_features, 0))
+        m.past_A, m.past_B = A.to(m.past_A.device, torch.float32), B.to(m.past_B.device, torch.float32)
+
+
+def shared_copy(model, past):
+    """Another role over the same base: a copy of `model` whose every parameter and buffer is the
+    same tensor as `model`'s (a deepcopy with each tensor already in its memo, so only the modules
+    are copied), then given `past` as its updates, with its trainable parts, which are `model`'s,
+    switched off. It costs the memory of its factors only. For sampling, not training."""
+    tensors = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    twin = copy.deepcopy(model, memo=tensors)
+    for m in twin.modules():
+        if isinstance(m, LoRALinear):
+            m.enabled = False
+    set_past(twin, past)
+    return twin
 
 
 def lora_state_dict(model):

@@ -1,8 +1,8 @@
 """The policy: a Qwen2.5-VL model, its tokenizer and its image processor, and the two things every
 other file needs from it.
 
-1. `load_vlm` gives `(model, tokenizer, image_processor)` for a hub id, a local folder, or one of two
-   built-in presets that need no download:
+1. `load_vlm` gives `(model, tokenizer, image_processor)` (`load_processors` the last two alone) for
+   a hub id, a local folder, or one of two built-in presets that need no download:
    - `"tiny"`: a two-layer Qwen2.5-VL built from a config, with a byte-level BPE tokenizer trained
      here in well under a second. Its weights are random; tests and the offline first run use it.
    - `"random-3b"`: the real Qwen2.5-VL-3B-Instruct shapes with random weights (and the tiny
@@ -190,8 +190,8 @@ def load_vlm(name_or_path, device="cpu", dtype=torch.float32, min_pixels=None, m
     the random weights of the presets. With "sdpa" the vision tower's attention is
     vision_attention.windowed_attention: the same function, one call per layer.
     """
+    tokenizer, image_processor = load_processors(name_or_path, min_pixels, max_pixels)
     if name_or_path in ("tiny", "random-3b"):
-        tokenizer = tiny_tokenizer()
         config = tiny_config(tokenizer) if name_or_path == "tiny" else qwen_3b_config(tokenizer)
         config._attn_implementation = attn_implementation
         # Built where it will run and in the dtype asked for: drawing 3.75B random weights on two
@@ -201,11 +201,24 @@ def load_vlm(name_or_path, device="cpu", dtype=torch.float32, min_pixels=None, m
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
             torch.manual_seed(seed)
             model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)
-        image_processor = Qwen2VLImageProcessorPil(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
     else:
-        tokenizer, model, image_processor = _from_pretrained(name_or_path, dtype, attn_implementation)
+        model = _from_pretrained(Qwen2_5_VLForConditionalGeneration, name_or_path, dtype=dtype,
+                                 attn_implementation=attn_implementation)
     if attn_implementation == "sdpa":
         use_windowed_attention(model)
+    _set_generation_config(model, tokenizer)
+    return model.to(device=device, dtype=dtype).eval(), tokenizer, image_processor
+
+
+def load_processors(name_or_path, min_pixels=None, max_pixels=None):
+    """`(tokenizer, image_processor)` of a preset, a local folder or a hub id, as `load_vlm` gives
+    them: left padding, Qwen2.5-VL's chat template if the tokenizer has none, the pixel bounds."""
+    if name_or_path in ("tiny", "random-3b"):
+        tokenizer = tiny_tokenizer()
+        image_processor = Qwen2VLImageProcessorPil(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
+    else:
+        tokenizer = _from_pretrained(AutoTokenizer, name_or_path)
+        image_processor = _from_pretrained(Qwen2VLImageProcessorPil, name_or_path)
     tokenizer.padding_side = "left"
     if tokenizer.chat_template is None:
         tokenizer.chat_template = QWEN_VL_CHAT_TEMPLATE
@@ -215,27 +228,23 @@ def load_vlm(name_or_path, device="cpu", dtype=torch.float32, min_pixels=None, m
     if max_pixels is not None:
         size["longest_edge"] = max_pixels
     image_processor.size = size
-    _set_generation_config(model, tokenizer)
-    return model.to(device=device, dtype=dtype).eval(), tokenizer, image_processor
+    return tokenizer, image_processor
 
 
-def _from_pretrained(name_or_path, dtype, attn_implementation):
+def _from_pretrained(cls, name_or_path, **kwargs):
+    """cls.from_pretrained, with a one-line ModelError for a missing folder or a failed load."""
     is_folder = os.path.isdir(name_or_path)
     # A hub id is "org/name": anything with more slashes, or starting like a path, is a folder.
     if not is_folder and (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") >= 2):
         raise ModelError(f"model folder '{name_or_path}' does not exist; pass a folder with a "
                          "Qwen2.5-VL checkpoint, a hub id, or --model tiny for the built-in offline model")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            name_or_path, dtype=dtype, attn_implementation=attn_implementation)
-        image_processor = Qwen2VLImageProcessorPil.from_pretrained(name_or_path)
+        return cls.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError, KeyError) as err:
         where = "local folder" if is_folder else "Hugging Face hub id (needs the network or a cached copy)"
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"could not load '{name_or_path}' as a {where}: {reason}. Pass a local folder "
                          "with a Qwen2.5-VL checkpoint, or --model tiny for the built-in offline model") from None
-    return tokenizer, model, image_processor
 
 
 # -----------------------------------------------------------------------------

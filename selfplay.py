@@ -15,7 +15,8 @@ The KL term of each phase pulls the role toward its weights at the start of the 
 (`kl_reference = "iteration"`, Q_{k-1} or R_{k-1}) or toward the base model ("base").
 
 Everything lands in the run folder: config.json, metrics.jsonl, iter_k/{questioner,reasoner}/
-(save_pretrained, safetensors), iter_k/questions.jsonl, state.json, skipped_images.txt,
+(save_pretrained, safetensors; with --lora-rank also the role's low-rank updates, from which its
+next phase starts), iter_k/questions.jsonl, state.json, skipped_images.txt,
 phase_times.jsonl (wall time and peak memory of each phase) and report.html. state.json is written
 last, atomically, after every training step, together with a checkpoint of the role in training
 (weights, AdamW state, RNG states; with --lora-rank only the adapters): a killed run resumes from
@@ -40,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import grpo
@@ -48,7 +50,7 @@ import questioner
 import reasoner
 from cli import option, parse
 from data import DataError, load_image, readable_images
-from model import ModelError, load_vlm
+from model import ModelError, load_processors, load_vlm
 from report import write_report
 from sampler import SamplingSettings
 
@@ -284,16 +286,35 @@ def load_model(cfg, source, device, trainable):
     return model, tokenizer, image_processor
 
 
-def trainable_role(cfg, source, device):
-    """A role ready to train from `source`, and its AdamW.
+# With --lora-rank, each role folder also holds the role's low-rank updates (lora.updates), from
+# which the role's next phase starts: every role of a LoRA run is the base model plus its updates.
+LORA_UPDATES = "lora_updates.safetensors"
 
-    Full fine-tuning trains the float32 weights. With --lora-rank r the weights stay frozen (bf16 on
-    a GPU) and only the adapters of lora.py train (initialised from the seed).
+
+def lora_updates(cfg, source):
+    """The updates a LoRA role has made by `source` (Run.role_source): none at the base model."""
+    return {} if source == cfg.model else load_file(Path(source) / LORA_UPDATES)
+
+
+def lora_base(cfg, device):
+    """The frozen base model with adapters (lora.add_lora; the trainable parts from the seed)."""
+    model, tokenizer, image_processor = load_model(cfg, cfg.model, device, trainable=False)
+    lora.add_lora(model, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
+    return model, tokenizer, image_processor
+
+
+def trainable_role(cfg, source, device):
+    """A role ready to train from `source` (Run.role_source), and its AdamW.
+
+    Full fine-tuning trains the float32 weights of the checkpoint at `source`. With --lora-rank r
+    the base model's weights stay frozen (bf16 on a GPU), the role's updates so far are frozen
+    factors, and only a fresh adapter of lora.py trains.
     """
-    use_lora = cfg.lora_rank > 0
-    policy, tokenizer, image_processor = load_model(cfg, source, device, trainable=not use_lora)
-    if use_lora:
-        lora.add_lora(policy, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
+    if cfg.lora_rank > 0:
+        policy, tokenizer, image_processor = lora_base(cfg, device)
+        lora.set_past(policy, lora_updates(cfg, source))
+    else:
+        policy, tokenizer, image_processor = load_model(cfg, source, device, trainable=True)
     if cfg.freeze_vision:
         policy.model.visual.requires_grad_(False)
     if cfg.gradient_checkpointing:
@@ -317,20 +338,32 @@ def start_phase(cfg, run, role):
     return policy, tokenizer, image_processor, optimizer
 
 
+def sampling_role(cfg, device, source, beside=None):
+    """A role that only samples, as it is at `source` (Run.role_source): the checkpoint there, or
+    with LoRA the base plus the updates there. `beside`: a model of this LoRA run already in memory,
+    whose weights the role then shares (lora.shared_copy) instead of loading the base again."""
+    if cfg.lora_rank == 0:
+        return load_model(cfg, source, device, trainable=False)[0]
+    if beside is None:
+        beside = lora_base(cfg, device)[0]
+    return lora.shared_copy(beside, lora_updates(cfg, source))
+
+
 def frozen_models(cfg, run, role, policy):
     """The KL term's reference and, for the Questioner, the frozen Reasoner R_{k-1} that rewards it.
 
     The reference is the role at the start of the iteration (--kl-reference iteration) or the base
-    model: with LoRA, when that is where the policy started, the policy itself with its adapters
-    off; otherwise a frozen copy. Each source is loaded once (in iteration 1 the Questioner's
-    reference and its Reasoner are both the base). Returns (reference or None, reasoner or None).
+    model: with LoRA, when that is where the policy started, the policy itself with its adapter
+    off; otherwise a frozen model, which with LoRA shares the policy's weights. Each source is
+    loaded once (in iteration 1 the Questioner's reference and its Reasoner are both the base).
+    Returns (reference or None, reasoner or None).
     """
     k = run.state.iteration
     loaded = {}
 
     def frozen(source):
         if source not in loaded:
-            loaded[source] = load_model(cfg, source, run.device, trainable=False)[0]
+            loaded[source] = sampling_role(cfg, run.device, source, beside=policy)
         return loaded[source]
 
     reference = None
@@ -346,10 +379,6 @@ def write_role(model, tokenizer, image_processor, folder):
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     image_processor.save_pretrained(folder)
-
-
-def save_role(model, tokenizer, image_processor, folder):
-    save_folder_atomic(folder, lambda tmp: write_role(model, tokenizer, image_processor, tmp))
 
 
 def save_step(run, role, policy, tokenizer, image_processor, optimizer, step):
@@ -371,9 +400,16 @@ def save_step(run, role, policy, tokenizer, image_processor, optimizer, step):
 
 
 def end_phase(run, role, policy, tokenizer, image_processor, next_phase):
-    if run.cfg.lora_rank > 0:  # merged in float32: a small update would round away in bf16 weights
-        policy = lora.merge_lora(policy.float())
-    save_role(policy, tokenizer, image_processor, run.role_dir(run.state.iteration, role))
+    """The role's checkpoint: a plain one, and with LoRA also the updates its next phase starts from."""
+    if run.cfg.lora_rank > 0:
+        updates = lora.updates(policy)
+        policy = lora.merge_lora(policy.float())  # in float32: a small update would round away in bf16
+
+    def write(tmp):
+        write_role(policy, tokenizer, image_processor, tmp)
+        if run.cfg.lora_rank > 0:
+            save_file(updates, tmp / LORA_UPDATES)
+    save_folder_atomic(run.role_dir(run.state.iteration, role), write)
     old = run.state.checkpoint
     run.save_state(phase=next_phase, step=0, checkpoint="")
     if old:
@@ -475,8 +511,9 @@ def questioner_phase(cfg, run, paths, images):
 def curation_phase(cfg, run, paths, images):
     """Q_k writes candidates, R_{k-1} votes; every candidate goes to iter_k/questions.jsonl."""
     k = run.state.iteration
-    q_model, tok, ip = load_model(cfg, str(run.role_dir(k, "questioner")), run.device, trainable=False)
-    r_model = load_model(cfg, run.role_source(k, "reasoner"), run.device, trainable=False)[0]
+    q_model = sampling_role(cfg, run.device, str(run.role_dir(k, "questioner")))
+    r_model = sampling_role(cfg, run.device, run.role_source(k, "reasoner"), beside=q_model)
+    tok, ip = load_processors(cfg.model, cfg.min_pixels, cfg.max_pixels)
     pool = choose(run, len(images), cfg.curation_images)
     write_settings = SamplingSettings(cfg.question_max_tokens, cfg.temperature, 0, cfg.curation_top_p)
     vote_settings = SamplingSettings(cfg.answer_max_tokens, cfg.temperature, 0, cfg.top_p)
@@ -526,7 +563,7 @@ def reasoner_phase(cfg, run, paths, images):
             raise DataError(message + "; stopping (--on-too-few stop)")
         print(message + f"; skipping the Reasoner phase, R_{k} = R_{k - 1} (--on-too-few skip)")
         # loaded as trainable weights are (float32), so the copy loses no precision
-        model, tok, ip = load_model(cfg, run.role_source(k, "reasoner"), run.device, trainable=True)
+        model, tok, ip, _ = trainable_role(cfg, run.role_source(k, "reasoner"), run.device)
         end_phase(run, "reasoner", model, tok, ip, "summary")
         return
     policy, tok, ip, optimizer = start_phase(cfg, run, "reasoner")

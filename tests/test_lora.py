@@ -1,6 +1,8 @@
 """LoRA on the tiny model: starts at the base model, trains only the adapters, switches off to give
 the base model back exactly (the KL reference), merges into a plain checkpoint, and wires into
-grpo.update with the reference taken from the same model."""
+grpo.update with the reference taken from the same model. A role's updates carried into its next
+phase as frozen factors give the model its merged checkpoint gives, and a second role over the same
+base weights costs no weight memory."""
 
 import copy
 
@@ -13,7 +15,7 @@ import grpo
 from conftest import PROMPTS, random_images
 from fast_decode import StaticDecoder
 from lora import (LoRALinear, TARGETS, adapters, add_lora, count_parameters, load_lora_state_dict,
-                  lora_state_dict, merge_lora)
+                  lora_state_dict, merge_lora, set_past, shared_copy, updates)
 from model import completion_logprobs, encode_prompts, load_vlm
 from sampler import sample
 
@@ -70,6 +72,29 @@ def test_lora_linear_matches_a_float64_hand_computation():
     y.float().sum().backward()
     assert layer.lora_A.grad.dtype == layer.lora_B.grad.dtype == torch.float32
     assert layer.lora_A.grad.abs().sum() > 0 and layer.base.weight.grad is None
+
+
+def test_earlier_updates_add_to_the_layer_as_frozen_factors():
+    torch.manual_seed(0)
+    linear = nn.Linear(12, 10)
+    layer = LoRALinear(linear, rank=4, alpha=8, generator=torch.Generator().manual_seed(0))
+    assert layer.factors()[0].shape == (0, 12)  # a fresh adapter (B = 0) adds nothing
+    past_A, past_B = torch.randn(6, 12), torch.randn(10, 6)
+    layer.past_A, layer.past_B = past_A, past_B
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 12)
+    W, b, A, B = (t.detach().double() for t in (linear.weight, linear.bias, layer.lora_A, layer.lora_B))
+    with_past = x.double() @ W.T + b + x.double() @ past_A.double().T @ past_B.double().T
+    assert (layer(x).double() - (with_past + 2.0 * (x.double() @ A.T @ B.T))).abs().max() < 1e-5
+    A_all, B_all = layer.factors()  # one factored update: the past's columns first, then scale · B
+    assert A_all.shape == (10, 12) and torch.equal(A_all[:6], past_A) and torch.equal(B_all[:, 6:], 2.0 * layer.lora_B)
+    assert (layer(x).double() - (x.double() @ (W + B_all.double() @ A_all.double()).T + b)).abs().max() < 1e-5
+    layer.enabled = False  # off: the layer at the start of its phase, the past still on
+    assert (layer(x).double() - with_past).abs().max() < 1e-5
+    assert torch.equal(layer.factors()[0], past_A)
+    layer.lora_A.sum().backward()
+    assert not past_A.requires_grad and layer.past_A.grad is None
 
 
 def test_at_init_the_model_is_the_base_model_and_only_adapters_train(tiny):
@@ -264,3 +289,75 @@ def test_fast_decode_with_adapters_on_some_projections_only(tiny):
     reference = sample(model, prompts, n=2, max_new_tokens=12, temperature=0, decoder="hf")
     fast = sample(model, prompts, n=2, max_new_tokens=12, temperature=0, decoder="static")
     assert torch.equal(fast.ids, reference.ids) and (fast.logprobs - reference.logprobs).abs().max() < 1e-4
+
+
+
+def train_phase(model, batch, past, seed, steps=3, lr=1e-2):
+    """One phase of a LoRA role: adapters from `seed`, the role's earlier updates `past`, a few
+    steps of the toy loss. Returns the role's updates after it."""
+    params = add_lora(model, seed=seed)
+    set_past(model, past)
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    for _ in range(steps):
+        (-completion_logprobs(model, *batch).sum()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return updates(model)
+
+
+def test_updates_carried_into_the_next_phase_give_the_merged_checkpoints_model(tiny):
+    """Two phases of one role as selfplay.py runs them with LoRA: the second starts from the base
+    plus the first's updates, and at each phase end the role equals its merged checkpoint."""
+    _, tok, ip = tiny
+    base = load_vlm("tiny", seed=0)[0]
+    batch = completions(base, tok, ip)
+    first = load_vlm("tiny", seed=0)[0]
+    u1 = train_phase(first, batch, {}, seed=0)
+    second = load_vlm("tiny", seed=0)[0]
+    u2 = train_phase(second, batch, u1, seed=1)
+    rank = 16  # add_lora's default r
+    for name, factor in u1.items():  # the first phase's factors stay as they were, the second's follow
+        old, new = (factor, u2[name]) if name.endswith("_A") else (factor.T, u2[name].T)  # rank first
+        assert old.shape[0] == rank and new.shape[0] == 2 * rank and torch.equal(new[:rank], old)
+    trained = logp(second, batch)
+    with adapters(second, False):  # phase 2's KL reference: the role at its start, = merged phase 1
+        assert (logp(second, batch) - logp(merge_lora(first), batch)).abs().max() < 1e-5
+    assert (trained - logp(first, batch)).abs().max() > 1e-3
+    # Its merged checkpoint: the base plus B @ A of the updates, summed in float64.
+    merged = merge_lora(second)
+    for layer in {name.rsplit(".", 1)[0] for name in u2}:
+        expected = base.get_submodule(layer).weight.double() + u2[f"{layer}.past_B"].double() @ u2[f"{layer}.past_A"].double()
+        assert (merged.get_submodule(layer).weight.double() - expected).abs().max() < 1e-6
+    assert (logp(merged, batch) - trained).abs().max() < 1e-5
+
+    fresh = load_vlm("tiny", seed=0)[0]
+    add_lora(fresh)
+    with pytest.raises(ValueError, match="do not match"):
+        set_past(fresh, dict(list(u2.items())[2:]))
+
+
+def test_a_shared_copy_is_another_role_over_the_same_weights(tiny):
+    model, tok, ip = tiny
+    batch = completions(model, tok, ip)
+    other = load_vlm("tiny", seed=0)[0]
+    other_updates = train_phase(other, batch, {}, seed=3)  # the other role: its own trained updates
+    train_adapters(model, batch)
+    policy_logp = logp(model, batch)
+
+    twin = shared_copy(model, other_updates)
+    assert {id(p) for p in twin.parameters()} == {id(p) for p in model.parameters()}  # no weight copied
+    assert twin.model.language_model.layers[0].mlp.up_proj.past_A.shape[0] == 16
+    assert (logp(twin, batch) - logp(other, batch)).abs().max() < 1e-5  # it is the other role
+    assert torch.equal(logp(model, batch), policy_logp)  # and the policy is unchanged
+    with torch.no_grad():  # the policy trains on: the twin's trainable parts (the policy's) stay off
+        for m in lora_modules(model).values():
+            m.lora_B.add_(0.1)
+    assert (logp(twin, batch) - logp(other, batch)).abs().max() < 1e-5
+    base_twin = shared_copy(model, {})
+    with adapters(model, False):
+        assert torch.equal(logp(base_twin, batch), logp(model, batch))  # no updates: the base model
+    # Greedy samples through the fast decode step: the same as the other role's own model.
+    prompts = encode_prompts(tok, ip, random_images(2), PROMPTS)
+    mine = sample(twin, prompts, n=2, max_new_tokens=10, temperature=0, decoder="static")
+    theirs = sample(other, prompts, n=2, max_new_tokens=10, temperature=0, decoder="hf")
+    assert torch.equal(mine.ids, theirs.ids) and (mine.logprobs - theirs.logprobs).abs().max() < 1e-4

@@ -16,6 +16,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import lora
+import selfplay
 from conftest import completions
 from data import write_shapes_folder
 from model import completion_logprobs, encode_prompts, load_vlm
@@ -251,3 +253,31 @@ def test_ctrl_c_with_lora_then_resume_equals_an_uninterrupted_run(format_model, 
     assert a.keys() == base.keys()
     changed = [n for n in base if not torch.equal(base[n], merged[n])]
     assert changed and all(n.startswith("model.layers.") for n in changed), "LoRA changes the text layers only"
+    check_lora_roles_of_iteration_2(whole)
+
+
+def check_lora_roles_of_iteration_2(folder):
+    """The models iteration 2's Questioner phase would hold, built from a finished LoRA iteration 1:
+    Q_2 = the base + Q_1's saved updates + a fresh adapter, its KL reference Q_1 = itself with the
+    adapter off, and the frozen R_1 over the very same weights. Each equals the plain checkpoint
+    iteration 1 saved for that role."""
+    cfg = selfplay.Config(**json.loads((folder / "config.json").read_text()))
+    run = selfplay.Run(cfg, folder, selfplay.State(iteration=2), torch.device("cpu"))
+    policy, tok, ip, _ = selfplay.start_phase(cfg, run, "questioner")
+    reference, frozen_reasoner = selfplay.frozen_models(cfg, run, "questioner", policy)
+    assert reference is policy
+    assert {id(p) for p in frozen_reasoner.parameters()} == {id(p) for p in policy.parameters()}, "no second copy"
+    for role in ("questioner", "reasoner"):  # one phase trained each: rank r
+        updates = load_file(folder / "iter_1" / role / selfplay.LORA_UPDATES)
+        assert {A.shape[0] for name, A in updates.items() if name.endswith("past_A")} == {cfg.lora_rank}
+    images = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (56, 56, 3), dtype=np.uint8)) for i in range(2)]
+    prompts = encode_prompts(tok, ip, images, [QUESTIONER_PROMPTS["paper"]] * 2)
+    ids, mask = completions(tok, ["<question>How many?</question>", "<think>one</think> \\boxed{1}"])
+    with torch.no_grad(), lora.adapters(policy, False):
+        at_start = completion_logprobs(policy, prompts, ids, mask)
+    with torch.no_grad():
+        answering = completion_logprobs(frozen_reasoner, prompts, ids, mask)
+        for got, role in ((at_start, "questioner"), (answering, "reasoner")):
+            plain = load_vlm(str(folder / "iter_1" / role))[0]
+            assert (got - completion_logprobs(plain, prompts, ids, mask)).abs().max() < 1e-4, role
+    assert (at_start - answering).abs().max() > 1e-3, "the two roles are different models"
