@@ -112,7 +112,8 @@ class Config:
     top_p: float = option("sampling top-p", default=0.99)
     greedy: bool = option("also time greedy decoding", default=True)
     grpo_rows: int = option("rows of the GRPO batch (groups of --samples)", default=16)
-    micro_batch_size: int = option("rows per forward/backward in the GRPO step", default=8)
+    micro_batch_tokens: int = option("padded tokens per forward/backward in the GRPO step",
+                                     default=selfplay.Config.micro_batch_tokens)
     gradient_checkpointing: bool = option("recompute activations in the GRPO step's backward pass, as selfplay.py "
                                           "does by default", default=True)
     matmul_size: int = option("side of the matmul that measures the matrix rate (0: 8192 on cuda, 1024 on cpu)",
@@ -348,8 +349,8 @@ def grpo_figure(cfg, device, reference, tokenizer, image_processor):
     advantages = rollouts.advantages()
 
     def step():  # the reference forward belongs to the step: selfplay.py runs it before each update
-        ref_logp = rollout_logprobs(reference, rollouts, cfg.micro_batch_size, 1.0)
-        return update(policy, optimizer, rollouts, advantages, ref_logp, micro_batch_size=cfg.micro_batch_size)
+        ref_logp = rollout_logprobs(reference, rollouts, cfg.micro_batch_tokens, 1.0)
+        return update(policy, optimizer, rollouts, advantages, ref_logp, micro_batch_tokens=cfg.micro_batch_tokens)
     reset_peak_memory(device)
     seconds, _ = best_time(step, device, cfg.repeats)
     peak = peak_memory_gib(device)
@@ -407,7 +408,12 @@ def phase_peaks(scfg, device, images):
     write = SamplingSettings(scfg.question_max_tokens, scfg.temperature, 0, scfg.top_p)
     vote = SamplingSettings(scfg.answer_max_tokens, scfg.temperature, 0, scfg.top_p)
     one_step = dataclasses.replace(scfg, minibatches=1, epochs=1)
-    groups = -(-scfg.micro_batch_size // G)  # enough groups to fill the largest micro-batch
+
+    def filling_one_micro_batch(text, T):
+        """Prompts of enough groups of G full-length rows (T tokens) to fill the largest micro-batch."""
+        prompt_tokens = encode_prompts(tok, ip, images[:1], [text]).input_ids.shape[1]
+        groups = -(-max(1, scfg.micro_batch_tokens // (prompt_tokens + T)) // G)
+        return encode_prompts(tok, ip, [images[i % len(images)] for i in range(groups)], [text] * groups)
 
     def frozen(beside=None):
         return selfplay.sampling_role(scfg, device, scfg.model, beside)
@@ -426,7 +432,7 @@ def phase_peaks(scfg, device, images):
     with stop_at_once(policy, answerer):
         questioner.write_questions(policy, tok, ip, images, G, write, generator, scfg.question_format, len(images))
         reasoner.answer(answerer, tok, ip, images, questions, scfg.reward_votes, vote, generator, len(images))
-    prompts = encode_prompts(tok, ip, images[:groups], [questioner.QUESTIONER_PROMPTS[scfg.question_format]] * groups)
+    prompts = filling_one_micro_batch(questioner.QUESTIONER_PROMPTS[scfg.question_format], scfg.question_max_tokens)
     selfplay.grpo_step(one_step, policy, optimizer, reference,
                        random_rollouts(policy, prompts, G, scfg.question_max_tokens, seed))
     del policy, optimizer, answerer, reference
@@ -445,7 +451,7 @@ def phase_peaks(scfg, device, images):
     reference = policy if scfg.lora_rank else frozen()
     with stop_at_once(policy):
         reasoner.answer(policy, tok, ip, images, questions, G, vote, generator, len(images))
-    prompts = encode_prompts(tok, ip, images[:groups], [reasoner.reasoner_prompt(QUESTION)] * groups)
+    prompts = filling_one_micro_batch(reasoner.reasoner_prompt(QUESTION), scfg.answer_max_tokens)
     selfplay.grpo_step(one_step, policy, optimizer, reference,
                        random_rollouts(policy, prompts, G, scfg.answer_max_tokens, seed))
     del policy, optimizer, reference
@@ -477,7 +483,7 @@ def selfplay_argv(cfg, device, images, output):
             "--question-max-tokens", str(cfg.selfplay_tokens), "--answer-max-tokens", str(cfg.selfplay_tokens),
             "--reward-votes", str(cfg.samples), "--curation-images", str(cfg.selfplay_images),
             "--candidates-per-image", str(cfg.samples), "--curation-votes", str(cfg.samples),
-            "--questions-per-step", "1", "--minibatches", "1", "--micro-batch-size", str(cfg.micro_batch_size),
+            "--questions-per-step", "1", "--minibatches", "1", "--micro-batch-tokens", str(cfg.micro_batch_tokens),
             "--quiet"]
     if cfg.model == "tiny":  # the spec's bounds would blow the tiny images up to 512 × 512
         argv += ["--min-pixels", str(TINY_MIN_PIXELS), "--max-pixels", str(TINY_MAX_PIXELS)]

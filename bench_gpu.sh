@@ -5,7 +5,7 @@
 #
 #   bash bench_gpu.sh [OUT_DIR [STEP ...]]     # PYTHON=... picks the interpreter
 #
-# Steps (all by default): tests sampler_grpo memory grpo_no_checkpointing grpo_micro_batch_16 selfplay_lora.
+# Steps (all by default): tests sampler_grpo memory grpo_no_checkpointing grpo_micro_batches_of_8 selfplay_lora.
 # selfplay_lora writes ~30 GB of checkpoints to the temporary folder.
 set -u
 out=${1:-bench_gpu}
@@ -26,7 +26,7 @@ bench=("$python" bench.py --model random-3b)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$python" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(tests sampler_grpo memory grpo_no_checkpointing grpo_micro_batch_16 selfplay_lora)
+[ ${#steps[@]} -gt 0 ] || steps=(tests sampler_grpo memory grpo_no_checkpointing grpo_micro_batches_of_8 selfplay_lora)
 for name in "${steps[@]}"; do
     case $name in
     tests) step tests 90 "$python" -m pytest -q -p no:cacheprovider tests/test_fast_decode.py tests/test_model.py ;;
@@ -35,7 +35,8 @@ for name in "${steps[@]}"; do
     memory) step memory 150 "${bench[@]}" --only memory --json "$out/memory.json" ;;
     grpo_no_checkpointing) step grpo_no_checkpointing 60 "${bench[@]}" --only grpo --repeats 1 \
         --no-gradient-checkpointing ;;
-    grpo_micro_batch_16) step grpo_micro_batch_16 60 "${bench[@]}" --only grpo --repeats 1 --micro-batch-size 16 ;;
+    grpo_micro_batches_of_8) step grpo_micro_batches_of_8 60 "${bench[@]}" --only grpo --repeats 1 \
+        --micro-batch-tokens 4704 ;;  # 8 rows of 588 tokens: the GRPO figure as micro-batches of 8 rows
     selfplay_lora) step selfplay_lora 120 "${bench[@]}" --only selfplay --selfplay-flags "--lora-rank 16" ;;
     *) echo "unknown step: $name" && exit 2 ;;
     esac

@@ -275,11 +275,28 @@ def weights_dtype(device, trainable):
     return torch.float32 if trainable or device.type != "cuda" else torch.bfloat16
 
 
-def micro_batches(rows, lengths, size):
-    """Splits `rows` (indices) into chunks of `size`, longest first, so each chunk is padded only to
-    its own longest completion. rows: [n] long, lengths: [B] long -> list of [<= size] long."""
-    order = rows[torch.argsort(lengths[rows], descending=True, stable=True)]
-    return list(order.split(size))
+def micro_batches(rows, prompt_lengths, lengths, max_tokens):
+    """Splits `rows` (indices) into micro-batches of at most `max_tokens` padded tokens each: k rows
+    padded to their longest prompt P and longest completion T cost k (P + T). Rows go longest first,
+    so rows of like length share a micro-batch: short rows many to a forward pass (fewer, larger
+    kernels: the step is bound by the host issuing them), long ones few (memory grows with tokens,
+    not rows). A row longer than `max_tokens` goes alone.
+    rows: [n] long; prompt_lengths, lengths: [B] long -> list of [k] long."""
+    order = rows[torch.argsort(prompt_lengths[rows] + lengths[rows], descending=True, stable=True)].tolist()
+    batches, P, T = [[]], 0, 0
+    for row in order:
+        p, t = max(P, int(prompt_lengths[row])), max(T, int(lengths[row]))
+        if batches[-1] and (len(batches[-1]) + 1) * (p + t) > max_tokens:
+            batches.append([])
+            p, t = int(prompt_lengths[row]), int(lengths[row])
+        batches[-1].append(row)
+        P, T = p, t
+    return [torch.tensor(b) for b in batches]
+
+
+def row_lengths(rollouts):
+    """[B] prompt lengths (image tokens included) and [B] completion lengths."""
+    return rollouts.prompts.attention_mask.sum(1).cpu(), rollouts.mask.sum(1)
 
 
 def _micro_batch(rollouts, rows):
@@ -289,12 +306,11 @@ def _micro_batch(rollouts, rows):
 
 
 @torch.no_grad()
-def rollout_logprobs(model, rollouts, micro_batch_size, temperature):
+def rollout_logprobs(model, rollouts, micro_batch_tokens, temperature):
     """[B, T] log-probs of every completion under `model`, computed micro-batch by micro-batch."""
     device = model.device
     logp = torch.zeros(rollouts.ids.shape, dtype=torch.float32)
-    lengths = rollouts.mask.sum(1)
-    for rows in micro_batches(torch.arange(len(rollouts)), lengths, micro_batch_size):
+    for rows in micro_batches(torch.arange(len(rollouts)), *row_lengths(rollouts), micro_batch_tokens):
         prompts, ids, mask = _micro_batch(rollouts, rows)
         with autocast(device):
             values = completion_logprobs(model, prompts.to(device), ids.to(device), mask.to(device), temperature)
@@ -302,7 +318,7 @@ def rollout_logprobs(model, rollouts, micro_batch_size, temperature):
     return logp
 
 
-def update(policy, optimizer, rollouts, advantages, ref_logp=None, *, temperature=1.0, micro_batch_size=8,
+def update(policy, optimizer, rollouts, advantages, ref_logp=None, *, temperature=1.0, micro_batch_tokens=32768,
            minibatches=1, epochs=1, clip_low=0.2, clip_high=0.3, dual_clip=3.0, kl_coef=0.01,
            aggregation="seq-mean-token-mean", max_grad_norm=1.0):
     """GRPO on one rollout batch: `epochs` passes, each over `minibatches` optimizer steps.
@@ -313,9 +329,9 @@ def update(policy, optimizer, rollouts, advantages, ref_logp=None, *, temperatur
     (old) are, like the reference's, computed once, before the first step, so ρ = 1 exactly on the first step (with a single step,
     old is the training forward's own, detached). Mini-batches are
     consecutive slices of the batch (whole groups when B / minibatches is a multiple of G); inside
-    one, micro-batches are summed with the mini-batch's own totals, so the gradient equals the
-    gradient of the mini-batch in one piece (equation (8)). Then the gradient norm is clipped and
-    the optimizer steps.
+    one, micro-batches (`micro_batches`, up to `micro_batch_tokens` padded tokens each) are summed
+    with the mini-batch's own totals, so the gradient equals the gradient of the mini-batch in one
+    piece (equation (8)). Then the gradient norm is clipped and the optimizer steps.
 
     Returns the metrics of `policy_loss` averaged over the optimizer steps (maxima: the max), plus
     grad_norm (before clipping) and n_steps.
@@ -324,11 +340,11 @@ def update(policy, optimizer, rollouts, advantages, ref_logp=None, *, temperatur
     # With one optimizer step per batch the policy has not moved when the loss is taken: old = the
     # current log-probs, detached, and a whole forward pass over the batch is saved.
     on_policy = epochs * minibatches == 1
-    old_logp = None if on_policy else rollout_logprobs(policy, rollouts, micro_batch_size, temperature)
+    old_logp = None if on_policy else rollout_logprobs(policy, rollouts, micro_batch_tokens, temperature)
     if kl_coef == 0:
         ref_logp = None
     T_max = rollouts.ids.shape[1]
-    lengths = rollouts.mask.sum(1)
+    prompt_lengths, lengths = row_lengths(rollouts)
     history = []
     policy.train()  # HF applies activation checkpointing in train mode only; Qwen has no dropout
     for _ in range(epochs):
@@ -336,7 +352,7 @@ def update(policy, optimizer, rollouts, advantages, ref_logp=None, *, temperatur
             totals = batch_totals(rollouts.mask[minibatch])
             totals["max_len"] = T_max  # Dr.GRPO divides by the generation budget, not a padded length
             step = {}
-            for rows in micro_batches(minibatch, lengths, micro_batch_size):
+            for rows in micro_batches(minibatch, prompt_lengths, lengths, micro_batch_tokens):
                 prompts, ids, mask = _micro_batch(rollouts, rows)
                 T = ids.shape[1]
                 with autocast(device):

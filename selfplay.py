@@ -126,7 +126,8 @@ class Config:
                               choices=grpo.AGGREGATIONS, default="seq-mean-token-mean")
     minibatches: int = option("optimizer steps per rollout batch", "grpo", default=4)
     epochs: int = option("passes over each rollout batch", "grpo", default=1)
-    micro_batch_size: int = option("rows per forward/backward (gradient accumulation)", "grpo", default=8)
+    micro_batch_tokens: int = option("padded tokens (prompt + completion) per forward/backward, as many rows as "
+                                     "fit, at least one (gradient accumulation)", "grpo", default=32768)
     gradient_checkpointing: bool = option("recompute each layer's activations in the backward pass (less memory)",
                                           "grpo", default=True)
     freeze_vision: bool = option("train the language model only (the spec trains the vision tower too)", "grpo",
@@ -459,13 +460,13 @@ def reference_logprobs(cfg, policy, reference, rollouts):
     if reference is None:
         return None
     with lora.adapters(policy, False) if reference is policy else contextlib.nullcontext():
-        return grpo.rollout_logprobs(reference, rollouts, cfg.micro_batch_size, cfg.temperature)
+        return grpo.rollout_logprobs(reference, rollouts, cfg.micro_batch_tokens, cfg.temperature)
 
 
 def grpo_step(cfg, policy, optimizer, reference, rollouts):
     return grpo.update(policy, optimizer, rollouts, rollouts.advantages(cfg.advantage_scale),
                        reference_logprobs(cfg, policy, reference, rollouts),
-                       temperature=cfg.temperature, micro_batch_size=cfg.micro_batch_size,
+                       temperature=cfg.temperature, micro_batch_tokens=cfg.micro_batch_tokens,
                        minibatches=cfg.minibatches, epochs=cfg.epochs, clip_low=cfg.clip_low,
                        clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, kl_coef=cfg.kl_coef,
                        aggregation=cfg.aggregation, max_grad_norm=cfg.max_grad_norm)

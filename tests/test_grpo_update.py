@@ -17,12 +17,15 @@ def rollout_batch(model, tok, ip, G=4):
     return Rollouts(prompts.repeat(G), out.ids, out.mask, rewards, group_size=G)
 
 
+ONE_MICRO_BATCH = 10**9  # micro_batch_tokens that fit any batch
+
+
 def step_delta(model, rollouts, reference, **kwargs):
     """Parameter change of one SGD step (lr 1): minus the clipped gradient."""
     policy = copy.deepcopy(model)
     before = [p.detach().clone() for p in policy.parameters()]
     optimizer = torch.optim.SGD(policy.parameters(), lr=1.0)
-    ref_logp = None if reference is None else rollout_logprobs(reference, rollouts, len(rollouts), 1.0)
+    ref_logp = None if reference is None else rollout_logprobs(reference, rollouts, ONE_MICRO_BATCH, 1.0)
     metrics = update(policy, optimizer, rollouts, rollouts.advantages(), ref_logp, max_grad_norm=1e9, **kwargs)
     return torch.cat([(p.detach() - b).flatten() for p, b in zip(policy.parameters(), before)]), metrics
 
@@ -32,16 +35,19 @@ def test_micro_batches_and_checkpointing_give_the_full_batch_gradient(tiny):
     rollouts = rollout_batch(model, tok, ip)
     reference = copy.deepcopy(model)
     for aggregation in ("seq-mean-token-mean", "token-mean", "seq-sum-over-max-len"):
-        full, metrics = step_delta(model, rollouts, reference, micro_batch_size=len(rollouts), aggregation=aggregation)
+        full, metrics = step_delta(model, rollouts, reference, micro_batch_tokens=ONE_MICRO_BATCH,
+                                   aggregation=aggregation)
         assert metrics["ratio_mean"] == 1.0 and metrics["kl"] == 0.0, "old and ref equal the policy on step 1"
         assert full.abs().max() > 0
-        micro, _ = step_delta(model, rollouts, reference, micro_batch_size=5, aggregation=aggregation)
-        assert torch.allclose(micro, full, atol=1e-6, rtol=1e-4), aggregation
+        # one row per micro-batch, then micro-batches of several rows of unequal lengths
+        for budget in (1, 4 * int(rollouts.prompts.attention_mask.sum(1).max() + rollouts.mask.sum(1).max())):
+            micro, _ = step_delta(model, rollouts, reference, micro_batch_tokens=budget, aggregation=aggregation)
+            assert torch.allclose(micro, full, atol=1e-6, rtol=1e-4), (aggregation, budget)
 
     checkpointed = copy.deepcopy(model)
     checkpointed.activation_checkpointing_enable()
-    delta, _ = step_delta(checkpointed, rollouts, reference, micro_batch_size=len(rollouts))
-    plain, _ = step_delta(model, rollouts, reference, micro_batch_size=len(rollouts))
+    delta, _ = step_delta(checkpointed, rollouts, reference, micro_batch_tokens=ONE_MICRO_BATCH)
+    plain, _ = step_delta(model, rollouts, reference, micro_batch_tokens=ONE_MICRO_BATCH)
     assert torch.allclose(delta, plain, atol=1e-6, rtol=1e-4)
     assert not model.training and not checkpointed.training, "update leaves the model in eval mode"
 
@@ -63,7 +69,7 @@ def test_checkpointing_recomputes_the_layers(tiny, monkeypatch):
         if enabled:
             policy.activation_checkpointing_enable()
         calls.clear()
-        step_delta(policy, rollouts, None, micro_batch_size=len(rollouts), kl_coef=0.0)
+        step_delta(policy, rollouts, None, micro_batch_tokens=ONE_MICRO_BATCH, kl_coef=0.0)
         counts[enabled] = len(calls)
     layers = len(model.model.language_model.layers)
     # one step per batch: only the training forward (old = its own log-probs, detached); with

@@ -71,7 +71,7 @@ def train(negate_advantages):
         rollouts = Rollouts(prompts.repeat(G),
                             out.ids, out.mask, rewards, group_size=G)
         advantages = rollouts.advantages() * (-1 if negate_advantages else 1)
-        update(model, optimizer, rollouts, advantages, micro_batch_size=32, minibatches=2, kl_coef=0.0)
+        update(model, optimizer, rollouts, advantages, micro_batch_tokens=10**9, minibatches=2, kl_coef=0.0)
         if step % 5 == 4:
             curve.append(accuracy(model, tok, ip, *held_out))
     return curve

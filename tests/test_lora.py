@@ -232,18 +232,18 @@ def test_grpo_update_trains_adapters_with_the_reference_from_the_same_model(tiny
     advantages = rollouts.advantages()
 
     with adapters(model, False):
-        ref_logp = grpo.rollout_logprobs(model, rollouts, 8, 1.0)
-    assert torch.equal(ref_logp, grpo.rollout_logprobs(base, rollouts, 8, 1.0))
-    old_logp = grpo.rollout_logprobs(model, rollouts, 8, 1.0)
+        ref_logp = grpo.rollout_logprobs(model, rollouts, 10**9, 1.0)
+    assert torch.equal(ref_logp, grpo.rollout_logprobs(base, rollouts, 10**9, 1.0))
+    old_logp = grpo.rollout_logprobs(model, rollouts, 10**9, 1.0)
     expected_kl = float(grpo.aggregate(grpo.kl_k3(old_logp, ref_logp), mask))  # ρ = 1 on the first step
     assert expected_kl > 1e-3
 
     twin = copy.deepcopy(model)  # the same policy, with a separate base copy as the reference
     results = []
-    for policy, reference in ((model, ref_logp), (twin, grpo.rollout_logprobs(base, rollouts, 8, 1.0))):
+    for policy, reference in ((model, ref_logp), (twin, grpo.rollout_logprobs(base, rollouts, 10**9, 1.0))):
         optimizer = grpo.make_optimizer(policy, lr=1e-3, weight_decay=0.0)
         before = {n: p.detach().clone() for n, p in policy.named_parameters()}
-        metrics = grpo.update(policy, optimizer, rollouts, advantages, reference, micro_batch_size=4, kl_coef=0.1)
+        metrics = grpo.update(policy, optimizer, rollouts, advantages, reference, micro_batch_tokens=100, kl_coef=0.1)
         moved = {n for n, p in policy.named_parameters() if not torch.equal(p, before[n])}
         assert moved and all(".lora_" in n for n in moved)  # adapters trained, base frozen
         assert all(m.enabled for m in lora_modules(policy).values())

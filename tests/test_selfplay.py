@@ -34,7 +34,7 @@ def small_run_flags(images, model, output):
             "--question-max-tokens", "20", "--answer-max-tokens", "16", "--reward-votes", "4",
             "--curation-images", "4", "--candidates-per-image", "4", "--curation-votes", "4",
             "--questions-per-step", "2", "--min-pixels", "3136", "--max-pixels", "12544",
-            "--micro-batch-size", "8", "--minibatches", "2", "--lr", "1e-4", "--quiet"]
+            "--micro-batch-tokens", "400", "--minibatches", "2", "--lr", "1e-4", "--quiet"]
 
 
 @pytest.fixture(scope="module")
