@@ -294,7 +294,11 @@ LORA_UPDATES = "lora_updates.safetensors"
 
 def lora_updates(cfg, source):
     """The updates a LoRA role has made by `source` (Run.role_source): none at the base model."""
-    return {} if source == cfg.model else load_file(Path(source) / LORA_UPDATES)
+    if source == cfg.model:
+        return {}
+    if not (Path(source) / LORA_UPDATES).exists():
+        raise DataError(f"cannot continue this LoRA run: '{source}' has no {LORA_UPDATES} (the role's updates)")
+    return load_file(Path(source) / LORA_UPDATES)
 
 
 def lora_base(cfg, device):

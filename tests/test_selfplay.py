@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 import lora
 import selfplay
 from conftest import completions
-from data import write_shapes_folder
+from data import DataError, write_shapes_folder
 from model import completion_logprobs, encode_prompts, load_vlm
 from questioner import QUESTIONER_PROMPTS
 from reasoner import reasoner_prompt
@@ -281,3 +281,7 @@ def check_lora_roles_of_iteration_2(folder):
             plain = load_vlm(str(folder / "iter_1" / role))[0]
             assert (got - completion_logprobs(plain, prompts, ids, mask)).abs().max() < 1e-4, role
     assert (at_start - answering).abs().max() > 1e-3, "the two roles are different models"
+    updates = folder / "iter_1" / "reasoner" / selfplay.LORA_UPDATES
+    updates.rename(updates.with_suffix(".moved"))  # a role folder without its updates: a one-line error
+    with pytest.raises(DataError, match="has no lora_updates.safetensors"):
+        selfplay.frozen_models(cfg, run, "questioner", policy)
