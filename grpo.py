@@ -283,14 +283,15 @@ def micro_batches(rows, prompt_lengths, lengths, max_tokens):
     not rows). A row longer than `max_tokens` goes alone.
     rows: [n] long; prompt_lengths, lengths: [B] long -> list of [k] long."""
     order = rows[torch.argsort(prompt_lengths[rows] + lengths[rows], descending=True, stable=True)].tolist()
-    batches, P, T = [[]], 0, 0
+    batches, P, T = [], 0, 0  # P, T: the longest prompt and completion of the last micro-batch
     for row in order:
-        p, t = max(P, int(prompt_lengths[row])), max(T, int(lengths[row]))
-        if batches[-1] and (len(batches[-1]) + 1) * (p + t) > max_tokens:
-            batches.append([])
-            p, t = int(prompt_lengths[row]), int(lengths[row])
-        batches[-1].append(row)
-        P, T = p, t
+        p, t = int(prompt_lengths[row]), int(lengths[row])
+        if batches and (len(batches[-1]) + 1) * (max(P, p) + max(T, t)) <= max_tokens:
+            batches[-1].append(row)
+            P, T = max(P, p), max(T, t)
+        else:
+            batches.append([row])
+            P, T = p, t
     return [torch.tensor(b) for b in batches]
 
 
@@ -326,8 +327,8 @@ def update(policy, optimizer, rollouts, advantages, ref_logp=None, *, temperatur
     advantages: [B], one per completion. ref_logp: [B, T], the rollouts' log-probs under the frozen
     reference of the KL term (`rollout_logprobs` of a frozen copy, or of the policy itself with its
     LoRA adapters off); None, or kl_coef = 0, drops the term. The log-probs of the sampling policy
-    (old) are, like the reference's, computed once, before the first step, so ρ = 1 exactly on the first step (with a single step,
-    old is the training forward's own, detached). Mini-batches are
+    (old) are, like the reference's, computed once, before the first step, so ρ = 1 exactly on the
+    first step (with a single step, old is the training forward's own, detached). Mini-batches are
     consecutive slices of the batch (whole groups when B / minibatches is a multiple of G); inside
     one, micro-batches (`micro_batches`, up to `micro_batch_tokens` padded tokens each) are summed
     with the mini-batch's own totals, so the gradient equals the gradient of the mini-batch in one

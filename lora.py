@@ -96,7 +96,8 @@ class LoRALinear(nn.Module):
                 torch.cat([self.past_B, self.scale * self.lora_B.detach()], dim=1))
 
     def extra_repr(self):
-        return f"rank={self.lora_A.shape[0]}, past_rank={self.past_A.shape[0]}, scale={self.scale:g}, enabled={self.enabled}"
+        return (f"rank={self.lora_A.shape[0]}, past_rank={self.past_A.shape[0]}, scale={self.scale:g}, "
+                f"enabled={self.enabled}")
 
 
 def _children(module, kind):
@@ -184,8 +185,9 @@ def set_past(model, past):
     modules = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
     expected = {f"{name}.past_{x}" for name in modules for x in "AB"}
     if past and past.keys() != expected:
-        raise ValueError(f"LoRA updates do not match the model's adapters: missing {sorted(expected - past.keys())[:3]}, "
-                         f"unexpected {sorted(past.keys() - expected)[:3]}")
+        missing, unexpected = sorted(expected - past.keys()), sorted(past.keys() - expected)
+        raise ValueError(f"LoRA updates do not match the model's adapters: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
     for name, m in modules.items():
         A = past.get(f"{name}.past_A", m.past_A.new_zeros(0, m.base.in_features))
         B = past.get(f"{name}.past_B", m.past_B.new_zeros(m.base.out_features, 0))

@@ -326,7 +326,8 @@ def test_updates_carried_into_the_next_phase_give_the_merged_checkpoints_model(t
     # Its merged checkpoint: the base plus B @ A of the updates, summed in float64.
     merged = merge_lora(second)
     for layer in {name.rsplit(".", 1)[0] for name in u2}:
-        expected = base.get_submodule(layer).weight.double() + u2[f"{layer}.past_B"].double() @ u2[f"{layer}.past_A"].double()
+        delta = u2[f"{layer}.past_B"].double() @ u2[f"{layer}.past_A"].double()
+        expected = base.get_submodule(layer).weight.double() + delta
         assert (merged.get_submodule(layer).weight.double() - expected).abs().max() < 1e-6
     assert (logp(merged, batch) - trained).abs().max() < 1e-5
 
