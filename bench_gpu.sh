@@ -6,7 +6,9 @@
 #   bash bench_gpu.sh [OUT_DIR [STEP ...]]     # PYTHON=... picks the interpreter
 #
 # Steps (all by default): tests sampler_grpo memory grpo_no_checkpointing grpo_micro_batches_of_8 selfplay_lora.
-# selfplay_lora writes ~30 GB of checkpoints to the temporary folder.
+# selfplay_lora writes ~30 GB of checkpoints to the temporary folder. Not by default: memory_large_images,
+# the memory figure with 1792 x 1792 images: 4,096 image tokens a prompt instead of 361 (448 x 448
+# images, raised to selfplay.py's 262,144-pixel minimum).
 set -u
 out=${1:-bench_gpu}
 shift $(($# > 0 ? 1 : 0))
@@ -33,6 +35,8 @@ for name in "${steps[@]}"; do
     sampler_grpo) step sampler_grpo 180 "${bench[@]}" --only sampler,grpo --repeats 1 --no-greedy --profile grpo \
         --json "$out/sampler_grpo.json" ;;
     memory) step memory 150 "${bench[@]}" --only memory --json "$out/memory.json" ;;
+    memory_large_images) step memory_large_images 150 "${bench[@]}" --only memory --image-size 1792 \
+        --memory-runs " ;--lora-rank 16" --json "$out/memory_large_images.json" ;;
     grpo_no_checkpointing) step grpo_no_checkpointing 60 "${bench[@]}" --only grpo --repeats 1 \
         --no-gradient-checkpointing ;;
     grpo_micro_batches_of_8) step grpo_micro_batches_of_8 60 "${bench[@]}" --only grpo --repeats 1 \
