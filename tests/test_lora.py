@@ -291,7 +291,6 @@ def test_fast_decode_with_adapters_on_some_projections_only(tiny):
     assert torch.equal(fast.ids, reference.ids) and (fast.logprobs - reference.logprobs).abs().max() < 1e-4
 
 
-
 def train_phase(model, batch, past, seed, steps=3, lr=1e-2):
     """One phase of a LoRA role: adapters from `seed`, the role's earlier updates `past`, a few
     steps of the toy loss. Returns the role's updates after it."""
