@@ -120,7 +120,7 @@ class Config:
                             default=0)
     memory_runs: str = option("the memory figure's runs, separated by ';': each the selfplay.py flags it "
                               "adds to selfplay.py's defaults", default=" ;--lora-rank 16;--lora-rank 16 "
-                              "--sampling-batch-size 4")
+                              "--sampling-batch-tokens 196608")
     profile: str = option("comma-separated figures (sampler, grpo) of which one more call is profiled after the "
                           "timing, printing the ops that took the most time", default="")
     selfplay_images: int = option("images of the miniature self-play run", default=2)
@@ -378,6 +378,7 @@ def grpo_figure(cfg, device, reference, tokenizer, image_processor):
 # Figure 3: peak memory of each self-play phase
 
 QUESTION = "How many shapes in this picture are red, and is the largest of them left of the smallest one?"
+MEMORY_IMAGES = 32  # distinct images for the fullest sampler call at selfplay.py's defaults; more reuse them
 
 
 def stop_at_once(*models):
@@ -396,23 +397,37 @@ def phase_peaks(scfg, device, images):
     Questioner's reference Q_{k-1} and its Reasoner R_{k-1} are two models; with LoRA both share
     the policy's weights, and the roles' earlier updates, ~120 MB per phase at r = 16, are left
     out), in order:
-    every sampler call at full length (stop_at_once) with sampling_batch_size prompts; then one
-    GRPO step (selfplay.grpo_step, one optimizer step) on a micro-batch of full-length completions.
-    Questions asked of the Reasoner are one short question (QUESTION).
+    every sampler call at full length (stop_at_once) with as many prompts as fill its KV cache of
+    --sampling-batch-tokens; then one GRPO step (selfplay.grpo_step, one optimizer step) on a
+    micro-batch of full-length completions. Questions asked of the Reasoner are one short question
+    (QUESTION). `images` are used in turn, as many as each call needs.
     Returns {phase: peak GiB since the phase began} on cuda; off cuda, the process's RSS high-water.
     """
-    G, seed = scfg.group_size, scfg.seed
-    images = images[:scfg.sampling_batch_size]
-    questions = [QUESTION] * len(images)
+    G, seed, budget = scfg.group_size, scfg.seed, scfg.sampling_batch_tokens
     generator = torch.Generator(device).manual_seed(seed)
-    write = SamplingSettings(scfg.question_max_tokens, scfg.temperature, 0, scfg.top_p)
-    vote = SamplingSettings(scfg.answer_max_tokens, scfg.temperature, 0, scfg.top_p)
+    writing, answering = questioner.QUESTIONER_PROMPTS[scfg.question_format], reasoner.reasoner_prompt(QUESTION)
+    write_settings = SamplingSettings(scfg.question_max_tokens, scfg.temperature, 0, scfg.top_p)
+    vote_settings = SamplingSettings(scfg.answer_max_tokens, scfg.temperature, 0, scfg.top_p)
     one_step = dataclasses.replace(scfg, minibatches=1, epochs=1)
+
+    def shown(text, rows, new_tokens, max_tokens):
+        """Images for as many prompts of `text` as fit in max_tokens (at least one), a prompt taking
+        `rows` rows of its own length plus new_tokens."""
+        prompt_tokens = encode_prompts(tok, ip, images[:1], [text]).input_ids.shape[1]
+        count = max(1, max_tokens // (rows * (prompt_tokens + new_tokens)))
+        return [images[i % len(images)] for i in range(count)]
+
+    def write(model, n):  # one sampler call of n questions per image, its KV cache full
+        questioner.write_questions(model, tok, ip, shown(writing, n, scfg.question_max_tokens, budget), n,
+                                   write_settings, generator, budget, scfg.question_format)
+
+    def answer(model, m):  # one sampler call of m answers per question, its KV cache full
+        asked = shown(answering, m, scfg.answer_max_tokens, budget)
+        reasoner.answer(model, tok, ip, asked, [QUESTION] * len(asked), m, vote_settings, generator, budget)
 
     def filling_one_micro_batch(text, T):
         """Prompts of enough groups of G full-length rows (T tokens) to fill the largest micro-batch."""
-        prompt_tokens = encode_prompts(tok, ip, images[:1], [text]).input_ids.shape[1]
-        groups = -(-max(1, scfg.micro_batch_tokens // (prompt_tokens + T)) // G)
+        groups = -(-len(shown(text, 1, T, scfg.micro_batch_tokens)) // G)
         return encode_prompts(tok, ip, [images[i % len(images)] for i in range(groups)], [text] * groups)
 
     def frozen(beside=None):
@@ -430,9 +445,9 @@ def phase_peaks(scfg, device, images):
     answerer = frozen(beside=policy)
     reference = policy if scfg.lora_rank else frozen()
     with stop_at_once(policy, answerer):
-        questioner.write_questions(policy, tok, ip, images, G, write, generator, scfg.question_format, len(images))
-        reasoner.answer(answerer, tok, ip, images, questions, scfg.reward_votes, vote, generator, len(images))
-    prompts = filling_one_micro_batch(questioner.QUESTIONER_PROMPTS[scfg.question_format], scfg.question_max_tokens)
+        write(policy, G)
+        answer(answerer, scfg.reward_votes)
+    prompts = filling_one_micro_batch(writing, scfg.question_max_tokens)
     selfplay.grpo_step(one_step, policy, optimizer, reference,
                        random_rollouts(policy, prompts, G, scfg.question_max_tokens, seed))
     del policy, optimizer, answerer, reference
@@ -441,17 +456,16 @@ def phase_peaks(scfg, device, images):
     writer = frozen()
     answerer = frozen(beside=writer)
     with stop_at_once(writer, answerer):
-        questioner.write_questions(writer, tok, ip, images, scfg.candidates_per_image, write, generator,
-                                   scfg.question_format, len(images))
-        reasoner.answer(answerer, tok, ip, images, questions, scfg.curation_votes, vote, generator, len(images))
+        write(writer, scfg.candidates_per_image)
+        answer(answerer, scfg.curation_votes)
     del writer, answerer
     finish("curation", peaks)
     # Reasoner: R_k trains on G answers per kept question; the KL reference is R_{k-1}.
     policy, tok, ip, optimizer = selfplay.trainable_role(scfg, scfg.model, device)
     reference = policy if scfg.lora_rank else frozen()
     with stop_at_once(policy):
-        reasoner.answer(policy, tok, ip, images, questions, G, vote, generator, len(images))
-    prompts = filling_one_micro_batch(reasoner.reasoner_prompt(QUESTION), scfg.answer_max_tokens)
+        answer(policy, G)
+    prompts = filling_one_micro_batch(answering, scfg.answer_max_tokens)
     selfplay.grpo_step(one_step, policy, optimizer, reference,
                        random_rollouts(policy, prompts, G, scfg.answer_max_tokens, seed))
     del policy, optimizer, reference
@@ -465,7 +479,7 @@ def memory_figure(cfg, device):
     for flags in cfg.memory_runs.split(";"):
         scfg = parse(selfplay.Config, ["--model", cfg.model, "--device", str(device), "--seed", str(cfg.seed),
                                        *shlex.split(flags)])
-        images = shapes_images(scfg.sampling_batch_size, cfg.seed, cfg.image_size)
+        images = shapes_images(MEMORY_IMAGES, cfg.seed, cfg.image_size)
         label = flags.strip() or "selfplay.py defaults"
         record[label] = phase_peaks(scfg, device, images)
         what = "peak memory of" if device.type == "cuda" else "process RSS high-water (cpu) after"

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from model import completion_logprobs
+from model import completion_logprobs, token_batches
 
 # exp of a large log-ratio overflows to inf, and inf at a clipped or padded position turns into a
 # nan gradient (0 * inf) even though that position's value is discarded. Past ±20 the clips in (3),
@@ -275,26 +275,6 @@ def weights_dtype(device, trainable):
     return torch.float32 if trainable or device.type != "cuda" else torch.bfloat16
 
 
-def micro_batches(rows, prompt_lengths, lengths, max_tokens):
-    """Splits `rows` (indices) into micro-batches of at most `max_tokens` padded tokens each: k rows
-    padded to their longest prompt P and longest completion T cost k (P + T). Rows go longest first,
-    so rows of like length share a micro-batch: short rows many to a forward pass (fewer, larger
-    kernels: the step is bound by the host issuing them), long ones few (memory grows with tokens,
-    not rows). A row longer than `max_tokens` goes alone.
-    rows: [n] long; prompt_lengths, lengths: [B] long -> list of [k] long."""
-    order = rows[torch.argsort(prompt_lengths[rows] + lengths[rows], descending=True, stable=True)].tolist()
-    batches, P, T = [], 0, 0  # P, T: the longest prompt and completion of the last micro-batch
-    for row in order:
-        p, t = int(prompt_lengths[row]), int(lengths[row])
-        if batches and (len(batches[-1]) + 1) * (max(P, p) + max(T, t)) <= max_tokens:
-            batches[-1].append(row)
-            P, T = max(P, p), max(T, t)
-        else:
-            batches.append([row])
-            P, T = p, t
-    return [torch.tensor(b) for b in batches]
-
-
 def row_lengths(rollouts):
     """[B] prompt lengths (image tokens included) and [B] completion lengths."""
     return rollouts.prompts.attention_mask.sum(1).cpu(), rollouts.mask.sum(1)
@@ -311,7 +291,7 @@ def rollout_logprobs(model, rollouts, micro_batch_tokens, temperature):
     """[B, T] log-probs of every completion under `model`, computed micro-batch by micro-batch."""
     device = model.device
     logp = torch.zeros(rollouts.ids.shape, dtype=torch.float32)
-    for rows in micro_batches(torch.arange(len(rollouts)), *row_lengths(rollouts), micro_batch_tokens):
+    for rows in token_batches(torch.arange(len(rollouts)), *row_lengths(rollouts), micro_batch_tokens):
         prompts, ids, mask = _micro_batch(rollouts, rows)
         with autocast(device):
             values = completion_logprobs(model, prompts.to(device), ids.to(device), mask.to(device), temperature)
@@ -330,7 +310,8 @@ def update(policy, optimizer, rollouts, advantages, ref_logp=None, *, temperatur
     (old) are, like the reference's, computed once, before the first step, so ρ = 1 exactly on the
     first step (with a single step, old is the training forward's own, detached). Mini-batches are
     consecutive slices of the batch (whole groups when B / minibatches is a multiple of G); inside
-    one, micro-batches (`micro_batches`, up to `micro_batch_tokens` padded tokens each) are summed
+    one, micro-batches (`model.token_batches`, up to `micro_batch_tokens` padded tokens each; many
+    short rows to one forward pass, as the step is bound by the host issuing kernels) are summed
     with the mini-batch's own totals, so the gradient equals the gradient of the mini-batch in one
     piece (equation (8)). Then the gradient norm is clipped and the optimizer steps.
 
@@ -353,7 +334,7 @@ def update(policy, optimizer, rollouts, advantages, ref_logp=None, *, temperatur
             totals = batch_totals(rollouts.mask[minibatch])
             totals["max_len"] = T_max  # Dr.GRPO divides by the generation budget, not a padded length
             step = {}
-            for rows in micro_batches(minibatch, prompt_lengths, lengths, micro_batch_tokens):
+            for rows in token_batches(minibatch, prompt_lengths, lengths, micro_batch_tokens):
                 prompts, ids, mask = _micro_batch(rollouts, rows)
                 T = ids.shape[1]
                 with autocast(device):

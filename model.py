@@ -1,4 +1,4 @@
-"""The policy: a Qwen2.5-VL model, its tokenizer and its image processor, and the two things every
+"""The policy: a Qwen2.5-VL model, its tokenizer and its image processor, and what every
 other file needs from it.
 
 1. `load_vlm` gives `(model, tokenizer, image_processor)` (`load_processors` the last two alone) for
@@ -11,6 +11,7 @@ other file needs from it.
    positions computed here (spec: "Roles and loop"; one image per prompt).
 3. `completion_logprobs` gives the per-token log-probs of completions given their prompts, in
    chunks, so no float32 [batch, length, vocab] tensor is ever built. GRPO uses exactly this.
+4. `token_batches` cuts rows into batches by padded tokens: GRPO's micro-batches, the sampler's calls.
 
 Which tokens a policy may never emit (vision placeholders, and the embedding rows past the
 tokenizer that Qwen pads its vocabulary with) is stored once, in
@@ -305,6 +306,26 @@ class PromptBatch:
         return PromptBatch(self.input_ids[rows, pad:], attention_mask[:, pad:],
                            self.position_ids[:, rows, pad:], self.next_position[rows],
                            self.pixel_values[patch_index], self.image_grid_thw[rows])
+
+
+def token_batches(rows, prompt_lengths, lengths, max_tokens):
+    """Splits `rows` (indices) into batches of at most `max_tokens` padded tokens each: k rows padded
+    to their longest prompt P and longest completion T cost k (P + T). Rows go longest first, so
+    rows of like length share a batch: short rows many to a pass, long ones few, as what a pass
+    holds in memory grows with its tokens, not its rows. A row longer than `max_tokens` goes alone.
+    GRPO's micro-batches and the sampler's calls are cut this way.
+    rows: [n] long; prompt_lengths, lengths: [B] long -> list of [k] long."""
+    order = rows[torch.argsort(prompt_lengths[rows] + lengths[rows], descending=True, stable=True)].tolist()
+    batches, P, T = [], 0, 0  # P, T: the longest prompt and completion of the last batch
+    for row in order:
+        p, t = int(prompt_lengths[row]), int(lengths[row])
+        if batches and (len(batches[-1]) + 1) * (max(P, p) + max(T, t)) <= max_tokens:
+            batches[-1].append(row)
+            P, T = max(P, p), max(T, t)
+        else:
+            batches.append([row])
+            P, T = p, t
+    return [torch.tensor(b) for b in batches]
 
 
 def mrope_positions(input_ids, attention_mask, image_grid_thw, image_token_id, merge_size):

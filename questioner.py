@@ -55,18 +55,18 @@ class QuestionerRewardSettings:
     count_empty: bool = True          # answers without \boxed{} vote for "None" (public code's reward)
 
 
-def write_questions(model, tokenizer, image_processor, images, n, settings, generator, fmt="paper", batch_size=8):
-    """n questions per image, batch_size images per sampler call. Returns (prompts: PromptBatch of
-    the images, samples: Samples with len(images) * n rows in image-major order, texts: list of str,
-    parsed: list of dict | None)."""
+def write_questions(model, tokenizer, image_processor, images, n, settings, generator, batch_tokens, fmt="paper"):
+    """n questions per image, as many images per sampler call as fit in a KV cache of `batch_tokens`
+    tokens. Returns (prompts: PromptBatch of the images, samples: Samples with len(images) * n rows
+    in image-major order, texts: list of str, parsed: list of dict | None)."""
     prompts = encode_prompts(tokenizer, image_processor, images, [QUESTIONER_PROMPTS[fmt]] * len(images))
-    out = sample_in_batches(model, prompts.to(model.device), batch_size, n=n, generator=generator, **vars(settings))
+    out = sample_in_batches(model, prompts.to(model.device), batch_tokens, n=n, generator=generator, **vars(settings))
     texts = out.texts(tokenizer)
     return prompts, out, texts, [parse_question(t, fmt) for t in texts]
 
 
 def score_questions(reasoner_model, tokenizer, image_processor, question_images, parsed, texts, group_ids,
-                    reward, answer_settings, generator, batch_size=8):
+                    reward, answer_settings, generator, batch_tokens):
     """The Questioner's reward for each output.
 
     question_images: the image of each output; parsed: parse_question results (None = invalid);
@@ -79,7 +79,7 @@ def score_questions(reasoner_model, tokenizer, image_processor, question_images,
     responses, answers = reasoner.answer(reasoner_model, tokenizer, image_processor,
                                          [question_images[i] for i in asked],
                                          [parsed[i]["question"] for i in asked],
-                                         reward.m, answer_settings, generator, batch_size) if asked else ([], [])
+                                         reward.m, answer_settings, generator, batch_tokens) if asked else ([], [])
     details = [{"question": p["question"] if p else None, "raw": t, "valid": ok, "answers": [], "responses": [],
                 "silver": None, "confidence": 0.0, "uncertainty": 0.0} for p, t, ok in zip(parsed, texts, valid)]
     for i, group_responses, group_answers in zip(asked, responses, answers):
@@ -96,17 +96,17 @@ def score_questions(reasoner_model, tokenizer, image_processor, question_images,
 
 
 def rollouts(questioner_model, reasoner_model, tokenizer, image_processor, images, G, question_settings,
-             answer_settings, reward, generator, fmt="paper", batch_size=8):
-    """G questions per image from the Questioner, rewarded with the frozen Reasoner; batch_size
-    prompts per sampler call.
+             answer_settings, reward, generator, batch_tokens, fmt="paper"):
+    """G questions per image from the Questioner, rewarded with the frozen Reasoner; each sampler
+    call fills a KV cache of at most `batch_tokens` tokens.
 
     Returns (Rollouts of len(images) * G rows, details: one dict per question, see score_questions).
     """
     prompts, out, texts, parsed = write_questions(questioner_model, tokenizer, image_processor, images, G,
-                                                  question_settings, generator, fmt, batch_size)
+                                                  question_settings, generator, batch_tokens, fmt)
     group_ids = [i // G for i in range(len(texts))]
     rewards, details = score_questions(reasoner_model, tokenizer, image_processor,
                                        [images[g] for g in group_ids], parsed, texts, group_ids,
-                                       reward, answer_settings, generator, batch_size)
+                                       reward, answer_settings, generator, batch_tokens)
     return Rollouts(prompts.repeat(G), out.ids.cpu(), out.mask.cpu(), torch.tensor(rewards),
                     group_size=G), details

@@ -25,15 +25,15 @@ def reasoner_prompt(question):
     return REASONER_PROMPT.format(question=question)
 
 
-def answer(model, tokenizer, image_processor, images, questions, m, settings, generator, batch_size=8):
+def answer(model, tokenizer, image_processor, images, questions, m, settings, generator, batch_tokens):
     """m sampled responses to each (image, question) pair.
 
     images: list[PIL], questions: list[str], same length N -> (responses: N lists of m str,
     answers: N lists of m str | None, the last \\boxed{} of each response). Pairs go through the
-    model `batch_size` at a time (so batch_size * m rows decode together).
+    model as many at a time as fit in a KV cache of `batch_tokens` tokens (sampler.sample_in_batches).
     """
     prompts = encode_prompts(tokenizer, image_processor, images, [reasoner_prompt(q) for q in questions])
-    out = sample_in_batches(model, prompts.to(model.device), batch_size, n=m, generator=generator, **vars(settings))
+    out = sample_in_batches(model, prompts.to(model.device), batch_tokens, n=m, generator=generator, **vars(settings))
     texts = out.texts(tokenizer)
     responses = [texts[i:i + m] for i in range(0, len(texts), m)]
     return responses, [[extract_boxed(r) for r in group] for group in responses]
@@ -54,14 +54,14 @@ def curate(answers, tau_low, tau_high, count_empty=False):
 
 
 def rollouts(model, tokenizer, image_processor, images, questions, silver_labels, G, settings, generator,
-             reward_mode="paper", batch_size=8):
-    """G answers per (image, question, silver label) triple, rewarded against the label;
-    batch_size triples per sampler call.
+             batch_tokens, reward_mode="paper"):
+    """G answers per (image, question, silver label) triple, rewarded against the label; as many
+    triples per sampler call as fit in a KV cache of `batch_tokens` tokens.
 
     Returns (Rollouts with B = len(questions) * G rows in group-major order, texts: list of B str).
     """
     prompts = encode_prompts(tokenizer, image_processor, images, [reasoner_prompt(q) for q in questions])
-    out = sample_in_batches(model, prompts.to(model.device), batch_size, n=G, generator=generator, **vars(settings))
+    out = sample_in_batches(model, prompts.to(model.device), batch_tokens, n=G, generator=generator, **vars(settings))
     texts = out.texts(tokenizer)
     labels = [label for label in silver_labels for _ in range(G)]
     rewards = torch.tensor([reasoner_reward(t, s, mode=reward_mode) for t, s in zip(texts, labels)])

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from fast_decode import StaticDecoder
-from model import next_token_logits, prompt_embeddings, suppressed_mask
+from model import next_token_logits, prompt_embeddings, suppressed_mask, token_batches
 
 
 @dataclass
@@ -155,16 +155,24 @@ def sample(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_k=0, to
     return Samples(torch.stack(ids, 1)[:, :T], mask[:, :T], torch.stack(logps, 1)[:, :T])
 
 
-def sample_in_batches(model, prompts, batch_size, n=1, **settings):
-    """`sample` over `batch_size` prompts at a time, results concatenated in prompt order and padded
-    to the longest: what must fit in memory is the KV cache of batch_size * n rows, not of all of
-    them. Reproducible for a generator state, though not the same draws as one call over all the
-    prompts (the generator is consumed batch after batch); greedy results are the same."""
-    parts = [sample(model, prompts.select(list(range(i, min(i + batch_size, len(prompts))))), n=n, **settings)
-             for i in range(0, len(prompts), batch_size)]
+def sample_in_batches(model, prompts, max_tokens, n=1, max_new_tokens=256, **settings):
+    """`sample` over as many prompts at a time as fit in a KV cache of `max_tokens` tokens (n rows
+    per prompt, each as long as the call's longest prompt plus max_new_tokens; `model.token_batches`,
+    longest prompts first, at least one prompt a call). Results come back in prompt order, padded to
+    the longest. What must fit in memory is one call's cache, whatever the images' sizes.
+    Reproducible for a generator state, though not the same draws as one call over all the prompts
+    (the generator is consumed call after call); greedy results are the same."""
+    prompt_lengths = prompts.attention_mask.sum(1).cpu()
+    batches = token_batches(torch.arange(len(prompts)), prompt_lengths, torch.full_like(prompt_lengths, max_new_tokens),
+                            max_tokens // n)
+    parts = [sample(model, prompts.select(b.tolist()), n=n, max_new_tokens=max_new_tokens, **settings)
+             for b in batches]
     T = max(p.ids.shape[1] for p in parts)
     pad_id = model.generation_config.pad_token_id
+    # Row j of prompt b is row b * n + j of the result.
+    rows = (torch.cat(batches)[:, None] * n + torch.arange(n)).flatten().to(parts[0].ids.device)
 
     def joined(name, fill):
-        return torch.cat([F.pad(getattr(p, name), (0, T - p.ids.shape[1]), value=fill) for p in parts])
+        values = torch.cat([F.pad(getattr(p, name), (0, T - p.ids.shape[1]), value=fill) for p in parts])
+        return torch.empty_like(values).index_copy_(0, rows, values)
     return Samples(joined("ids", pad_id), joined("mask", 0), joined("logprobs", 0.0))

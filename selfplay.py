@@ -73,8 +73,9 @@ class Config:
     group_size: int = option("G: samples per prompt in both roles' rollouts", "loop", default=8)
     min_pixels: int = option("images are resized to at least this many pixels", "loop", default=262_144)
     max_pixels: int = option("... and at most this many", "loop", default=4_194_304)
-    sampling_batch_size: int = option("prompts per sampler call, each decoding G or m rows: bounds the KV cache",
-                                      "loop", default=8)
+    sampling_batch_tokens: int = option("KV-cache tokens per sampler call, rows x (prompt + max new tokens): as "
+                                        "many prompts as fit, at least one (393216: 13.5 GiB for the 3B; 8 "
+                                        "prompts of m = 10 answers of 4096 tokens)", "loop", default=393_216)
     # questioner
     question_format: str = option("'paper': <question> only; 'code': <type>/<question>/<answer>", "questioner",
                                   choices=("paper", "code"), default="paper")
@@ -497,7 +498,7 @@ def questioner_phase(cfg, run, paths, images):
         chosen = choose(run, len(images), cfg.images_per_step)
         rollouts, details = questioner.rollouts(policy, frozen_reasoner, tok, ip, [images[i] for i in chosen],
                                                 cfg.group_size, question_settings, answer_settings, reward,
-                                                run.generator, cfg.question_format, cfg.sampling_batch_size)
+                                                run.generator, cfg.sampling_batch_tokens, cfg.question_format)
         update = grpo_step(cfg, policy, optimizer, reference, rollouts)
         record = {"phase": "questioner", "iteration": k, "step": step + 1,
                   **rollout_metrics(rollouts, time.perf_counter() - start),
@@ -530,12 +531,12 @@ def curation_phase(cfg, run, paths, images):
         batch_images = {i: images[i] for i in batch}  # decoded once, asked about N times
         _, _, texts, parsed = questioner.write_questions(q_model, tok, ip, list(batch_images.values()),
                                                          cfg.candidates_per_image, write_settings, run.generator,
-                                                         cfg.question_format, cfg.sampling_batch_size)
+                                                         cfg.sampling_batch_tokens, cfg.question_format)
         owners = [batch[j // cfg.candidates_per_image] for j in range(len(texts))]
         asked = [j for j, p in enumerate(parsed) if p is not None]
-        responses, answers = reasoner.answer(r_model, tok, ip, [batch_images[owners[j]] for j in asked],
-                                             [parsed[j]["question"] for j in asked], cfg.curation_votes,
-                                             vote_settings, run.generator, cfg.sampling_batch_size) if asked else ([], [])
+        responses, answers = reasoner.answer(
+            r_model, tok, ip, [batch_images[owners[j]] for j in asked], [parsed[j]["question"] for j in asked],
+            cfg.curation_votes, vote_settings, run.generator, cfg.sampling_batch_tokens) if asked else ([], [])
         votes = dict(zip(asked, zip(responses, answers, reasoner.curate(answers, cfg.tau_low, cfg.tau_high,
                                                                         cfg.curation_count_empty))))
         for j, (text, p) in enumerate(zip(texts, parsed)):
@@ -581,8 +582,8 @@ def reasoner_phase(cfg, run, paths, images):
         chosen = [kept[i] for i in choose(run, len(kept), cfg.questions_per_step)]
         rollouts, _ = reasoner.rollouts(policy, tok, ip, [images[r["image_index"]] for r in chosen],
                                         [r["question"] for r in chosen], [r["silver"] for r in chosen],
-                                        cfg.group_size, settings, run.generator, cfg.reasoner_reward,
-                                        cfg.sampling_batch_size)
+                                        cfg.group_size, settings, run.generator, cfg.sampling_batch_tokens,
+                                        cfg.reasoner_reward)
         update = grpo_step(cfg, policy, optimizer, reference, rollouts)
         record = {"phase": "reasoner", "iteration": k, "step": step + 1,
                   **rollout_metrics(rollouts, time.perf_counter() - start), **update,

@@ -42,7 +42,7 @@ def test_stop_at_once_ends_sampling_early_and_restores_the_stop_ids(tiny):
 
 
 # selfplay.py flags of a memory-figure run that fits the tiny model on a CPU
-SMALL_RUN = ("--question-max-tokens 6 --answer-max-tokens 6 --sampling-batch-size 2 --group-size 2 "
+SMALL_RUN = ("--question-max-tokens 6 --answer-max-tokens 6 --sampling-batch-tokens 1024 --group-size 2 "
              f"--micro-batch-tokens 64 --min-pixels {TINY_MIN_PIXELS} --max-pixels {TINY_MAX_PIXELS}")
 
 

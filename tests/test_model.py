@@ -10,7 +10,7 @@ import torch
 from conftest import PROMPTS, completions, random_images
 
 import model as M
-from model import ModelError, completion_logprobs, encode_prompts, load_vlm
+from model import ModelError, completion_logprobs, encode_prompts, load_vlm, token_batches
 from sampler import sample
 
 REPO = Path(__file__).resolve().parents[1]
@@ -197,3 +197,19 @@ def test_real_checkpoint_sampler_matches_generate():
     assert torch.equal(ours.ids, generate_reference(model, prompts, 16))
     logp = completion_logprobs(model, prompts, ours.ids, ours.mask)
     assert (logp - ours.logprobs).abs().max() < 1e-3
+
+
+def test_token_batches_fill_a_budget_of_padded_tokens():
+    prompt = torch.tensor([10, 10, 12, 10, 30, 10, 10, 10])
+    completion = torch.tensor([5, 50, 0, 7, 60, 3, 1, 2])
+    rows = torch.arange(8)
+
+    def split(max_tokens, of=rows):
+        return [b.tolist() for b in token_batches(of, prompt, completion, max_tokens)]
+    # Longest row first (prompt + completion: 90, 60, 17, 15, 13, 12, 12, 11); k rows padded to
+    # their longest prompt P and completion T cost k (P + T): [4] 90; [4, 1] would be 2 × 90 = 180;
+    # [3, 0, 5, 2, 7] 5 × (12 + 7) = 95; adding row 6 would make 6 × 19 = 114.
+    assert split(100) == [[4], [1], [3, 0, 5, 2, 7], [6]]
+    assert split(1) == [[4], [1], [3], [0], [5], [2], [7], [6]]  # rows over the budget go alone
+    assert split(10**6) == [[4, 1, 3, 0, 5, 2, 7, 6]]
+    assert split(100, of=torch.tensor([6, 1, 0])) == [[1], [0, 6]]  # only the rows given

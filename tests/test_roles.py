@@ -47,7 +47,7 @@ def test_questioner_reward_wiring(tiny, combine):
     reasoner.answer, questioner.reasoner.answer = spy, spy
     try:
         rewards, details = questioner.score_questions(model, tok, ip, images, parsed, texts, [0, 0, 0, 0],
-                                                      settings, SHORT, torch.Generator().manual_seed(0))
+                                                      settings, SHORT, torch.Generator().manual_seed(0), 10**9)
     finally:
         reasoner.answer = original
     assert calls == [[texts[0][10:-11], texts[2][10:-11], texts[3][10:-11]]], "only valid questions are answered"
@@ -68,12 +68,12 @@ def test_rollouts_line_up_rows_with_groups(tiny):
     model, tok, ip = tiny
     images = random_images(1, [(56, 56), (64, 80)])
     rollouts, texts = reasoner.rollouts(model, tok, ip, images, ["Q one?", "Q two?"], ["3", "4"], G=3,
-                                        settings=SHORT, generator=torch.Generator().manual_seed(0))
+                                        settings=SHORT, generator=torch.Generator().manual_seed(0), batch_tokens=1)
     assert len(rollouts) == 6 == len(texts) and rollouts.rewards.shape == (6,)
     assert torch.equal(rollouts.prompts.image_grid_thw, ip(images=images, return_tensors="pt")["image_grid_thw"]
                        .repeat_interleave(3, dim=0))
     q_rollouts, details = questioner.rollouts(model, model, tok, ip, images, 2, SHORT, SHORT,
                                               questioner.QuestionerRewardSettings(m=2),
-                                              torch.Generator().manual_seed(0))
+                                              torch.Generator().manual_seed(0), batch_tokens=1)
     assert len(q_rollouts) == 4 == len(details)
     assert q_rollouts.advantages().shape == (4,)

@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import PROMPTS, random_images
 
+import sampler
 from model import completion_logprobs, encode_prompts, load_vlm
 from sampler import sample, sample_in_batches, truncate_logits
 
@@ -165,14 +166,27 @@ def test_truncation_keeps_the_float64_reference_set(top_k, top_p):
     assert checked > 50
 
 
-def test_sampling_in_batches_equals_one_call_when_greedy(tiny):
+def test_sampling_in_batches_equals_one_call_when_greedy(tiny, monkeypatch):
     model, tok, ip = tiny
     first = sample(model, encode_prompts(tok, ip, random_images(7), PROMPTS), max_new_tokens=12, temperature=0)
     add_frequent_stops(model, first, k=1)
     prompts = encode_prompts(tok, ip, random_images(7), PROMPTS)
     whole = sample(model, prompts, n=2, max_new_tokens=12, temperature=0)
-    batched = sample_in_batches(model, prompts, 2, n=2, max_new_tokens=12, temperature=0)
-    assert torch.equal(batched.ids, whole.ids) and torch.equal(batched.mask, whole.mask)
-    assert (batched.logprobs - whole.logprobs).abs().max() < 1e-4
+    lengths = prompts.attention_mask.sum(1)
+    assert len(set(lengths.tolist())) == 3, "prompts of three lengths, so the calls reorder them"
+    # The longest prompt alone, then the other two together; then each alone.
+    two_shortest = 2 * 2 * (int(lengths.sort().values[1]) + 12)
+    calls = []
+
+    def counted(model, prompts, **settings):
+        calls.append(len(prompts))
+        return sample(model, prompts, **settings)
+    monkeypatch.setattr(sampler, "sample", counted)
+    for budget, prompts_per_call in ((two_shortest, [1, 2]), (1, [1, 1, 1])):
+        calls.clear()
+        batched = sample_in_batches(model, prompts, budget, n=2, max_new_tokens=12, temperature=0)
+        assert calls == prompts_per_call
+        assert torch.equal(batched.ids, whole.ids) and torch.equal(batched.mask, whole.mask)
+        assert (batched.logprobs - whole.logprobs).abs().max() < 1e-4
     texts = batched.texts(tok)
     assert len(texts) == 6 and all("<|im_end|>" not in t and "<|endoftext|>" not in t for t in texts)
