@@ -1,6 +1,7 @@
 """selfplay.py end to end on the tiny model: every file of the run folder, bad images skipped and
 listed, and a run killed with SIGKILL that resumes to the same metrics and weights."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -270,7 +271,8 @@ def check_lora_roles_of_iteration_2(folder):
     for role in ("questioner", "reasoner"):  # one phase trained each: rank r
         updates = load_file(folder / "iter_1" / role / selfplay.LORA_UPDATES)
         assert {A.shape[0] for name, A in updates.items() if name.endswith("past_A")} == {cfg.lora_rank}
-    images = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (56, 56, 3), dtype=np.uint8)) for i in range(2)]
+    images = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (56, 56, 3), dtype=np.uint8))
+              for i in range(2)]
     prompts = encode_prompts(tok, ip, images, [QUESTIONER_PROMPTS["paper"]] * 2)
     ids, mask = completions(tok, ["<question>How many?</question>", "<think>one</think> \\boxed{1}"])
     with torch.no_grad(), lora.adapters(policy, False):
@@ -281,6 +283,15 @@ def check_lora_roles_of_iteration_2(folder):
             plain = load_vlm(str(folder / "iter_1" / role))[0]
             assert (got - completion_logprobs(plain, prompts, ids, mask)).abs().max() < 1e-4, role
     assert (at_start - answering).abs().max() > 1e-3, "the two roles are different models"
+    # --kl-reference base: from iteration 2 on, the base model, over the policy's weights as well
+    base_reference, _ = selfplay.frozen_models(dataclasses.replace(cfg, kl_reference="base"), run, "questioner",
+                                               policy)
+    assert base_reference is not policy
+    assert {id(p) for p in base_reference.parameters()} == {id(p) for p in policy.parameters()}
+    with torch.no_grad():
+        base_logp = completion_logprobs(load_vlm(cfg.model)[0], prompts, ids, mask)
+        assert (completion_logprobs(base_reference, prompts, ids, mask) - base_logp).abs().max() < 1e-4
+    assert (base_logp - at_start).abs().max() > 1e-3, "Q_1 moved away from the base"
     updates = folder / "iter_1" / "reasoner" / selfplay.LORA_UPDATES
     updates.rename(updates.with_suffix(".moved"))  # a role folder without its updates: a one-line error
     with pytest.raises(DataError, match="has no lora_updates.safetensors"):
