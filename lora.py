@@ -174,7 +174,8 @@ def updates(model):
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
             A, B = module.factors()
-            result[f"{name}.past_A"], result[f"{name}.past_B"] = A.to("cpu", torch.float32), B.to("cpu", torch.float32)
+            result[f"{name}.past_A"] = A.to("cpu", torch.float32, copy=True)
+            result[f"{name}.past_B"] = B.to("cpu", torch.float32, copy=True)
     return result
 
 
