@@ -568,7 +568,8 @@ def reasoner_phase(cfg, run, paths, images):
         if cfg.on_too_few == "stop":
             raise DataError(message + "; stopping (--on-too-few stop)")
         print(message + f"; skipping the Reasoner phase, R_{k} = R_{k - 1} (--on-too-few skip)")
-        # loaded as trainable weights are (float32), so the copy loses no precision
+        # Loaded as for training (float32 weights, or the base with float32 LoRA updates), so the
+        # copy loses no precision; the fresh, untrained adapter adds nothing.
         model, tok, ip, _ = trainable_role(cfg, run.role_source(k, "reasoner"), run.device)
         end_phase(run, "reasoner", model, tok, ip, "summary")
         return
