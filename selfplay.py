@@ -232,6 +232,10 @@ def resolve_config(cfg):
     if not (folder / "state.json").exists():
         raise DataError(f"cannot resume: '{folder}' has no state.json (not a run folder, or it never started)")
     saved = json.loads((folder / "config.json").read_text())
+    unknown = sorted(saved.keys() - {f.name for f in dataclasses.fields(Config)})
+    if unknown:  # a run started by another version of selfplay.py
+        raise DataError(f"cannot resume: '{folder}/config.json' has settings this selfplay.py does not know: "
+                        f"{', '.join(unknown)}")
     return Config(**dict(saved, resume=str(folder), quiet=cfg.quiet, device=cfg.device))
 
 

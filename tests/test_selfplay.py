@@ -212,8 +212,13 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(format_model, tmp_path)
 
 
 def test_cli_errors_are_one_line(tmp_path):
+    old_run = tmp_path / "old_run"  # a run folder written by a version with a setting since renamed
+    old_run.mkdir()
+    (old_run / "state.json").write_text("{}")
+    (old_run / "config.json").write_text(json.dumps({"model": "tiny", "micro_batch_size": 8}))
     for args, needle in ((["--images", str(tmp_path / "nope"), "--model", "tiny"], "does not exist"),
-                         (["--resume", str(tmp_path)], "no state.json")):
+                         (["--resume", str(tmp_path)], "no state.json"),
+                         (["--resume", str(old_run)], "does not know: micro_batch_size")):
         proc = run_selfplay(args + ["--output", str(tmp_path / "out")])
         log, _ = proc.communicate(timeout=120)
         assert proc.returncode == 2 and needle in log
