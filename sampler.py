@@ -155,7 +155,7 @@ def sample(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_k=0, to
     return Samples(torch.stack(ids, 1)[:, :T], mask[:, :T], torch.stack(logps, 1)[:, :T])
 
 
-def sample_in_batches(model, prompts, max_tokens, n=1, max_new_tokens=256, **settings):
+def sample_in_batches(model, prompts, max_tokens, n=1, *, max_new_tokens, **settings):
     """`sample` over as many prompts at a time as fit in a KV cache of `max_tokens` tokens (n rows
     per prompt, each as long as the call's longest prompt plus max_new_tokens; `model.token_batches`,
     longest prompts first, at least one prompt a call). Results come back in prompt order, padded to

@@ -313,18 +313,21 @@ def lora_base(cfg, device):
     return model, tokenizer, image_processor
 
 
-def trainable_role(cfg, source, device):
-    """A role ready to train from `source` (Run.role_source), and its AdamW.
+def role_weights(cfg, source, device):
+    """A role as it is at `source` (Run.role_source), in the form it trains in. Full fine-tuning:
+    the float32 weights of the checkpoint there. With --lora-rank r: the base model's weights,
+    frozen (bf16 on a GPU), the role's updates so far as frozen factors, and a fresh adapter of
+    lora.py, the only trainable part."""
+    if cfg.lora_rank == 0:
+        return load_model(cfg, source, device, trainable=True)
+    model, tokenizer, image_processor = lora_base(cfg, device)
+    lora.set_past(model, lora_updates(cfg, source))
+    return model, tokenizer, image_processor
 
-    Full fine-tuning trains the float32 weights of the checkpoint at `source`. With --lora-rank r
-    the base model's weights stay frozen (bf16 on a GPU), the role's updates so far are frozen
-    factors, and only a fresh adapter of lora.py trains.
-    """
-    if cfg.lora_rank > 0:
-        policy, tokenizer, image_processor = lora_base(cfg, device)
-        lora.set_past(policy, lora_updates(cfg, source))
-    else:
-        policy, tokenizer, image_processor = load_model(cfg, source, device, trainable=True)
+
+def trainable_role(cfg, source, device):
+    """A role ready to train from `source` (`role_weights`), and its AdamW."""
+    policy, tokenizer, image_processor = role_weights(cfg, source, device)
     if cfg.freeze_vision:
         policy.model.visual.requires_grad_(False)
     if cfg.gradient_checkpointing:
@@ -574,7 +577,7 @@ def reasoner_phase(cfg, run, paths, images):
         print(message + f"; skipping the Reasoner phase, R_{k} = R_{k - 1} (--on-too-few skip)")
         # Loaded as for training (float32 weights, or the base with float32 LoRA updates), so the
         # copy loses no precision; the fresh, untrained adapter adds nothing.
-        model, tok, ip, _ = trainable_role(cfg, run.role_source(k, "reasoner"), run.device)
+        model, tok, ip = role_weights(cfg, run.role_source(k, "reasoner"), run.device)
         end_phase(run, "reasoner", model, tok, ip, "summary")
         return
     policy, tok, ip, optimizer = start_phase(cfg, run, "reasoner")
