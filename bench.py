@@ -336,7 +336,7 @@ def random_rollouts(model, prompts, G, T, seed):
     generator = torch.Generator().manual_seed(seed)
     allowed = (~suppressed_mask(model)).nonzero().flatten().cpu()
     ids = allowed[torch.randint(len(allowed), (len(prompts) * G, T), generator=generator)]
-    return Rollouts(prompts.repeat(G), ids, torch.ones_like(ids), torch.randn(len(ids), generator=generator), G)
+    return Rollouts(prompts.repeat(G), ids, torch.ones_like(ids), torch.randn(len(ids), generator=generator), G, T)
 
 
 def grpo_figure(cfg, device, reference, tokenizer, image_processor):

@@ -23,8 +23,9 @@ reference. Which model is the reference is the trainer's choice; this file only 
                       N_seq, N_tok and T_max rather than by its own counts
 
 N_seq counts the sequences with at least one token, N_tok the valid tokens, |o_i| the tokens of
-sequence i, T_max the padded length (Dr.GRPO: the generation budget). Defaults are the public
-code's: ε_low = 0.2, ε_high = 0.3 ("clip-higher"), c = 3, β = 0.01; std is the unbiased one.
+sequence i, T_max the generation budget (the rollouts' max_new_tokens: one constant, as in
+Dr.GRPO, not the longest completion of the batch). Defaults are the public code's: ε_low = 0.2,
+ε_high = 0.3 ("clip-higher"), c = 3, β = 0.01; std is the unbiased one.
 
 Simplified away or left out: no critic and no GAE (one scalar advantage per completion, the same
 for all its tokens); no entropy bonus; the KL is a loss term, not a reward penalty; the ratio is
@@ -244,12 +245,14 @@ class Rollouts:
     prompts:  a model.PromptBatch of B rows (each group's prompt repeated G times)
     ids, mask: [B, T] completion tokens, 1 up to and including the stop token
     rewards:  [B]
+    max_new_tokens: the budget they were sampled with (T <= it; the sampler trims all-pad steps)
     """
     prompts: object
     ids: Tensor
     mask: Tensor
     rewards: Tensor
     group_size: int
+    max_new_tokens: int
 
     def __len__(self):
         return self.ids.shape[0]
@@ -307,32 +310,34 @@ def update(policy, optimizer, rollouts, advantages, ref_logp=None, *, temperatur
     advantages: [B], one per completion. ref_logp: [B, T], the rollouts' log-probs under the frozen
     reference of the KL term (`rollout_logprobs` of a frozen copy, or of the policy itself with its
     LoRA adapters off); None, or kl_coef = 0, drops the term. The log-probs of the sampling policy
-    (old) are, like the reference's, computed once, before the first step, so ρ = 1 exactly on the
-    first step (with a single step, old is the training forward's own, detached). Mini-batches are
-    consecutive slices of the batch (whole groups when B / minibatches is a multiple of G); inside
-    one, micro-batches (`model.token_batches`, up to `micro_batch_tokens` padded tokens each; many
-    short rows to one forward pass, as the step is bound by the host issuing kernels) are summed
-    with the mini-batch's own totals, so the gradient equals the gradient of the mini-batch in one
-    piece (equation (8)). Then the gradient norm is clipped and the optimizer steps.
+    (old) are, like the reference's, computed once, before the first step, so ρ = 1 on the first
+    step: exactly with a single step, where old is the training forward's own, detached; up to
+    rounding otherwise (in bf16, passes over other micro-batches can differ in the last bits).
+    Mini-batches are consecutive slices of the batch (whole groups when B / minibatches is a
+    multiple of G; at most B of them, so a small batch gives fewer steps); inside one,
+    micro-batches (`model.token_batches`, up to `micro_batch_tokens` padded tokens each; many short
+    rows to one forward pass, as the step is bound by the host issuing kernels) are summed with the
+    mini-batch's own totals, so the gradient equals the gradient of the mini-batch in one piece
+    (equation (8)). Then the gradient norm is clipped and the optimizer steps.
 
     Returns the metrics of `policy_loss` averaged over the optimizer steps (maxima: the max), plus
     grad_norm (before clipping) and n_steps.
     """
     device = policy.device
+    minibatches = min(minibatches, len(rollouts))  # a batch of few kept questions cannot fill more
     # With one optimizer step per batch the policy has not moved when the loss is taken: old = the
     # current log-probs, detached, and a whole forward pass over the batch is saved.
     on_policy = epochs * minibatches == 1
     old_logp = None if on_policy else rollout_logprobs(policy, rollouts, micro_batch_tokens, temperature)
     if kl_coef == 0:
         ref_logp = None
-    T_max = rollouts.ids.shape[1]
     prompt_lengths, lengths = row_lengths(rollouts)
     history = []
     policy.train()  # HF applies activation checkpointing in train mode only; Qwen has no dropout
     for _ in range(epochs):
         for minibatch in torch.arange(len(rollouts)).tensor_split(minibatches):
             totals = batch_totals(rollouts.mask[minibatch])
-            totals["max_len"] = T_max  # Dr.GRPO divides by the generation budget, not a padded length
+            totals["max_len"] = rollouts.max_new_tokens  # Dr.GRPO's constant, not this batch's longest
             step = {}
             for rows in token_batches(minibatch, prompt_lengths, lengths, micro_batch_tokens):
                 prompts, ids, mask = _micro_batch(rollouts, rows)

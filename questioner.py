@@ -108,5 +108,5 @@ def rollouts(questioner_model, reasoner_model, tokenizer, image_processor, image
     rewards, details = score_questions(reasoner_model, tokenizer, image_processor,
                                        [images[g] for g in group_ids], parsed, texts, group_ids,
                                        reward, answer_settings, generator, batch_tokens)
-    return Rollouts(prompts.repeat(G), out.ids.cpu(), out.mask.cpu(), torch.tensor(rewards),
-                    group_size=G), details
+    return Rollouts(prompts.repeat(G), out.ids.cpu(), out.mask.cpu(), torch.tensor(rewards), group_size=G,
+                    max_new_tokens=question_settings.max_new_tokens), details

@@ -65,4 +65,5 @@ def rollouts(model, tokenizer, image_processor, images, questions, silver_labels
     texts = out.texts(tokenizer)
     labels = [label for label in silver_labels for _ in range(G)]
     rewards = torch.tensor([reasoner_reward(t, s, mode=reward_mode) for t, s in zip(texts, labels)])
-    return Rollouts(prompts.repeat(G), out.ids.cpu(), out.mask.cpu(), rewards, group_size=G), texts
+    return (Rollouts(prompts.repeat(G), out.ids.cpu(), out.mask.cpu(), rewards, group_size=G,
+                     max_new_tokens=settings.max_new_tokens), texts)

@@ -84,7 +84,7 @@ def normalize_answer(text):
     """
     if text is None:
         return ""
-    s = text.strip().strip("$")
+    s = re.sub(r"\$\s*\.$", "$", text.strip()).strip("$")  # "$5$." is "5": the full stop after the math
     while (m := _WRAPPER.search(s)):
         close_idx = _closing_brace(s, m.end() - 1)
         if close_idx < 0:
@@ -135,8 +135,9 @@ def answers_equivalent(a, b, rel_tol=1e-6):
     """True when two answers (str or None) mean the same. Symmetric; an empty answer matches
     nothing, not even another empty one.
 
-    Rules: numbers compare with relative tolerance rel_tol (0.5 = 1/2 = \\frac{1}{2} = .50,
-    1,000 = 1000, -3 = −3, 50% = 50); a multiple-choice letter matches the same letter with or
+    Rules: two whole numbers must be equal (1,000 = 1000.0, -3 = −3, 50% = 50; 1000001 is not
+    1000000, which a relative tolerance would allow); other numbers compare with relative tolerance
+    rel_tol (0.5 = 1/2 = \\frac{1}{2} = .50); a multiple-choice letter matches the same letter with or
     without its option text (B = (B) = B) = B. red, and B) red = B) blue: the letter decides);
     yes = true and no = false; anything else after normalize_answer must be equal as strings.
     Conservative on purpose: "A red car" is text (no punctuation after "A"), "1,2" is text (not
@@ -151,7 +152,10 @@ def answers_equivalent(a, b, rel_tol=1e-6):
     if ka is None or kb is None:
         return False
     if ka[0] == kb[0] == "number":
-        return math.isclose(ka[1], kb[1], rel_tol=rel_tol, abs_tol=1e-12)
+        x, y = ka[1], kb[1]
+        if x.is_integer() and y.is_integer():
+            return x == y
+        return math.isclose(x, y, rel_tol=rel_tol, abs_tol=1e-12)
     return ka == kb
 
 # -----------------------------------------------------------------------------

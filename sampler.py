@@ -9,9 +9,10 @@ the G sample rows. From there each row decodes on its own:
            -> log-prob of the drawn token (untruncated distribution)
            -> top-k, top-p truncation -> draw (seeded torch.Generator) or argmax (temperature 0)
 
-Log-probs are those of the temperature-scaled distribution *before* top-k / top-p truncation,
-which is what `model.completion_logprobs` recomputes, so GRPO's first ratio is exactly 1 (as in
-verl; the truncation is treated as part of the environment, not of the policy).
+Log-probs are those of the temperature-scaled distribution *before* top-k / top-p truncation, the
+distribution `model.completion_logprobs` scores (as in verl, the truncation is treated as part of
+the environment, not of the policy). GRPO does not reuse them as its old log-probs: it recomputes
+those with the training forward, as these come from other kernels (on a GPU, the bf16 decode step).
 
 Rows stop on <|im_end|> or <|endoftext|> (the model's generation_config); a stopped row emits pad
 from then on, and its mask is 1 up to and including the stop token. Pad and stop can be the same

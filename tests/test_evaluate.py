@@ -79,6 +79,13 @@ def test_scoring_rules(key, prediction, right):
     assert score(RECORDS[key], prediction) is right
 
 
+def test_a_large_count_must_match_exactly():
+    """1000001 is within 1e-6 of 1000000, but a count is right or wrong."""
+    record = make_record("m", IMAGE, "How many?", "1000000", "c")
+    assert score(record, "1,000,000") and score(record, "1e6")
+    assert not score(record, "1000001") and not score(record, "999999")
+
+
 def test_records_get_the_answer_type_that_picks_their_rule():
     types = {key: (r.answer_type, r.answer) for key, r in RECORDS.items()}
     assert types == {"mc": (MC, "B"), "mc_text_gold": (MC, "B"), "mc_inline": (MC, "C"),

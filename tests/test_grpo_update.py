@@ -1,6 +1,8 @@
 """grpo.update on the tiny model: micro-batching and activation checkpointing change no gradient."""
 
 import copy
+import dataclasses
+import math
 
 import torch
 from conftest import PROMPTS, random_images
@@ -14,7 +16,7 @@ def rollout_batch(model, tok, ip, G=4):
     prompts = encode_prompts(tok, ip, random_images(0), PROMPTS)
     out = sample(model, prompts, n=G, max_new_tokens=12, generator=torch.Generator().manual_seed(0))
     rewards = torch.tensor([float(i % 3 == 0) + 0.1 * i for i in range(len(prompts) * G)])
-    return Rollouts(prompts.repeat(G), out.ids, out.mask, rewards, group_size=G)
+    return Rollouts(prompts.repeat(G), out.ids, out.mask, rewards, group_size=G, max_new_tokens=12)
 
 
 ONE_MICRO_BATCH = 10**9  # micro_batch_tokens that fit any batch
@@ -50,6 +52,28 @@ def test_micro_batches_and_checkpointing_give_the_full_batch_gradient(tiny):
     plain, _ = step_delta(model, rollouts, reference, micro_batch_tokens=ONE_MICRO_BATCH)
     assert torch.allclose(delta, plain, atol=1e-6, rtol=1e-4)
     assert not model.training and not checkpointed.training, "update leaves the model in eval mode"
+
+
+def test_dr_grpo_divides_by_the_generation_budget(tiny):
+    """seq-sum-over-max-len's T_max is the budget the rollouts were sampled with, whatever their
+    longest completion: four times the budget, a quarter of the step."""
+    model, tok, ip = tiny
+    rollouts = rollout_batch(model, tok, ip)
+    settings = dict(micro_batch_tokens=ONE_MICRO_BATCH, aggregation="seq-sum-over-max-len")
+    step, metrics = step_delta(model, rollouts, copy.deepcopy(model), **settings)
+    longer_budget, longer_metrics = step_delta(model, dataclasses.replace(rollouts, max_new_tokens=48),
+                                               copy.deepcopy(model), **settings)
+    assert math.isclose(4 * longer_metrics["grad_norm"], metrics["grad_norm"], rel_tol=1e-5)
+    assert step.abs().max() > 0.1 and torch.allclose(4 * longer_budget, step, atol=1e-6)
+
+
+def test_more_minibatches_than_rows_gives_one_step_per_row(tiny):
+    model, tok, ip = tiny
+    rollouts = rollout_batch(model, tok, ip)
+    settings = dict(micro_batch_tokens=ONE_MICRO_BATCH, kl_coef=0.0)
+    too_many, metrics = step_delta(model, rollouts, None, minibatches=len(rollouts) + 4, **settings)
+    one_per_row, _ = step_delta(model, rollouts, None, minibatches=len(rollouts), **settings)
+    assert metrics["n_steps"] == len(rollouts) and torch.equal(too_many, one_per_row)
 
 
 def test_checkpointing_recomputes_the_layers(tiny, monkeypatch):

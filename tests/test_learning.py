@@ -68,8 +68,7 @@ def train(negate_advantages):
         out = sample(model, prompts, n=G, max_new_tokens=4, temperature=1.0, generator=generator)
         texts = out.texts(tok)
         rewards = torch.tensor([float(t.strip() == colours[i // G]) for i, t in enumerate(texts)])
-        rollouts = Rollouts(prompts.repeat(G),
-                            out.ids, out.mask, rewards, group_size=G)
+        rollouts = Rollouts(prompts.repeat(G), out.ids, out.mask, rewards, group_size=G, max_new_tokens=4)
         advantages = rollouts.advantages() * (-1 if negate_advantages else 1)
         update(model, optimizer, rollouts, advantages, micro_batch_tokens=10**9, minibatches=2, kl_coef=0.0)
         if step % 5 == 4:

@@ -228,7 +228,8 @@ def test_grpo_update_trains_adapters_with_the_reference_from_the_same_model(tiny
     base = load_vlm("tiny", seed=0)[0]
     train_adapters(model, completions(base, tok, ip, seed=1))  # policy != reference, so the KL is > 0
     prompts, ids, mask = completions(model, tok, ip, n=2)
-    rollouts = grpo.Rollouts(prompts, ids, mask, torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0]), group_size=2)
+    rollouts = grpo.Rollouts(prompts, ids, mask, torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0]), group_size=2,
+                             max_new_tokens=ids.shape[1])
     advantages = rollouts.advantages()
 
     with adapters(model, False):

@@ -83,10 +83,14 @@ EQUIV_CASES = [
     (r"-\frac{1}{2}", "-0.5", True),
     (r"\frac{-1}{2}", "-1/2", True),
     ("$4$", "4", True),
+    ("$4$.", "4", True),
     (r"\text{4}", "4", True),
     ("1e3", "1000", True),
     ("30°", r"30^\circ", True),
     ("1000000", "1000000.5", True),                            # relative gap 5e-7 < 1e-6
+    ("1000000", "1000001", False),                             # two whole numbers: exactly
+    ("123456789", "1.2345679e8", False),
+    ("1,000,000", "1e6", True),
     ("0.1", "0.1000002", False),                               # relative gap 2e-6 > 1e-6
     ("2", "3", False),
     ("-3", "3", False),
