@@ -77,7 +77,7 @@ import transformers
 import questioner
 import reasoner
 import selfplay
-from cli import option, parse
+from cli import AT_LEAST_1, NON_NEGATIVE, PROBABILITY, option, parse
 from data import shapes_images, write_shapes_folder
 from grpo import Rollouts, make_optimizer, rollout_logprobs, update, weights_dtype
 from model import TINY_MAX_PIXELS, TINY_MIN_PIXELS, encode_prompts, load_vlm, suppressed_mask
@@ -100,16 +100,17 @@ class Config:
     device: str = option("cuda, cpu, or auto", default="auto")
     only: str = option("comma-separated figures to run, of: " + ", ".join(FIGURES), default=",".join(FIGURES))
     json: str = option("also write the table and the raw measurements to this JSON file", default="")
-    repeats: int = option("timed calls per measurement, after one warm-up; the best counts", default=3)
+    repeats: int = option("timed calls per measurement, after one warm-up; the best counts", valid=AT_LEAST_1,
+                          default=3)
     seed: int = option("seeds the images, the random weights and sampling", default=0)
-    prompts: int = option("P: prompts (images) of the sampler figure", default=8)
+    prompts: int = option("P: prompts (images) of the sampler figure", valid=AT_LEAST_1, default=8)
     samples: int = option("n: samples per prompt; also the group size of the GRPO and self-play batches",
                         default=8)
     new_tokens: int = option("T: new tokens per sample, and completion length of the GRPO batch "
                            "(0: 256, or 64 for tiny)", default=0)
     image_size: int = option("side of the square images in pixels (0: 448, or 112 for tiny)", default=0)
-    temperature: float = option("sampling temperature", default=1.0)
-    top_p: float = option("sampling top-p", default=0.99)
+    temperature: float = option("sampling temperature", valid=NON_NEGATIVE, default=1.0)
+    top_p: float = option("sampling top-p", valid=PROBABILITY, default=0.99)
     greedy: bool = option("also time greedy decoding", default=True)
     grpo_rows: int = option("rows of the GRPO batch (groups of --samples)", default=16)
     micro_batch_tokens: int = option("padded tokens per forward/backward in the GRPO step",

@@ -4,11 +4,13 @@ Each script (selfplay.py, evaluate.py, bench.py) keeps every setting in one data
 declared with `option(help, ...)` becomes the flag --field-name, with its type, its choices, its
 group in --help, and its default shown there; `parse` returns the dataclass, and the script saves
 `dataclasses.asdict` of it with its results. Flags the user does not give never reach the
-dataclass, so its defaults (default_factory included) are the only ones.
+dataclass, so its defaults (default_factory included) are the only ones. A field may say which
+values make sense (`valid`, one of the ranges below): any other stops the script at once with a
+one-line error naming the flag, rather than deep inside a run.
 
     @dataclass
     class Config:
-        lr: float = option("AdamW learning rate", default=1e-6, group="grpo")
+        lr: float = option("AdamW learning rate", default=1e-6, group="grpo", valid=POSITIVE)
         model: list[str] = option("repeat for several")           # required: no default
     cfg = parse(Config, argv, "what the script does")
 """
@@ -19,20 +21,45 @@ import types
 import typing
 
 
-def option(help, group=None, choices=None, **kw):
-    """A dataclass field that is also a flag; kw: default or default_factory (neither: required)."""
-    return dataclasses.field(metadata={"help": help, "group": group, "choices": choices}, **kw)
+# Ranges for `option(valid=...)`: (test, what the error says the value must be).
+AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
+AT_LEAST_2 = (lambda v: v >= 2, "at least 2")
+NON_NEGATIVE = (lambda v: v >= 0, "0 or more")
+POSITIVE = (lambda v: v > 0, "more than 0")
+PROBABILITY = (lambda v: 0 < v <= 1, "in (0, 1]")
+FRACTION = (lambda v: 0 <= v <= 1, "in [0, 1]")
 
 
-def _argument(kind, help, choices):
+def option(help, group=None, choices=None, valid=None, **kw):
+    """A dataclass field that is also a flag; kw: default or default_factory (neither: required);
+    valid: a range above, checked on the command line."""
+    return dataclasses.field(metadata={"help": help, "group": group, "choices": choices, "valid": valid}, **kw)
+
+
+def _checked(kind, valid):
+    """argparse's `type`: text -> kind, refused (with the flag's name, by argparse) out of range."""
+    if valid is None:
+        return kind
+    test, what = valid
+
+    def convert(text):
+        value = kind(text)
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, not {text}")
+        return value
+    convert.__name__ = kind.__name__  # argparse names the type in "invalid int value" errors
+    return convert
+
+
+def _argument(kind, help, choices, valid):
     """argparse keywords for a field of type `kind`."""
     if kind is bool:
         return dict(action=argparse.BooleanOptionalAction, help=help)
     if typing.get_origin(kind) is list:  # repeatable: --model a --model b
-        return dict(action="append", type=typing.get_args(kind)[0], help=help, choices=choices)
+        return dict(action="append", type=_checked(typing.get_args(kind)[0], valid), help=help, choices=choices)
     if typing.get_origin(kind) in (typing.Union, types.UnionType):  # int | None: an int, or left out
         kind = next(t for t in typing.get_args(kind) if t is not type(None))
-    return dict(type=kind, help=help, choices=choices)
+    return dict(type=_checked(kind, valid), help=help, choices=choices)
 
 
 def parse(config_class, argv=None, description=None):
@@ -48,5 +75,5 @@ def parse(config_class, argv=None, description=None):
         default = None if required else f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
         help = meta["help"] if default in (None, "", False) else f"{meta['help']} (default: {default})"
         target.add_argument("--" + f.name.replace("_", "-"), dest=f.name, required=required,
-                            default=argparse.SUPPRESS, **_argument(hints[f.name], help, meta["choices"]))
+                            default=argparse.SUPPRESS, **_argument(hints[f.name], help, meta["choices"], meta["valid"]))
     return config_class(**vars(parser.parse_args(argv)))

@@ -44,7 +44,7 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from cli import option, parse
+from cli import AT_LEAST_1, option, parse
 from data import DataError, load_image, shapes_benchmark
 from model import ModelError, encode_prompts, load_vlm
 from reasoner import reasoner_prompt
@@ -66,14 +66,16 @@ class EvalConfig:
         "(a local .jsonl/.parquet export of NAME, file or folder) or NAME alone (from the hub, "
         "needs the `datasets` package). NAME: " + ", ".join(["mmmu", "mathverse", "mathvision",
         "hallusionbench", "realworldqa", "visnumbench", "mmvet", "mmstar"]), default="shapes")
-    limit: int | None = option("only the first N records of each benchmark", default=None)
+    limit: int | None = option("only the first N records of each benchmark", valid=AT_LEAST_1, default=None)
     output: str | None = option("results folder (default runs/eval/DATE-TIME)", default=None)
-    batch_size: int = option("questions answered together", default=16)
-    max_new_tokens: int = option("longest response in tokens (spec: 2048)", default=2048)
+    batch_size: int = option("questions answered together", valid=AT_LEAST_1, default=16)
+    max_new_tokens: int = option("longest response in tokens (spec: 2048)", valid=AT_LEAST_1, default=2048)
     device: str = option("torch device", default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
     dtype: str = option("model dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    min_pixels: int | None = option("fewest pixels an image is resized to (default: the model's)", default=None)
-    max_pixels: int | None = option("most pixels an image is resized to (default: the model's)", default=None)
+    min_pixels: int | None = option("fewest pixels an image is resized to (default: the model's)", valid=AT_LEAST_1,
+                                    default=None)
+    max_pixels: int | None = option("most pixels an image is resized to (default: the model's)", valid=AT_LEAST_1,
+                                    default=None)
     seed: int = option("random weights of the built-in models ('tiny@SEED' overrides it)", default=0)
     quiet: bool = option("no progress bar", default=False)
 

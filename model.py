@@ -357,10 +357,15 @@ def mrope_positions(input_ids, attention_mask, image_grid_thw, image_token_id, m
     return positions.to(input_ids.device), next_position.to(input_ids.device)
 
 
+TEXT_SLOT = "\x00text\x00"  # stands for a prompt's text while the chat template is applied
+
+
 def encode_prompts(tokenizer, image_processor, images, texts, system=None):
     """(PIL image, text) pairs -> PromptBatch with the chat format and a generation prompt.
 
     Each text follows its image in one user turn. `system` replaces Qwen's default system prompt.
+    A text is tokenized as plain text: a special token's spelling in it ("<|im_end|>", which a
+    question written by the model can contain) stays characters, never the token itself.
     """
     if len(images) == 0 or len(images) != len(texts):
         raise ValueError(f"need one image per prompt and at least one prompt; got {len(images)} "
@@ -369,15 +374,20 @@ def encode_prompts(tokenizer, image_processor, images, texts, system=None):
     grid = vision["image_grid_thw"]
     merge = image_processor.merge_size
     image_pad = "<|image_pad|>"
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": TEXT_SLOT}]}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
+    # The template around the text ends and resumes at special tokens, so the three parts
+    # tokenize as the whole chat would.
+    chat = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    before, after = chat.split(TEXT_SLOT)
     token_lists = []
     for text, thw in zip(texts, grid):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-        if system is not None:
-            messages.insert(0, {"role": "system", "content": system})
-        chat = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         # The template holds one placeholder per image; the model wants one per merged patch.
-        chat = chat.replace(image_pad, image_pad * (int(thw.prod()) // merge ** 2), 1)
-        token_lists.append(tokenizer(chat, add_special_tokens=False)["input_ids"])
+        head = before.replace(image_pad, image_pad * (int(thw.prod()) // merge ** 2), 1)
+        token_lists.append(tokenizer(head, add_special_tokens=False)["input_ids"]
+                           + tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+                           + tokenizer(after, add_special_tokens=False)["input_ids"])
     L = max(map(len, token_lists))
     pad_id = tokenizer.pad_token_id
     input_ids = torch.tensor([[pad_id] * (L - len(t)) + t for t in token_lists])

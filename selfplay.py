@@ -48,7 +48,7 @@ import grpo
 import lora
 import questioner
 import reasoner
-from cli import option, parse
+from cli import AT_LEAST_1, AT_LEAST_2, FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, option, parse
 from data import DataError, load_image, readable_images
 from model import ModelError, load_processors, load_vlm
 from report import write_report
@@ -67,77 +67,84 @@ class Config:
     seed: int = option("seeds sampling, image choice and the presets' random weights", "run", default=0)
     quiet: bool = option("no progress bars (for logs)", "run", default=False)
     # loop
-    iterations: int = option("self-play iterations K", "loop", default=3)
-    questioner_steps: int = option("GRPO steps of the Questioner per iteration", "loop", default=20)
-    reasoner_steps: int = option("GRPO steps of the Reasoner per iteration", "loop", default=20)
-    group_size: int = option("G: samples per prompt in both roles' rollouts", "loop", default=8)
-    min_pixels: int = option("images are resized to at least this many pixels", "loop", default=262_144)
-    max_pixels: int = option("... and at most this many", "loop", default=4_194_304)
+    iterations: int = option("self-play iterations K", "loop", valid=AT_LEAST_1, default=3)
+    questioner_steps: int = option("GRPO steps of the Questioner per iteration", "loop", valid=NON_NEGATIVE, default=20)
+    reasoner_steps: int = option("GRPO steps of the Reasoner per iteration", "loop", valid=NON_NEGATIVE, default=20)
+    group_size: int = option("G: samples per prompt in both roles' rollouts", "loop", valid=AT_LEAST_2, default=8)
+    min_pixels: int = option("images are resized to at least this many pixels", "loop", valid=AT_LEAST_1,
+                             default=262_144)
+    max_pixels: int = option("... and at most this many", "loop", valid=AT_LEAST_1, default=4_194_304)
     sampling_batch_tokens: int = option("KV-cache tokens per sampler call, rows x (prompt + max new tokens): as "
                                         "many prompts as fit, at least one (393216: 13.5 GiB for the 3B; 8 "
-                                        "prompts of m = 10 answers of 4096 tokens)", "loop", default=393_216)
+                                        "prompts of m = 10 answers of 4096 tokens)", "loop", valid=AT_LEAST_1,
+                                        default=393_216)
     # questioner
     question_format: str = option("'paper': <question> only; 'code': <type>/<question>/<answer>", "questioner",
                                   choices=("paper", "code"), default="paper")
-    images_per_step: int = option("images per Questioner rollout step (G questions each)", "questioner", default=64)
-    question_max_tokens: int = option("max new tokens of a question", "questioner", default=2048)
+    images_per_step: int = option("images per Questioner rollout step (G questions each)", "questioner",
+                                  valid=AT_LEAST_1, default=64)
+    question_max_tokens: int = option("max new tokens of a question", "questioner", valid=AT_LEAST_1, default=2048)
     reward_votes: int = option("m: Reasoner answers per question for the uncertainty reward", "questioner",
-                               default=10)
-    reward_top_k: int = option("top-k of those answers", "questioner", default=40)
+                               valid=AT_LEAST_1, default=10)
+    reward_top_k: int = option("top-k of those answers", "questioner", valid=NON_NEGATIVE, default=40)
     uncertainty_scale: str = option("'paper': 1 - |2c - 1|; 'code': min(c, 1 - c)", "questioner",
                                     choices=("paper", "code"), default="paper")
     diversity_scope: str = option("'group': cluster within an image's G questions; 'batch': whole batch",
                                   "questioner", choices=("group", "batch"), default="group")
-    diversity_weight: float = option("λ of the diversity penalty", "questioner", default=1.0)
+    diversity_weight: float = option("λ of the diversity penalty", "questioner", valid=NON_NEGATIVE, default=1.0)
     reward_combine: str = option("'paper': valid · max(0, r_unc - r_div); 'code': no clamp, -1 if invalid",
                                  "questioner", choices=("paper", "code"), default="paper")
     reward_count_empty: bool = option("answers without \\boxed{} vote for 'None' in the reward (public code)",
                                       "questioner", default=True)
     # curation
-    curation_images: int = option("images in the curation pool", "curation", default=1000)
-    candidates_per_image: int = option("N: questions written per curation image", "curation", default=8)
-    curation_top_p: float = option("top-p when writing candidates", "curation", default=0.95)
-    curation_votes: int = option("m: Reasoner answers per candidate", "curation", default=9)
-    tau_low: float = option("keep a question if its confidence is >= tau_low ...", "curation", default=0.25)
-    tau_high: float = option("... and <= tau_high (code: 0.3 / 0.8)", "curation", default=0.75)
+    curation_images: int = option("images in the curation pool", "curation", valid=AT_LEAST_1, default=1000)
+    candidates_per_image: int = option("N: questions written per curation image", "curation", valid=AT_LEAST_1,
+                                       default=8)
+    curation_top_p: float = option("top-p when writing candidates", "curation", valid=PROBABILITY, default=0.95)
+    curation_votes: int = option("m: Reasoner answers per candidate", "curation", valid=AT_LEAST_1, default=9)
+    tau_low: float = option("keep a question if its confidence is >= tau_low ...", "curation", valid=FRACTION,
+                            default=0.25)
+    tau_high: float = option("... and <= tau_high (code: 0.3 / 0.8)", "curation", valid=FRACTION, default=0.75)
     curation_count_empty: bool = option("count answers without \\boxed{} in the confidence", "curation",
                                         default=False)
     on_too_few: str = option("when fewer questions are kept than one Reasoner batch: 'skip' the phase "
                              "(R_k = R_{k-1}) or 'stop'", "curation", choices=("skip", "stop"), default="skip")
     # reasoner
     questions_per_step: int = option("kept questions per Reasoner rollout step (G answers each)", "reasoner",
-                                     default=64)
-    answer_max_tokens: int = option("max new tokens of an answer", "reasoner", default=4096)
+                                     valid=AT_LEAST_1, default=64)
+    answer_max_tokens: int = option("max new tokens of an answer", "reasoner", valid=AT_LEAST_1, default=4096)
     reasoner_reward: str = option("'paper': binary accuracy; 'code': 0.9 accuracy + 0.1 format", "reasoner",
                                   choices=("paper", "code"), default="paper")
     # grpo
-    lr: float = option("AdamW learning rate (constant)", "grpo", default=1e-6)
-    weight_decay: float = option("AdamW weight decay", "grpo", default=0.01)
-    temperature: float = option("rollout temperature", "grpo", default=1.0)
-    top_p: float = option("rollout top-p", "grpo", default=0.99)
-    clip_low: float = option("ε_low of the ratio clip", "grpo", default=0.2)
-    clip_high: float = option("ε_high of the ratio clip (clip-higher)", "grpo", default=0.3)
-    dual_clip: float = option("dual clip c for negative advantages", "grpo", default=3.0)
-    kl_coef: float = option("β of the k3 KL term (0 = no reference model)", "grpo", default=0.01)
+    lr: float = option("AdamW learning rate (constant)", "grpo", valid=POSITIVE, default=1e-6)
+    weight_decay: float = option("AdamW weight decay", "grpo", valid=NON_NEGATIVE, default=0.01)
+    temperature: float = option("rollout temperature", "grpo", valid=NON_NEGATIVE, default=1.0)
+    top_p: float = option("rollout top-p", "grpo", valid=PROBABILITY, default=0.99)
+    clip_low: float = option("ε_low of the ratio clip", "grpo", valid=FRACTION, default=0.2)
+    clip_high: float = option("ε_high of the ratio clip (clip-higher)", "grpo", valid=NON_NEGATIVE, default=0.3)
+    dual_clip: float = option("dual clip c for negative advantages", "grpo", valid=(lambda c: c > 1, "more than 1"),
+                              default=3.0)
+    kl_coef: float = option("β of the k3 KL term (0 = no reference model)", "grpo", valid=NON_NEGATIVE, default=0.01)
     kl_reference: str = option("'iteration': the role's weights at the start of the iteration; 'base'", "grpo",
                                choices=("iteration", "base"), default="iteration")
     advantage_scale: str = option("'group', 'batch' or 'none' (see grpo.group_advantages)", "grpo",
                                   choices=("group", "batch", "none"), default="group")
     aggregation: str = option("seq-mean-token-mean, token-mean or seq-sum-over-max-len", "grpo",
                               choices=grpo.AGGREGATIONS, default="seq-mean-token-mean")
-    minibatches: int = option("optimizer steps per rollout batch", "grpo", default=4)
-    epochs: int = option("passes over each rollout batch", "grpo", default=1)
+    minibatches: int = option("optimizer steps per rollout batch", "grpo", valid=AT_LEAST_1, default=4)
+    epochs: int = option("passes over each rollout batch", "grpo", valid=AT_LEAST_1, default=1)
     micro_batch_tokens: int = option("padded tokens (prompt + completion) per forward/backward, as many rows as "
-                                     "fit, at least one (gradient accumulation)", "grpo", default=32768)
+                                     "fit, at least one (gradient accumulation)", "grpo", valid=AT_LEAST_1,
+                                     default=32768)
     gradient_checkpointing: bool = option("recompute each layer's activations in the backward pass (less memory)",
                                           "grpo", default=True)
     freeze_vision: bool = option("train the language model only (the spec trains the vision tower too)", "grpo",
                                  default=False)
     lora_rank: int = option("train LoRA adapters of this rank instead of all weights (0: full fine-tuning)",
-                            "grpo", default=0)
+                            "grpo", valid=NON_NEGATIVE, default=0)
     lora_alpha: float = option("LoRA scale α (the update is α / r · B A); LoRA wants a larger --lr than 1e-6",
-                               "grpo", default=32.0)
-    max_grad_norm: float = option("gradient-norm clip", "grpo", default=1.0)
+                               "grpo", valid=POSITIVE, default=32.0)
+    max_grad_norm: float = option("gradient-norm clip", "grpo", valid=POSITIVE, default=1.0)
 
 
 # -----------------------------------------------------------------------------
@@ -222,6 +229,14 @@ class Run:
     def role_source(self, k, role):
         """Where role starts iteration k: the base model, or its checkpoint of iteration k - 1."""
         return self.cfg.model if k == 1 else str(self.role_dir(k - 1, role))
+
+
+def check_bounds(cfg):
+    """Pairs of settings where one bounds the other (each alone is checked by its flag)."""
+    for low, high in (("tau_low", "tau_high"), ("min_pixels", "max_pixels")):
+        if getattr(cfg, low) > getattr(cfg, high):
+            flag = {name: "--" + name.replace("_", "-") for name in (low, high)}
+            raise DataError(f"{flag[low]} {getattr(cfg, low)} is above {flag[high]} {getattr(cfg, high)}")
 
 
 def resolve_config(cfg):
@@ -661,6 +676,7 @@ def main(argv=None):
     signal.signal(signal.SIGINT, _on_interrupt)
     try:
         cfg = resolve_config(cfg)
+        check_bounds(cfg)
         paths, skipped = readable_images(cfg.images, max_pixels=cfg.max_pixels)
         cfg, run = open_run(cfg)
         record_skipped(run, skipped)

@@ -1,10 +1,14 @@
 """cli.parse: flags generated from a config dataclass."""
 
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
 
-from cli import option, parse
+import bench
+import evaluate
+import selfplay
+from cli import AT_LEAST_1, PROBABILITY, option, parse
 
 
 @dataclass
@@ -16,11 +20,15 @@ class Example:
     mode: str = option("one of two", choices=("paper", "code"), default="paper")
     quiet: bool = option("a switch", default=False)
     fresh: list[str] = option("a default from a factory", default_factory=lambda: ["x"])
+    top_p: float = option("a probability", valid=PROBABILITY, default=1.0)
+    sizes: list[int] = option("each at least 1", valid=AT_LEAST_1, default_factory=list)
+    cap: int | None = option("an optional int, at least 1", valid=AT_LEAST_1, default=None)
 
 
 def test_types_defaults_and_repeats():
     cfg = parse(Example, ["--models", "a", "--models", "b", "--lr", "0.5", "--limit", "7", "--quiet"])
-    assert cfg == Example(models=["a", "b"], lr=0.5, steps=3, limit=7, mode="paper", quiet=True, fresh=["x"])
+    assert cfg == Example(models=["a", "b"], lr=0.5, steps=3, limit=7, mode="paper", quiet=True, fresh=["x"],
+                          top_p=1.0, sizes=[], cap=None)
     assert isinstance(cfg.lr, float) and isinstance(cfg.limit, int)
     assert parse(Example, ["--models", "a", "--no-quiet", "--mode", "code"]).mode == "code"
 
@@ -37,3 +45,31 @@ def test_help_shows_groups_and_defaults(capsys):
         parse(Example, ["--help"])
     text = capsys.readouterr().out
     assert "grpo:" in text and "(default: 1e-06)" in text and "{paper,code}" in text
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--top-p", "0"], "argument --top-p: must be in (0, 1], not 0"),
+    (["--top-p", "1.01"], "argument --top-p: must be in (0, 1], not 1.01"),
+    (["--sizes", "3", "--sizes", "0"], "argument --sizes: must be at least 1, not 0"),
+    (["--cap", "-2"], "argument --cap: must be at least 1, not -2"),
+    (["--cap", "two"], "argument --cap: invalid int value: 'two'"),
+])
+def test_values_out_of_range_are_refused_naming_the_flag(argv, needle, capsys):
+    with pytest.raises(SystemExit) as stop:
+        parse(Example, ["--models", "a"] + argv)
+    assert stop.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].endswith(needle)
+
+
+def test_values_in_range_pass():
+    cfg = parse(Example, ["--models", "a", "--top-p", "0.5", "--sizes", "1", "--sizes", "9", "--cap", "1"])
+    assert (cfg.top_p, cfg.sizes, cfg.cap) == (0.5, [1, 9], 1)
+
+
+@pytest.mark.parametrize("config", [selfplay.Config, evaluate.EvalConfig, bench.Config])
+def test_every_default_is_in_its_range(config):
+    """Defaults never go through the flag's check, so they are checked here."""
+    checked = [f for f in dataclasses.fields(config) if f.metadata["valid"] is not None]
+    assert checked
+    for f in checked:
+        test, what = f.metadata["valid"]
+        assert f.default is None or test(f.default), f"{config.__module__}.{f.name} = {f.default} is not {what}"

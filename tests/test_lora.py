@@ -97,6 +97,20 @@ def test_earlier_updates_add_to_the_layer_as_frozen_factors():
     assert not past_A.requires_grad and layer.past_A.grad is None
 
 
+def test_merge_of_a_float64_layer_keeps_float64_precision():
+    torch.manual_seed(0)
+    linear = nn.Linear(12, 10).double()
+    W = linear.weight.detach().clone()
+    model = nn.Sequential(LoRALinear(linear, rank=4, alpha=8, generator=torch.Generator().manual_seed(0)))
+    layer = model[0]
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    A, B = layer.lora_A.detach().double(), layer.lora_B.detach().double()
+    merge_lora(model)
+    assert type(model[0]) is nn.Linear and model[0].weight.dtype == torch.float64
+    assert (model[0].weight - (W + 2.0 * B @ A)).abs().max() < 1e-12  # not rounded through float32
+
+
 def test_at_init_the_model_is_the_base_model_and_only_adapters_train(tiny):
     model, tok, ip = tiny
     base = load_vlm("tiny", seed=0)[0]

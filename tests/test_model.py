@@ -66,6 +66,24 @@ def test_chat_template_and_image_token_count(tiny):
     assert (pixels >= ip.size["shortest_edge"]).all() and (pixels <= ip.size["longest_edge"]).all()
 
 
+def test_prompt_text_is_tokenized_as_the_whole_chat_and_special_token_spellings_as_text(tiny):
+    model, tok, ip = tiny
+    images = random_images(0, [(64, 64), (64, 64)])
+    texts = [PROMPTS[0], "Is <|image_pad|> a token?<|im_end|> yes"]
+    prompts = encode_prompts(tok, ip, images, texts)
+    # an ordinary text: the ids of the whole chat tokenized at once, as the processor would
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": texts[0]}]}]
+    chat = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    n_image = int(prompts.image_grid_thw[0].prod()) // ip.merge_size ** 2
+    whole = tok(chat.replace("<|image_pad|>", "<|image_pad|>" * n_image), add_special_tokens=False)["input_ids"]
+    assert prompts.input_ids[0][prompts.attention_mask[0].bool()].tolist() == whole
+    # a text spelling special tokens: still one image's tokens and one end of turn, the text intact
+    row = prompts.input_ids[1][prompts.attention_mask[1].bool()]
+    assert int((row == model.config.image_token_id).sum()) == n_image
+    assert int((row == tok.convert_tokens_to_ids("<|im_end|>")).sum()) == 2  # the system turn's and the user's
+    assert texts[1] in tok.decode(row)
+
+
 def test_mrope_positions_equal_hf_get_rope_index(tiny):
     model, tok, ip = tiny
     prompts = encode_prompts(tok, ip, random_images(2, [(64, 64), (140, 56), (28, 112)]), PROMPTS)

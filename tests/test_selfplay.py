@@ -218,7 +218,9 @@ def test_cli_errors_are_one_line(tmp_path):
     (old_run / "config.json").write_text(json.dumps({"model": "tiny", "micro_batch_size": 8}))
     for args, needle in ((["--images", str(tmp_path / "nope"), "--model", "tiny"], "does not exist"),
                          (["--resume", str(tmp_path)], "no state.json"),
-                         (["--resume", str(old_run)], "does not know: micro_batch_size")):
+                         (["--resume", str(old_run)], "does not know: micro_batch_size"),
+                         (["--images", str(tmp_path), "--tau-low", "0.8", "--tau-high", "0.3"],
+                          "--tau-low 0.8 is above --tau-high 0.3")):
         proc = run_selfplay(args + ["--output", str(tmp_path / "out")])
         log, _ = proc.communicate(timeout=120)
         assert proc.returncode == 2 and needle in log
