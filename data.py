@@ -76,6 +76,8 @@ def load_image(path, max_pixels=None) -> Image.Image:
         raise DataError(f"'{path}': not an image Pillow can read") from None
     except Image.DecompressionBombError as e:
         raise DataError(f"'{path}': {_first_line(e)}") from None
+    except PermissionError:
+        raise DataError(f"'{path}': not readable (permission denied)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise DataError(f"'{path}': corrupt or truncated image ({_first_line(e)})") from None
     if max_pixels is not None and image.width * image.height > max_pixels:
@@ -125,17 +127,24 @@ def _to_rgb(image):
 
 
 def _stretch_to_8bit(image):
-    values = np.nan_to_num(np.asarray(image, dtype=np.float64))
-    low, high = values.min(), values.max()
+    values = np.asarray(image, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    low, high = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
+    values = np.nan_to_num(values, nan=low, posinf=high, neginf=low)  # NaN and ±inf pixels: the range's ends
     scaled = (values - low) / (high - low) * 255 if high > low else np.zeros_like(values)  # flat stays flat
     return Image.fromarray(np.round(scaled).astype(np.uint8))
 
 
 def _downscale(image, max_pixels):
+    """The image shrunk to at most max_pixels. The short side rounds up and the long side down, so
+    the shrunk image is never longer than the original (one within MAX_ASPECT stays within it), and
+    the long side is capped so that the bound holds exactly despite float rounding."""
     scale = math.sqrt(max_pixels / (image.width * image.height))
-    width = max(1, math.floor(image.width * scale))
-    height = max(1, min(math.floor(image.height * scale), max_pixels // width))  # exact bound despite float rounding
-    return image.resize((width, height), Image.Resampling.LANCZOS)
+    short, long = sorted(image.size)
+    new_short = math.ceil(short * scale)
+    new_long = max(1, min(math.floor(long * scale), max_pixels // new_short))
+    size = (new_short, new_long) if image.width <= image.height else (new_long, new_short)
+    return image.resize(size, Image.Resampling.LANCZOS)
 
 
 def _first_line(error):

@@ -16,7 +16,7 @@ The KL term of each phase pulls the role toward its weights at the start of the 
 
 Everything lands in the run folder: config.json, metrics.jsonl, iter_k/{questioner,reasoner}/
 (save_pretrained, safetensors; with --lora-rank also the role's low-rank updates, from which its
-next phase starts), iter_k/questions.jsonl, state.json, skipped_images.txt,
+next phase starts), iter_k/questions.jsonl, state.json, skipped_images.txt, images.txt,
 phase_times.jsonl (wall time and peak memory of each phase) and report.html. state.json is written
 last, atomically, after every training step, together with a checkpoint of the role in training
 (weights, AdamW state, RNG states; with --lora-rank only the adapters): a killed run resumes from
@@ -196,6 +196,7 @@ class State:
     image_rng: dict = field(default_factory=dict)
     checkpoint: str = ""       # the role in training (weights + optimizer), relative to the run folder
                                # so the folder can move; "" between phases
+    device: str = ""           # the kind of device sampling_rng belongs to ("cuda", "cpu")
 
 
 class Run:
@@ -205,6 +206,9 @@ class Run:
         self.cfg, self.dir, self.state, self.device = cfg, Path(folder), state, device
         self.generator = torch.Generator(device=device)
         self.image_rng = np.random.default_rng(cfg.seed)
+        if state.sampling_rng and state.device != device.type:
+            raise DataError(f"cannot resume on {device.type}: this run samples on {state.device}, and its random "
+                            f"generator cannot move there; pass --device {state.device}")
         if state.sampling_rng:
             self.generator.set_state(torch.tensor(state.sampling_rng, dtype=torch.uint8))
             self.image_rng.bit_generator.state = state.image_rng
@@ -215,6 +219,7 @@ class Run:
         for k, v in changes.items():
             setattr(self.state, k, v)
         self.state.sampling_rng = self.generator.get_state().tolist()
+        self.state.device = self.device.type
         self.state.image_rng = self.image_rng.bit_generator.state
         (self.dir / "metrics.jsonl").touch()
         self.state.metrics_lines = sum(1 for _ in open(self.dir / "metrics.jsonl"))
@@ -239,13 +244,22 @@ def check_bounds(cfg):
             raise DataError(f"{flag[low]} {getattr(cfg, low)} is above {flag[high]} {getattr(cfg, high)}")
 
 
+RESUME_MAY_CHANGE = ("resume", "quiet", "device")  # a device of the same kind: cuda:1 for cuda:0
+
+
 def resolve_config(cfg):
-    """The config to run: the CLI's, or for --resume the run's saved one (only quiet/device may change)."""
+    """The config to run: the CLI's, or for --resume the run's saved one (RESUME_MAY_CHANGE aside)."""
     if not cfg.resume:
         return cfg
+    given = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(Config)
+             if f.name not in RESUME_MAY_CHANGE and getattr(cfg, f.name) != f.default]
+    if given:
+        raise DataError(f"--resume continues with the run's own settings (its config.json): drop {', '.join(given)} "
+                        f"(only --quiet and --device may be given)")
     folder = Path(cfg.resume)
-    if not (folder / "state.json").exists():
-        raise DataError(f"cannot resume: '{folder}' has no state.json (not a run folder, or it never started)")
+    for name in ("state.json", "config.json"):
+        if not (folder / name).exists():
+            raise DataError(f"cannot resume: '{folder}' has no {name} (not a run folder, or it never started)")
     saved = json.loads((folder / "config.json").read_text())
     unknown = sorted(saved.keys() - {f.name for f in dataclasses.fields(Config)})
     if unknown:  # a run started by another version of selfplay.py
@@ -260,11 +274,18 @@ def open_run(cfg):
                           ("cpu" if cfg.device == "auto" else cfg.device))
     if cfg.resume:
         folder = Path(cfg.resume)
-        state = State(**json.loads((folder / "state.json").read_text()))
+        saved = json.loads((folder / "state.json").read_text())
+        unknown = sorted(saved.keys() - {f.name for f in dataclasses.fields(State)})
+        if unknown:
+            raise DataError(f"cannot resume: '{folder}/state.json' has fields this selfplay.py does not know: "
+                            f"{', '.join(unknown)}")
+        state = State(**saved)
         with open(folder / "metrics.jsonl") as f:  # drop lines of a step that never finished
             lines = f.readlines()[:state.metrics_lines]
         write_atomic(folder / "metrics.jsonl", "".join(lines))
-        return cfg, Run(cfg, folder, state, device)
+        run = Run(cfg, folder, state, device)
+        tidy(run)
+        return cfg, run
     folder = Path(cfg.output or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     if (folder / "state.json").exists():
         raise DataError(f"'{folder}' already holds a run: pass --resume {folder} to continue it, or another --output")
@@ -274,6 +295,33 @@ def open_run(cfg):
     run = Run(cfg, folder, State(), device)
     run.save_state()
     return cfg, run
+
+
+def tidy(run):
+    """Removes what a killed run can leave behind: the checkpoint that state.json no longer points
+    to (killed between writing its successor and deleting it), and half-written temp files."""
+    current = run.dir / run.state.checkpoint if run.state.checkpoint else None
+    leftovers = [f for f in (run.dir / "resume").glob("*") if f != current]
+    leftovers += [*run.dir.glob("*.tmp"), *run.dir.glob("iter_*/*.tmp")]  # "*" matches dot files too
+    for path in leftovers:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+IMAGE_LIST = "images.txt"  # the run's readable images, one per line, relative to --images
+
+
+def check_images(run, paths):
+    """The run refers to its images by position (questions.jsonl, the image sampler's draws), so a
+    resumed run must find the same list: it is written when the run starts and compared after."""
+    listed = "".join(f"{os.path.relpath(p, run.cfg.images)}\n" for p in paths)
+    path = run.dir / IMAGE_LIST
+    if not path.exists():
+        write_atomic(path, listed)
+    elif path.read_text() != listed:
+        before, now = set(path.read_text().splitlines()), set(listed.splitlines())
+        raise DataError(f"cannot resume: the readable images under '{run.cfg.images}' are not those the run "
+                        f"started with ({len(now - before)} new, {len(before - now)} gone; its list: {path}); "
+                        f"restore them, or start a new run")
 
 
 class Images:
@@ -361,8 +409,9 @@ def start_phase(cfg, run, role):
     policy, tokenizer, image_processor, optimizer = trainable_role(cfg, source, run.device)
     if checkpoint:
         if use_lora:
-            lora.load_lora_state_dict(policy, torch.load(checkpoint / "lora.pt", weights_only=True))
-        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+            lora.load_lora_state_dict(policy, torch.load(checkpoint / "lora.pt", weights_only=True,
+                                                         map_location=run.device))
+        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True, map_location=run.device))
     return policy, tokenizer, image_processor, optimizer
 
 
@@ -679,13 +728,14 @@ def main(argv=None):
         check_bounds(cfg)
         paths, skipped = readable_images(cfg.images, max_pixels=cfg.max_pixels)
         cfg, run = open_run(cfg)
+        check_images(run, paths)
         record_skipped(run, skipped)
         train(cfg, run, [str(p) for p in paths], Images(paths, cfg.max_pixels))
     except (DataError, ModelError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except (Stop, KeyboardInterrupt):
-        print(f"stopped; continue with: python selfplay.py --resume {cfg.output}", file=sys.stderr)
+        print(f"stopped; continue with: python selfplay.py --resume {cfg.resume or cfg.output}", file=sys.stderr)
         return 130
     return 0
 

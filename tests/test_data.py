@@ -2,6 +2,7 @@
 
 import re
 import sys
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
+from model import load_processors  # noqa: E402
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
 
@@ -166,6 +168,59 @@ def test_max_pixels_shrinks_within_bound_keeping_aspect(tmp_path):
         assert abs(image.width / image.height - 1000 / 300) < 0.05
     assert data.load_image(path, max_pixels=10_000_000).size == (1000, 300)  # never enlarged
     assert data.load_image(path).size == (1000, 300)
+
+
+class SizeOnly:
+    """What _downscale reads of an image; resize returns the size it was asked for."""
+    def __init__(self, width, height):
+        self.width, self.height, self.size = width, height, (width, height)
+
+    def resize(self, size, resample):
+        return size
+
+
+def test_shrinking_never_makes_an_image_longer_or_larger_than_allowed():
+    rng = np.random.default_rng(0)
+    for _ in range(5000):
+        short = int(rng.integers(28, 2000))
+        width, height = sorted((short, int(short * rng.uniform(1, data.MAX_ASPECT))), key=lambda _: rng.random())
+        max_pixels = int(rng.integers(784, width * height))
+        new_width, new_height = data._downscale(SizeOnly(width, height), max_pixels)
+        assert 1 <= new_width * new_height <= max_pixels
+        assert max(new_width, new_height) * min(width, height) <= max(width, height) * min(new_width, new_height)
+
+
+@pytest.mark.parametrize("size, max_pixels", [((28, 5600), 12_544), ((29_990, 150), 4_194_304)])
+def test_a_long_image_shrunk_stays_within_what_the_image_processor_takes(tmp_path, size, max_pixels):
+    """Both are within 200:1; rounding the short side down used to take them past it."""
+    path = tmp_path / "long.png"
+    Image.new("RGB", size, RED).save(path)
+    image = data.load_image(path, max_pixels=max_pixels)
+    assert max(image.size) <= data.MAX_ASPECT * min(image.size)
+    _, image_processor = load_processors("tiny", max_pixels=max_pixels)
+    assert image_processor(images=[image], return_tensors="pt")["image_grid_thw"].shape == (1, 3)
+
+
+def test_non_finite_pixels_take_the_ends_of_the_finite_range(tmp_path):
+    values = np.tile(np.linspace(-1, 1, 64, dtype=np.float32), (32, 1))
+    values[5, :3] = [np.inf, -np.inf, np.nan]
+    Image.fromarray(values).save(tmp_path / "inf.tif")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow or invalid-value warnings from the stretch
+        pixels = np.asarray(data.load_image(tmp_path / "inf.tif"))[..., 0].astype(int)
+    assert pixels[0, 0] == 0 and pixels[0, -1] == 255 and 100 < pixels[0, 32] < 155  # stretched by -1..1
+    assert list(pixels[5, :3]) == [255, 0, 0]
+
+
+def test_an_image_without_read_permission_says_so(tmp_path, monkeypatch):
+    path = tmp_path / "locked.png"
+    Image.new("RGB", (64, 64), RED).save(path)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(data.Image, "open", refuse)
+    with pytest.raises(data.DataError, match="not readable \\(permission denied\\)"):
+        data.load_image(path)
 
 # -----------------------------------------------------------------------------
 # Part 2: shapes, recounted from the pixels alone

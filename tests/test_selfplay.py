@@ -195,9 +195,24 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(format_model, tmp_path)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     assert json.loads((broken / "state.json").read_text())["phase"] != "done"
+    # What a kill at another moment leaves: the checkpoint being replaced, half-written temp files.
+    stale = [broken / "resume" / "questioner_1_1", broken / ".report.html.123.tmp",
+             broken / "iter_1" / ".questions.jsonl.tmp", broken / "iter_1" / "reasoner.tmp"]
+    stale[0].mkdir(parents=True)
+    stale[3].mkdir()
+    for path in stale[1:3]:
+        path.write_text("half")
+    # Resumes that must be refused, changing nothing: another image, other settings.
+    Image.new("RGB", (64, 64), "blue").save(images / "odd" / "new.png")
+    for args, needle in ((["--quiet"], "1 new, 0 gone"), (["--iterations", "5"], "drop --iterations")):
+        refused = run_selfplay(["--resume", str(broken)] + args)
+        log, _ = refused.communicate(timeout=120)
+        assert refused.returncode == 2 and needle in log and len(log.strip().splitlines()) == 1, log
+    (images / "odd" / "new.png").unlink()
     resumed = run_selfplay(["--resume", str(broken), "--quiet"])
     log, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, log
+    assert not any(path.exists() for path in stale)
     log, _ = reference.communicate(timeout=300)
     assert reference.returncode == 0, log
 
@@ -216,15 +231,37 @@ def test_cli_errors_are_one_line(tmp_path):
     old_run.mkdir()
     (old_run / "state.json").write_text("{}")
     (old_run / "config.json").write_text(json.dumps({"model": "tiny", "micro_batch_size": 8}))
+    odd_state = tmp_path / "odd_state"  # a state.json with a field this version does not know
+    odd_state.mkdir()
+    (odd_state / "state.json").write_text(json.dumps({"phase": "questioner", "micro_step": 3}))
+    (odd_state / "config.json").write_text(json.dumps({"model": "tiny"}))
+    (odd_state / "metrics.jsonl").write_text("")
+    no_config = tmp_path / "no_config"
+    no_config.mkdir()
+    (no_config / "state.json").write_text("{}")
     for args, needle in ((["--images", str(tmp_path / "nope"), "--model", "tiny"], "does not exist"),
                          (["--resume", str(tmp_path)], "no state.json"),
                          (["--resume", str(old_run)], "does not know: micro_batch_size"),
+                         (["--resume", str(odd_state)], "does not know: micro_step"),
+                         (["--resume", str(no_config)], "has no config.json"),
                          (["--images", str(tmp_path), "--tau-low", "0.8", "--tau-high", "0.3"],
                           "--tau-low 0.8 is above --tau-high 0.3")):
-        proc = run_selfplay(args + ["--output", str(tmp_path / "out")])
+        proc = run_selfplay(args if "--resume" in args else args + ["--output", str(tmp_path / "out")])
         log, _ = proc.communicate(timeout=120)
         assert proc.returncode == 2 and needle in log
         assert "Traceback" not in log and len(log.strip().splitlines()) == 1, log
+
+
+def test_a_run_resumes_only_on_the_kind_of_device_it_samples_on(tmp_path):
+    cfg = selfplay.Config(model="tiny", output=str(tmp_path))
+    run = selfplay.Run(cfg, tmp_path, selfplay.State(), torch.device("cpu"))
+    run.save_state()
+    state = selfplay.State(**json.loads((tmp_path / "state.json").read_text()))
+    assert state.device == "cpu"
+    assert selfplay.Run(cfg, tmp_path, state, torch.device("cpu")).generator.get_state().tolist() == state.sampling_rng
+    on_a_gpu = dataclasses.replace(state, device="cuda", sampling_rng=[0] * 16)  # a CUDA generator's state
+    with pytest.raises(DataError, match="cannot resume on cpu: this run samples on cuda.*--device cuda"):
+        selfplay.Run(cfg, tmp_path, on_a_gpu, torch.device("cpu"))
 
 
 @pytest.mark.slow
