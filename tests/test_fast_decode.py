@@ -5,6 +5,7 @@ import torch
 from conftest import PROMPTS, random_images
 from test_sampler import add_frequent_stops
 
+import lora
 from fast_decode import StaticDecoder
 from model import completion_logprobs, encode_prompts, load_vlm, next_token_logits, suppressed_mask
 from sampler import CacheDecoder, sample
@@ -78,3 +79,45 @@ def test_cuda_graph_path_matches_the_reference_in_bf16():
     same = (fast.ids == reference.ids).all(1)
     error = (fast.logprobs[same] - reference.logprobs[same]).abs()  # bf16 against float32, over 8 steps
     assert error.mean() < 0.05 and error.max() < 0.25
+
+
+def adapted_on(device, dtype):
+    """The tiny model as a LoRA role in iteration k >= 2 holds it: a frozen base in `dtype`, earlier
+    updates as frozen factors, and a trained adapter (B != 0)."""
+    model, tok, ip = load_vlm("tiny", device=device, dtype=dtype)
+    lora.add_lora(model, rank=4, alpha=8, seed=0)
+    generator = torch.Generator().manual_seed(3)
+    past = {}
+    for name, m in model.named_modules():
+        if isinstance(m, lora.LoRALinear):
+            past[f"{name}.past_A"] = 0.1 * torch.randn(2, m.base.in_features, generator=generator)
+            past[f"{name}.past_B"] = 0.1 * torch.randn(m.base.out_features, 2, generator=generator)
+            with torch.no_grad():
+                m.lora_B.copy_(0.2 * torch.randn(m.lora_B.shape, generator=generator))
+    lora.set_past(model, past)
+    return model, tok, ip
+
+
+def check_lora_factors_read_like_the_reference(device):
+    model, tok, ip = adapted_on(device, torch.bfloat16)
+    prompts = encode_prompts(tok, ip, random_images(0), PROMPTS).to(device)
+    runs = {}
+    for enabled in (True, False):
+        with lora.adapters(model, enabled):
+            reference = sample(model, prompts, n=2, max_new_tokens=8, temperature=0, decoder="hf")
+            runs[enabled] = fast = sample(model, prompts, n=2, max_new_tokens=8, temperature=0, decoder="static")
+        agree = (fast.ids == reference.ids).cumprod(1).bool()  # up to a row's first different token
+        assert agree[:, :4].float().mean() >= 0.9
+        error = (fast.logprobs - reference.logprobs).abs()[agree]  # both bf16, different kernels
+        assert error.mean() < 0.05 and error.max() < 0.25
+    assert (runs[True].logprobs[:, 0] - runs[False].logprobs[:, 0]).abs().max() > 0.1, "the adapter must count"
+
+
+def test_bf16_static_path_reads_lora_factors_like_the_reference():
+    check_lora_factors_read_like_the_reference("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_path_reads_lora_factors_like_the_reference():
+    """The same inside the CUDA graph, over a bf16 base on the GPU, as selfplay.py holds a LoRA role."""
+    check_lora_factors_read_like_the_reference("cuda")
