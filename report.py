@@ -154,15 +154,18 @@ def nice_ticks(lo, hi, count=5, integer=False) -> list[float]:
     Example: nice_ticks(0.03, 0.83) -> [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]. With integer, the spacing
     is a whole number (iterations and steps have no halves).
     """
-    if hi <= lo:  # one value: give it some room so it is drawn mid-axis
+    # One value, or values apart by float noise (0.3 and 0.30000000000000004), which ticks could
+    # not tell apart: give it some room so it is drawn mid-axis.
+    if hi - lo <= 1e-9 * max(abs(lo), abs(hi)):
         lo, hi = lo - 0.5, hi + 0.5
-    raw = (hi - lo) / count
+    raw = (hi / 2 - lo / 2) / (count / 2)  # = (hi - lo) / count, exactly, without overflow near ±1e308
     magnitude = 10 ** math.floor(math.log10(raw))
     spacing = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
     if integer:
         spacing = max(1, round(spacing))
     first, last = math.floor(lo / spacing + 1e-9), math.ceil(hi / spacing - 1e-9)
-    return [round(i * spacing, 10) for i in range(first, last + 1)]
+    # 12 significant digits: 0.6 rather than 0.6000000000000001, and still exact for tiny spacings
+    return [float(f"{i * spacing:.12g}") for i in range(first, last + 1)]
 
 
 def tick_label(x) -> str:

@@ -711,7 +711,11 @@ def train(cfg, run, paths, images):
         append_jsonl(run.dir / "phase_times.jsonl", {
             "iteration": k, "phase": phase, "from_step": first_step, "seconds": time.perf_counter() - start,
             "peak_mem_gb": peak_memory_gb(run.device)})
-        write_report(run.dir)
+        try:
+            write_report(run.dir)
+        except Exception as err:  # the report is a view of the run's files: never a reason to stop training
+            print(f"warning: report.html not updated ({type(err).__name__}: {err}); "
+                  f"`python report.py {run.dir}` rebuilds it", file=sys.stderr)
         check_stop()  # a Ctrl-C during curation or a summary lands here, after its state is saved
     print(f"done: {run.dir} (report: {run.dir / 'report.html'})")
 

@@ -263,6 +263,11 @@ def test_nice_ticks():
     assert report.nice_ticks(0.03, 0.83) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
     assert report.nice_ticks(1, 2, integer=True) == [1, 2]
     assert report.nice_ticks(5, 5) == [4.4, 4.6, 4.8, 5.0, 5.2, 5.4, 5.6]  # one value: drawn mid-axis
+    assert report.nice_ticks(0.3, 0.1 + 0.2) == [-0.2, 0.0, 0.2, 0.4, 0.6, 0.8]  # float noise: one value
+    assert report.nice_ticks(0, 3e-11) == [0.0, 1e-11, 2e-11, 3e-11]  # a tiny KL
+    for lo, hi in [(0.3, 0.1 + 0.2), (0, 3e-11), (-1e308, 1e308), (1e-300, 2e-300)]:
+        ticks = report.nice_ticks(lo, hi)
+        assert ticks[0] <= lo and ticks[-1] >= hi and all(a < b for a, b in zip(ticks, ticks[1:])), (lo, hi)
 
 
 def test_histogram_shades_the_kept_band_of_the_config(run):
