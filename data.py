@@ -15,7 +15,9 @@ the drawing. They serve the tests, the offline first run, and a built-in benchma
 Left out: captions or labels (VisPlay reads none), video, augmentation, caching decoded images.
 """
 
+import contextlib
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,17 @@ ALPHA_MODES = ("RGBA", "LA", "PA")
 
 class DataError(ValueError):
     """A problem with the user's data, said in one line that names the file or folder."""
+
+
+def write_atomic(path, text):
+    """Readers see the old file or the new one, never half of one (temp file + rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def find_images(folder) -> list[Path]:
@@ -62,24 +75,33 @@ def load_image(path, max_pixels=None) -> Image.Image:
         raise DataError(f"'{path}': no such file")
     if path.stat().st_size == 0:
         raise DataError(f"'{path}': empty file (0 bytes)")
+    return decode_image(path, f"'{path}'", max_pixels)
+
+
+def decode_image(source, name, max_pixels=None) -> Image.Image:
+    """What load_image does once the file is found, for any source: a path, an open binary file
+    (the bytes of a benchmark export) or a PIL image. DataError messages start with `name`."""
     try:
         with warnings.catch_warnings():
             # Pillow warns from half its hard limit up; we enforce MAX_IMAGE_PIXELS ourselves
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:  # reads the header only; multi-frame files open on frame 0
-                _check_size(path, *image.size)  # before a single pixel is decoded
+            # Image.open reads the header only (multi-frame files open on frame 0); a PIL image given
+            # is the caller's, so it is not closed here.
+            opened = contextlib.nullcontext(source) if isinstance(source, Image.Image) else Image.open(source)
+            with opened as image:
+                _check_size(name, *image.size)  # before a single pixel is decoded
                 image.load()  # decode every pixel now, inside the try, so a truncated file is caught here
                 image = _to_rgb(ImageOps.exif_transpose(image))
     except DataError:
         raise
     except UnidentifiedImageError:
-        raise DataError(f"'{path}': not an image Pillow can read") from None
+        raise DataError(f"{name}: not an image Pillow can read") from None
     except Image.DecompressionBombError as e:
-        raise DataError(f"'{path}': {_first_line(e)}") from None
+        raise DataError(f"{name}: {_first_line(e)}") from None
     except PermissionError:
-        raise DataError(f"'{path}': not readable (permission denied)") from None
+        raise DataError(f"{name}: not readable (permission denied)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise DataError(f"'{path}': corrupt or truncated image ({_first_line(e)})") from None
+        raise DataError(f"{name}: corrupt or truncated image ({_first_line(e)})") from None
     if max_pixels is not None and image.width * image.height > max_pixels:
         image = _downscale(image, max_pixels)
     return image
@@ -104,14 +126,14 @@ def readable_images(folder, max_pixels=None):
     return paths, skipped
 
 
-def _check_size(path, width, height):
+def _check_size(name, width, height):
     if width * height > MAX_IMAGE_PIXELS:
-        raise DataError(f"'{path}': {width}x{height} is {width * height:,} pixels, over the limit of "
+        raise DataError(f"{name}: {width}x{height} is {width * height:,} pixels, over the limit of "
                         f"{MAX_IMAGE_PIXELS:,} (a decompression bomb?)")
     if min(width, height) < MIN_SIDE:
-        raise DataError(f"'{path}': {width}x{height} is too small to hold a question (under {MIN_SIDE} px a side)")
+        raise DataError(f"{name}: {width}x{height} is too small to hold a question (under {MIN_SIDE} px a side)")
     if max(width, height) > MAX_ASPECT * min(width, height):
-        raise DataError(f"'{path}': {width}x{height} is longer than {MAX_ASPECT}:1, which the vision encoder refuses")
+        raise DataError(f"{name}: {width}x{height} is longer than {MAX_ASPECT}:1, which the vision encoder refuses")
 
 
 def _to_rgb(image):

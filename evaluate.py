@@ -41,14 +41,14 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm import tqdm
 
 from cli import AT_LEAST_1, option, parse
-from data import DataError, load_image, shapes_benchmark
-from model import ModelError, encode_prompts, load_vlm
+from data import DataError, decode_image, load_image, shapes_benchmark, write_atomic
+from model import ModelError, encode_prompts, load_processors, load_vlm
 from reasoner import reasoner_prompt
-from rewards import answers_equivalent, extract_boxed, normalize_answer
+from rewards import answers_equivalent, as_number, extract_boxed, normalize_answer
 from sampler import sample
 
 # -----------------------------------------------------------------------------
@@ -125,7 +125,6 @@ def option_letter(text):
 
 # Only labels the answer type for the reports; scoring itself reads numbers with rewards.py.
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)(?:/\d+)?\s*(?:\\?%|°)?")
-_INTEGER = re.compile(r"[+-]?\d+(?:,\d{3})*")
 
 
 def answer_type(answer, multiple_choice):
@@ -137,27 +136,44 @@ def answer_type(answer, multiple_choice):
     return "number" if _NUMBER.fullmatch(s) else "text"
 
 
+def _is_file(path):
+    try:
+        return path.is_file()
+    except OSError:  # e.g. a name too long for the file system: base64 text where a path belongs
+        return False
+
+
 def make_record(id, image, question, answer, category, choices=(), choices_in_question=False, skip=None):
     """A Record from a benchmark's fields.
 
     choices: option texts; unless choices_in_question (the question already shows them), they are
     appended to the question as "A. ...". A record is multiple-choice when it has choices (or
     shows them) and its gold is a letter; a gold written as the text of an option becomes that
-    option's letter. skip, unless given: "no image", "missing image file" or "no answer".
+    option's letter. skip, unless given: "no image", "missing image file", "no answer", or "answer
+    not among the options" (given choices, a gold that is neither one of their letters nor the text
+    of one). ValueError for a question that is not text, or choices that are not a list.
     """
+    if not isinstance(question, str):
+        raise ValueError(f"the question is {type(question).__name__}, not text")
+    if not isinstance(choices, (list, tuple)):
+        raise ValueError(f"the choices are {type(choices).__name__}, not a list of option texts")
     answer = "" if answer is None else str(answer).strip()
     choices = [str(c).strip() for c in choices]
     if choices and option_letter(answer) is None:
         answer = next((L for L, c in zip(LETTERS, choices) if answers_equivalent(answer, c)), answer)
-    multiple_choice = (bool(choices) or choices_in_question) and option_letter(answer) is not None
+    letter = option_letter(answer)
+    multiple_choice = (bool(choices) or choices_in_question) and letter is not None
     if multiple_choice:
-        answer = option_letter(answer)
-    if choices and not choices_in_question:
+        answer = letter
+    listed = bool(choices) and not choices_in_question  # options we show, so the gold must be one of them
+    if listed:
         question = question.rstrip() + "\n" + "\n".join(f"{L}. {c}" for L, c in zip(LETTERS, choices))
+    off_options = listed and (letter is None or LETTERS.index(letter) >= len(choices))
     if skip is None:
         skip = ("no image" if image is None else
-                "missing image file" if isinstance(image, Path) and not image.is_file() else
-                "no answer" if not normalize_answer(answer) else None)
+                "missing image file" if isinstance(image, Path) and not _is_file(image) else
+                "no answer" if not normalize_answer(answer) else
+                "answer not among the options" if off_options else None)
     return Record(str(id), image, question, answer, answer_type(answer, multiple_choice), choices,
                   str(category or "all"), skip)
 
@@ -201,23 +217,25 @@ def image_source(value, folder):
         value = value.get("path")
     if isinstance(value, str):
         return folder / value if value else None
+    if value is not None and not isinstance(value, (bytes, Image.Image)):
+        raise ValueError(f"the image is a {type(value).__name__}, not a path, bytes or a picture")
     return value
 
 
 def open_image(record):
-    """The record's image as RGB PIL; DataError naming the record when it cannot be read."""
+    """The record's image as RGB PIL, read as the training images are (data.load_image: the same
+    size checks, transparency over white, high bit depth stretched); DataError naming the record
+    when it cannot be read."""
     source = record.image
     if isinstance(source, Path):
         return load_image(source)
-    if isinstance(source, Image.Image):
-        return source.convert("RGB")
-    try:
-        data = base64.b64decode(source, validate=True) if isinstance(source, str) else source
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            return ImageOps.exif_transpose(image).convert("RGB")
-    except (binascii.Error, OSError, SyntaxError, ValueError) as err:  # OSError: not an image
-        raise DataError(f"record '{record.id}': its image bytes do not decode ({err})") from None
+    name = f"record '{record.id}'"
+    if isinstance(source, str):
+        try:
+            source = base64.b64decode(source, validate=True)
+        except binascii.Error as err:
+            raise DataError(f"{name}: its image is not base64 ({err})") from None
+    return decode_image(source if isinstance(source, Image.Image) else io.BytesIO(source), name)
 
 
 # -----------------------------------------------------------------------------
@@ -370,7 +388,9 @@ class Benchmark:
 def load_benchmark(spec, limit=None):
     """--bench entry -> Benchmark of its first `limit` records. DataError for unknown names,
     missing files and rows that are not of the named benchmark's schema."""
-    name, _, path = spec.strip().partition("=")
+    name, equals, path = spec.strip().partition("=")
+    if equals and not path:
+        raise DataError(f"--bench '{spec}': no path after '='")
     if name == "shapes" and not path:
         records = shapes_records()
     elif name.endswith(".jsonl") and not path:
@@ -420,11 +440,13 @@ def to_records(rows, to_record):
     """(row, folder, where) triples -> Records; a row of the wrong schema is a DataError at `where`."""
     records = []
     for index, (row, folder, where) in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: a {type(row).__name__}, not a record (a JSON object)")
         try:
             records.append((problem_record if "problem" in row else to_record)(row, folder, index))
         except KeyError as err:
             raise DataError(f"{where}: no field {err}; is this the right benchmark's export?") from None
-        except (ValueError, SyntaxError) as err:  # a malformed stringified option list
+        except (ValueError, SyntaxError) as err:  # e.g. a malformed stringified option list
             raise DataError(f"{where}: {err}") from None
     return records
 
@@ -455,7 +477,7 @@ def read_hub(name, source):
 FALLBACK_CHARS = 100  # spec: without a \boxed{}, the prediction is the response's first 100 characters
 NUMBER_REL_TOL = 1e-2  # decimals and fractions: 1.732 counts for 1.73, 1/2 for 0.5; 1.75 does not
 SCORING = ("rule-based: last \\boxed{} (else the first 100 characters); multiple choice by letter or "
-           "the exact text of an option; numbers within 1% relative (integers exactly); yes/no; "
+           "the exact text of an option; numbers within 1% relative (whole numbers exactly); yes/no; "
            "normalised text. The paper uses an LLM judge instead.")
 
 
@@ -484,7 +506,7 @@ def score(record, prediction, judge=None):
     - multiple-choice: the option the prediction picks (letter, or the text of one option) is the
       gold letter; another option's letter or text, or no option, is wrong.
     - number: equal within a relative tolerance of 1e-2 when the gold has decimals or is a
-      fraction; an integer gold (a count) must be matched exactly: 146 is not 145.
+      fraction; a whole-number gold (a count, "50%", "30°") must be matched exactly: 146 is not 145.
     - yes-no ("true" = "yes") and text: equal after normalize_answer.
     An empty prediction is never right. judge(record, prediction) -> bool, when given, replaces
     the rules: the seam for an LLM judge like the paper's.
@@ -493,7 +515,8 @@ def score(record, prediction, judge=None):
         return bool(judge(record, prediction))
     if record.answer_type == "multiple-choice":
         return chosen_letter(prediction, record.choices) == record.answer
-    if _INTEGER.fullmatch(normalize_answer(record.answer)):
+    gold = as_number(record.answer)
+    if gold is not None and gold.is_integer():  # a count, "50%" or "30°" too: exactly
         return answers_equivalent(prediction, record.answer)
     return answers_equivalent(prediction, record.answer, rel_tol=NUMBER_REL_TOL)
 
@@ -601,9 +624,7 @@ def safe_name(text):
 
 def write_jsonl(path, rows):
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def evaluate(cfg, judge=None):
@@ -611,9 +632,19 @@ def evaluate(cfg, judge=None):
     specs = [s for s in cfg.bench.split(",") if s.strip()]
     if not specs:
         raise DataError("no benchmark given: pass --bench shapes, a .jsonl file, or NAME=PATH")
-    # All benchmarks load first, so a mistake in one shows before any model is loaded.
+    # Every benchmark and every model's processors load first, so a mistake in any shows before a
+    # model has spent its time; results are kept by name, so names must differ.
     benchmarks = [load_benchmark(spec, cfg.limit) for spec in specs]
+    for what, names in (("benchmark", [b.name for b in benchmarks]), ("model", cfg.model)):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise DataError(f"{what} '{twice[0]}' is given twice: results are kept by name (rename a file, or "
+                            f"give a built-in model another @SEED)")
+    for spec in cfg.model:
+        load_processors(model_source(spec, cfg.seed)[0])
     out = Path(cfg.output)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--output '{out}' is a file, not a folder")
     results = {"config": asdict(cfg), "scoring": SCORING,
                "benchmarks": {b.name: {"records": len(b.records), "skipped": {}, "models": {}}
                               for b in benchmarks}}
@@ -630,7 +661,8 @@ def evaluate(cfg, judge=None):
             entry["models"][spec] = summarize(samples, time.perf_counter() - start)
             entry["skipped"] = bench.skipped()
         del model  # one model in memory at a time
-        (out / "results.json").write_text(json.dumps(results, indent=2))  # kept even if a later model fails
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / "results.json", json.dumps(results, indent=2))  # kept even if a later model fails
     return results
 
 
@@ -644,7 +676,7 @@ def main(argv=None):
         print(f"evaluate.py: error: {err}", file=sys.stderr)
         return 2
     table = markdown_table(results, cfg.model)
-    (Path(cfg.output) / "table.md").write_text(table + "\n")
+    write_atomic(Path(cfg.output) / "table.md", table + "\n")
     print(table)
     return 0
 

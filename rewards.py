@@ -116,6 +116,11 @@ def _to_number(s):
     return None if den == 0 else (-num if sign == "-" else num) / den
 
 
+def as_number(answer):
+    """The number an answer (str or None) states, as answers_equivalent reads it; None if none."""
+    return _to_number(normalize_answer(answer)) if normalize_answer(answer) else None
+
+
 def _answer_key(text):
     """(kind, value) that decides equivalence, or None for no answer. Kinds are tried in order:
     number, option letter, yes/no, plain text; answers of different kinds never match."""

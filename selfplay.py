@@ -49,7 +49,7 @@ import lora
 import questioner
 import reasoner
 from cli import AT_LEAST_1, AT_LEAST_2, FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, option, parse
-from data import DataError, load_image, readable_images
+from data import DataError, load_image, readable_images, write_atomic
 from model import ModelError, load_processors, load_vlm
 from report import write_report
 from sampler import SamplingSettings
@@ -149,17 +149,6 @@ class Config:
 
 # -----------------------------------------------------------------------------
 # Atomic files
-
-def write_atomic(path, text):
-    """Readers see the old file or the new one, never half of one (temp file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
 
 def write_json(path, obj):
     write_atomic(path, json.dumps(obj, indent=2) + "\n")

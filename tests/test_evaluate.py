@@ -9,6 +9,7 @@ from collections import Counter
 from dataclasses import fields
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -77,6 +78,13 @@ SCORING_CASES = [  # (record, extracted prediction, right?)
 @pytest.mark.parametrize("key, prediction, right", SCORING_CASES)
 def test_scoring_rules(key, prediction, right):
     assert score(RECORDS[key], prediction) is right
+
+
+def test_whole_numbers_with_a_unit_sign_must_match_exactly():
+    for gold, right, wrong in (("50%", "50", "50.4"), ("146°", "146", "145.5"), ("100%", "100%", "99.5")):
+        record = make_record("u", IMAGE, "How much?", gold, "c")
+        assert score(record, right) and not score(record, wrong), gold
+    assert score(make_record("d", IMAGE, "How long?", "12.5%", "c"), "12.45")  # not whole: within 1%
 
 
 def test_a_large_count_must_match_exactly():
@@ -236,6 +244,23 @@ def test_open_image_reads_every_source_form_and_names_bad_ones(tmp_path):
             evaluate.open_image(make_record("bad", source, "q", "a", "c"))
 
 
+def test_image_bytes_are_read_as_image_files_are(tmp_path):
+    """Exports hold images as bytes; they get data.load_image's checks and conversions."""
+    def encoded(image):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
+    clear = Image.new("RGBA", (32, 32), (255, 0, 0, 0))  # fully transparent: white, as from a file
+    deep = Image.fromarray(np.tile(np.linspace(0, 4000, 64).astype(np.uint16), (32, 1)))  # 12-bit in 16
+    for image in (clear, deep):
+        (tmp_path / "image.png").write_bytes(encoded(image))
+        from_bytes = evaluate.open_image(make_record("b", encoded(image), "q", "a", "c"))
+        assert np.array_equal(np.asarray(from_bytes), np.asarray(data.load_image(tmp_path / "image.png")))
+    assert evaluate.open_image(make_record("b", encoded(clear), "q", "a", "c")).getpixel((5, 5)) == WHITE
+    with pytest.raises(data.DataError, match="record 'strip': 2000x4 is too small"):
+        evaluate.open_image(make_record("strip", encoded(Image.new("RGB", (2000, 4))), "q", "a", "c"))
+
+
 def test_an_image_that_does_not_decode_is_skipped_and_counted(tiny, tmp_path):
     rows = [{"question_id": question_id, "image": {"bytes": base64.b64encode(image).decode(), "path": None},
              "question": "How many?", "answer": "1"}
@@ -257,6 +282,27 @@ def test_rows_of_another_schema_and_broken_files_are_data_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(data.DataError, match="no .jsonl or .parquet files"):
         load(f"mmstar={tmp_path / 'empty'}")
+    for row, message in (([1, 2], "line 1: a list, not a record"),
+                         ({"question": None, "answer": "1", "image": "a.png"}, "line 1: the question is NoneType"),
+                         ({"question": "q", "answer": "A", "choices": "red, blue"}, "line 1: the choices are str"),
+                         ({"question": "q", "answer": "1", "image": 5}, "line 1: the image is a int")):
+        (tmp_path / "odd.jsonl").write_text(json.dumps(row) + "\n")
+        with pytest.raises(data.DataError, match=message):
+            load(str(tmp_path / "odd.jsonl"))
+
+
+def test_records_that_cannot_be_scored_are_skipped_with_the_reason(tmp_path):
+    (tmp_path / "a.png").write_bytes(png_bytes(RED))
+    pets = {"question": "Which?", "choices": ["a dog", "a cat"], "image": "a.png"}
+    rows = [{"id": "not-an-option", "answer": "cat", **pets}, {"id": "letter-past-the-options", "answer": "E", **pets},
+            {"id": "base64-as-a-path", "question": "How many?", "answer": "2",
+             "image": base64.b64encode(png_bytes(RED) * 40).decode()},  # far longer than a file name may be
+            {"id": "fine", "answer": "a cat", **pets}]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = {r.id: r for r in load(str(tmp_path / "q.jsonl")).records}
+    assert records["not-an-option"].skip == records["letter-past-the-options"].skip == "answer not among the options"
+    assert records["base64-as-a-path"].skip == "missing image file"
+    assert records["fine"].answer == "B" and records["fine"].skip is None
 
 
 @pytest.mark.skipif(HAS_DATASETS, reason="the messages below are for machines without `datasets`")
@@ -374,9 +420,23 @@ def test_cli_two_tiny_models_on_shapes_and_a_fixture(tmp_path, capsys):
     (["--model", "tiny", "--bench", "mmstar=/no/such/folder"], "'/no/such/folder' does not exist"),
     (["--model", "./no-such-model", "--bench", "shapes", "--limit", "1"], "'./no-such-model' does not exist"),
     (["--model", "tiny@x", "--bench", "shapes", "--limit", "1"], "'tiny@x': the seed after @"),
+    (["--model", "tiny", "--model", "./no-such-model", "--bench", "shapes", "--limit", "1"],
+     "'./no-such-model' does not exist"),  # found before the first model spends its time
+    (["--model", "tiny", "--bench", f"shapes,{OURS},shapes"], "benchmark 'shapes' is given twice"),
+    (["--model", "tiny", "--model", "tiny", "--bench", "shapes"], "model 'tiny' is given twice"),
+    (["--model", "tiny", "--bench", "mmmu="], "--bench 'mmmu=': no path after '='"),
 ])
 def test_user_mistakes_exit_2_with_one_line(argv, message, tmp_path, capsys):
     assert evaluate.main(argv + ["--device", "cpu", "--output", str(tmp_path), "--quiet"]) == 2
     captured = capsys.readouterr()
     assert captured.err.startswith("evaluate.py: error: ") and message in captured.err
     assert captured.err.count("\n") == 1 and captured.out == ""
+    assert not any(tmp_path.iterdir()), "nothing is written before every check has passed"
+
+
+def test_an_output_that_is_a_file_is_refused_before_any_model_runs(tmp_path, capsys):
+    (tmp_path / "results").write_text("an old file")
+    argv = ["--model", "tiny", "--bench", "shapes", "--limit", "1", "--device", "cpu", "--quiet",
+            "--output", str(tmp_path / "results")]
+    assert evaluate.main(argv) == 2
+    assert "'" + str(tmp_path / "results") + "' is a file, not a folder" in capsys.readouterr().err
