@@ -154,9 +154,10 @@ def merge_lora(model):
     """Folds each adapted layer's update (`LoRALinear.factors`: the earlier ones, and the trainable
     one while enabled) into its base weight and puts the plain nn.Linear back, in place: the model
     then has exactly the base model's parameter names, for `save_pretrained`. The sum is done in
-    float32 (or the base's dtype, if wider) and rounded once to the base dtype: on a bf16 base, updates below bf16's resolution
-    (2^-8 of a weight) are lost, so call `model.float()` first to keep them (the saved checkpoint is
-    then float32). The base weights change in place: so does any `shared_copy` of the model."""
+    float32 (or the base's dtype, if wider) and rounded once to the base dtype: on a bf16 base,
+    updates below bf16's resolution (2^-8 of a weight) are lost, so call `model.float()` first to
+    keep them (the saved checkpoint is then float32). The base weights change in place: so does any
+    `shared_copy` of the model."""
     for parent, name, lora in _children(model, LoRALinear):
         W = lora.base.weight  # [out, in]
         A, B = lora.factors()

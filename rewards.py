@@ -118,7 +118,8 @@ def _to_number(s):
 
 def as_number(answer):
     """The number an answer (str or None) states, as answers_equivalent reads it; None if none."""
-    return _to_number(normalize_answer(answer)) if normalize_answer(answer) else None
+    s = normalize_answer(answer)
+    return _to_number(s) if s else None
 
 
 def _answer_key(text):
@@ -141,10 +142,11 @@ def answers_equivalent(a, b, rel_tol=1e-6):
     nothing, not even another empty one.
 
     Rules: two whole numbers must be equal (1,000 = 1000.0, -3 = −3, 50% = 50; 1000001 is not
-    1000000, which a relative tolerance would allow); other numbers compare with relative tolerance
-    rel_tol (0.5 = 1/2 = \\frac{1}{2} = .50); a multiple-choice letter matches the same letter with or
-    without its option text (B = (B) = B) = B. red, and B) red = B) blue: the letter decides);
-    yes = true and no = false; anything else after normalize_answer must be equal as strings.
+    1000000, which a relative tolerance would allow); other numbers compare with relative
+    tolerance rel_tol (0.5 = 1/2 = \\frac{1}{2} = .50); a multiple-choice letter matches the same
+    letter with or without its option text (B = (B) = B) = B. red, and B) red = B) blue: the letter
+    decides); yes = true and no = false; anything else after normalize_answer must be equal as
+    strings.
     Conservative on purpose: "A red car" is text (no punctuation after "A"), "1,2" is text (not
     twelve), "Blue" is text (not option B).
 

@@ -68,8 +68,10 @@ class Config:
     quiet: bool = option("no progress bars (for logs)", "run", default=False)
     # loop
     iterations: int = option("self-play iterations K", "loop", valid=AT_LEAST_1, default=3)
-    questioner_steps: int = option("GRPO steps of the Questioner per iteration", "loop", valid=NON_NEGATIVE, default=20)
-    reasoner_steps: int = option("GRPO steps of the Reasoner per iteration", "loop", valid=NON_NEGATIVE, default=20)
+    questioner_steps: int = option("GRPO steps of the Questioner per iteration", "loop", valid=NON_NEGATIVE,
+                                   default=20)
+    reasoner_steps: int = option("GRPO steps of the Reasoner per iteration", "loop", valid=NON_NEGATIVE,
+                                 default=20)
     group_size: int = option("G: samples per prompt in both roles' rollouts", "loop", valid=AT_LEAST_2, default=8)
     min_pixels: int = option("images are resized to at least this many pixels", "loop", valid=AT_LEAST_1,
                              default=262_144)
@@ -195,7 +197,8 @@ class Run:
         self.cfg, self.dir, self.state, self.device = cfg, Path(folder), state, device
         self.generator = torch.Generator(device=device)
         self.image_rng = np.random.default_rng(cfg.seed)
-        if state.sampling_rng and state.device != device.type:
+        # (state.device is "" in a state saved before the device was recorded)
+        if state.sampling_rng and state.device and state.device != device.type:
             raise DataError(f"cannot resume on {device.type}: this run samples on {state.device}, and its random "
                             f"generator cannot move there; pass --device {state.device}")
         if state.sampling_rng:
@@ -293,7 +296,10 @@ def tidy(run):
     leftovers = [f for f in (run.dir / "resume").glob("*") if f != current]
     leftovers += [*run.dir.glob("*.tmp"), *run.dir.glob("iter_*/*.tmp")]  # "*" matches dot files too
     for path in leftovers:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 IMAGE_LIST = "images.txt"  # the run's readable images, one per line, relative to --images
@@ -301,7 +307,8 @@ IMAGE_LIST = "images.txt"  # the run's readable images, one per line, relative t
 
 def check_images(run, paths):
     """The run refers to its images by position (questions.jsonl, the image sampler's draws), so a
-    resumed run must find the same list: it is written when the run starts and compared after."""
+    resumed run must find the same list: it is written when the run starts (or first resumes, for a
+    run folder from before the list was kept) and compared after."""
     listed = "".join(f"{os.path.relpath(p, run.cfg.images)}\n" for p in paths)
     path = run.dir / IMAGE_LIST
     if not path.exists():
