@@ -20,7 +20,7 @@ def test_sampler_record_counts_equal_tokens_and_derives_the_ratio(tiny, temperat
     record = bench.measure_sampler(model, prompts, n, T, temperature, top_p, repeats=1)
     assert set(record) == {"generate", "ours_shared", "ours_unshared"}
     for path in record.values():
-        assert path["seconds"] > 0 and path["ms_per_step"] > 0
+        assert path["seconds"] > 0 and path["ms_per_step"] == pytest.approx(1000 * path["seconds"] / T, rel=1e-12)
         assert path["new_tokens"] == P * n * T
         assert path["tokens_per_s"] == pytest.approx(path["new_tokens"] / path["seconds"], rel=1e-12)
     for name in ("ours_shared", "ours_unshared"):
@@ -67,3 +67,9 @@ def test_main_writes_table_and_json_of_all_figures(tmp_path, capsys):
         assert r["figure"] in printed
     grpo = result["records"]["grpo"]
     assert grpo["flops"] == (6 + 2) * grpo["trainable_params"] * grpo["tokens"]
+    # the MFU row from the records: model FLOP/s in TFLOP/s, against the matmul rate measured
+    mfu = next(r for r in result["rows"] if "MFU" in r["figure"])
+    assert mfu["ours"] == pytest.approx(grpo["flops"] / grpo["seconds"] / 1e12, rel=1e-12)
+    assert mfu["baseline"] == pytest.approx(grpo["matmul"]["flops_per_s"] / 1e12, rel=1e-12)
+    assert 0 < mfu["ratio"] < 1
+    assert grpo["matmul"]["size"] == 64 and grpo["rows"] == 4

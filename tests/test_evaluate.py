@@ -16,7 +16,9 @@ from PIL import Image
 import data
 import evaluate
 from evaluate import EvalConfig, extract_prediction, inline_choices, make_record, score, wilson_interval
-from model import ModelError
+from model import ModelError, encode_prompts, load_vlm
+from reasoner import reasoner_prompt
+from sampler import sample
 
 FIXTURES = Path(__file__).parent / "fixtures" / "benchmarks"
 OURS = FIXTURES / "ours" / "questions.jsonl"
@@ -408,11 +410,18 @@ def test_cli_two_tiny_models_on_shapes_and_a_fixture(tmp_path, capsys):
             assert result["scored"] == len(ids) and result["correct"] == sum(row["correct"] for row in rows)
             for row in rows:
                 record = records[row["id"]]
-                assert row["prompt"].startswith(record.question) and row["gold"] == record.answer
+                assert row["prompt"] == reasoner_prompt(record.question) and row["gold"] == record.answer
                 assert row["extracted"] == extract_prediction(row["prediction"])
                 assert row["correct"] == score(record, row["extracted"])
             predictions[model, bench] = [row["prediction"] for row in rows]
     assert predictions["tiny", "shapes"] != predictions["tiny@1", "shapes"]  # another seed, another model
+    # each answer is the model's greedy answer to that question about its own image, asked alone
+    model, tok, ip = load_vlm("tiny", seed=0)
+    asked = [r for r in load(str(OURS), 4).records if r.skip is None]  # two questions, two different images
+    for record, prediction in zip(asked, predictions["tiny", "questions"], strict=True):
+        prompts = encode_prompts(tok, ip, [evaluate.open_image(record)], [reasoner_prompt(record.question)])
+        alone = sample(model, prompts, max_new_tokens=8, temperature=0.0).texts(tok)[0]
+        assert prediction == alone, record.id
 
 
 @pytest.mark.parametrize("argv, message", [

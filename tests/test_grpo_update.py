@@ -7,8 +7,8 @@ import math
 import torch
 from conftest import PROMPTS, random_images
 
-from grpo import Rollouts, rollout_logprobs, update
-from model import encode_prompts
+from grpo import Rollouts, batch_totals, policy_loss, rollout_logprobs, update
+from model import completion_logprobs, encode_prompts
 from sampler import sample
 
 
@@ -27,7 +27,8 @@ def step_delta(model, rollouts, reference, **kwargs):
     policy = copy.deepcopy(model)
     before = [p.detach().clone() for p in policy.parameters()]
     optimizer = torch.optim.SGD(policy.parameters(), lr=1.0)
-    ref_logp = None if reference is None else rollout_logprobs(reference, rollouts, ONE_MICRO_BATCH, 1.0)
+    temperature = kwargs.get("temperature", 1.0)
+    ref_logp = None if reference is None else rollout_logprobs(reference, rollouts, ONE_MICRO_BATCH, temperature)
     metrics = update(policy, optimizer, rollouts, rollouts.advantages(), ref_logp, max_grad_norm=1e9, **kwargs)
     return torch.cat([(p.detach() - b).flatten() for p, b in zip(policy.parameters(), before)]), metrics
 
@@ -65,6 +66,31 @@ def test_dr_grpo_divides_by_the_generation_budget(tiny):
                                                copy.deepcopy(model), **settings)
     assert math.isclose(4 * longer_metrics["grad_norm"], metrics["grad_norm"], rel_tol=1e-5)
     assert step.abs().max() > 0.1 and torch.allclose(4 * longer_budget, step, atol=1e-6)
+
+
+def test_the_step_trains_the_temperature_scaled_policy(tiny):
+    """At temperature 0.7 the loss is that of the log-probs at 0.7, the reference's included:
+    the step equals minus the gradient of policy_loss over completion_logprobs(temperature=0.7)."""
+    model, tok, ip = tiny
+    rollouts = rollout_batch(model, tok, ip)
+    reference = copy.deepcopy(model)
+    with torch.no_grad():  # a reference away from the policy, so the KL term has a gradient
+        for p in reference.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    step, _ = step_delta(model, rollouts, reference, micro_batch_tokens=ONE_MICRO_BATCH, temperature=0.7)
+
+    policy = copy.deepcopy(model)
+    prompts, ids, mask = rollouts.prompts, rollouts.ids, rollouts.mask
+    logp = completion_logprobs(policy, prompts, ids, mask, temperature=0.7)
+    with torch.no_grad():
+        ref_logp = completion_logprobs(reference, prompts, ids, mask, temperature=0.7)
+    loss, _ = policy_loss(logp, logp.detach(), ref_logp, rollouts.advantages(), mask,
+                          **batch_totals(mask))
+    loss.backward()
+    expected = torch.cat([-p.grad.flatten() for p in policy.parameters()])
+    assert torch.allclose(step, expected, atol=1e-6, rtol=1e-4)
+    at_one, _ = step_delta(model, rollouts, reference, micro_batch_tokens=ONE_MICRO_BATCH, temperature=1.0)
+    assert (at_one - step).abs().max() > 100 * (step - expected).abs().max()
 
 
 def test_more_minibatches_than_rows_gives_one_step_per_row(tiny):

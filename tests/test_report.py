@@ -4,6 +4,7 @@ import base64
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -277,3 +278,38 @@ def test_histogram_shades_the_kept_band_of_the_config(run):
     del config["tau_low"]
     (run / "config.json").write_text(json.dumps(config))
     assert 'class="band"' not in report.write_report(run).read_text(encoding="utf-8")
+
+
+def numbers(text):
+    return [float(v) for v in text.replace(",", " ").split()]
+
+
+def test_line_chart_draws_each_value_where_its_axis_says():
+    """Read back from the SVG: every point is on the same decreasing line through the y ticks'
+    labels and positions, inside the plot, and the ticks cover the data."""
+    values = [(1, 0.42), (2, 0.1), (3, 0.77), (5, 0.3)]
+    page = report.line_chart("reward", {"questioner": values}, "step", "reward")
+    points = numbers(re.search(r'<polyline points="([^"]+)"', page).group(1))
+    xs, ys = points[0::2], points[1::2]
+    ticks = [(float(label), float(y)) for y, label in re.findall(r'<text x="[\d.]+" y="([\d.]+)" '
+                                                                 r'text-anchor="end">([^<]+)</text>', page)]
+    (v0, p0), (v1, p1) = ticks[0], ticks[-1]
+    assert v0 <= min(y for _, y in values) and v1 >= max(y for _, y in values)
+    slope = (p1 - p0) / (v1 - v0)
+    assert slope < 0  # larger values higher up
+    for (_, value), pixel_y in zip(values, ys):
+        line_y = p0 - 4 + slope * (value - v0)  # tick labels sit 4 px below their grid line
+        assert abs(pixel_y - line_y) <= 0.2
+    assert xs == sorted(xs) and report.MARGIN_LEFT <= xs[0] and xs[-1] <= report.CHART_W - report.MARGIN_RIGHT
+    assert (xs[3] - xs[2]) == pytest.approx(2 * (xs[2] - xs[1]), abs=0.2)  # x 3 -> 5 is twice 2 -> 3
+
+
+def test_histogram_band_covers_exactly_the_kept_bins():
+    page = report.histogram_chart("confidence", [1, 2, 3, 4], band=(0.25, 0.75))
+    band = numbers(" ".join(re.search(r'<rect class="band" x="([\d.]+)" y="[\d.]+" width="([\d.]+)"', page).groups()))
+    bars = [numbers(" ".join(m)) for m in re.findall(r'<rect x="([\d.]+)" y="[\d.]+" width="([\d.]+)"[^>]*fill="#6366f1"',
+                                                     page)]
+    assert len(bars) == 4
+    # bars are inset 2 px into their bins: bins 2 and 3 (c in [0.25, 0.75]) are the band
+    assert band[0] == pytest.approx(bars[1][0] - 2, abs=0.15)
+    assert band[0] + band[1] == pytest.approx(bars[2][0] + bars[2][1] + 2, abs=0.15)

@@ -29,39 +29,71 @@ def test_curation_band_and_silver_labels_hand_computed():
     assert (counted[0]["silver"], counted[0]["confidence"], counted[0]["kept"]) == (None, 0.75, False)
 
 
-@pytest.mark.parametrize("combine", ["paper", "code"])
-def test_questioner_reward_wiring(tiny, combine):
+# The frozen Reasoner's answers to the three valid questions below, m = 4 each.
+CANNED_ANSWERS = [["3", "3", "4", None], ["5", "5", "5", "5"], [None, None, "red", "blue"]]
+# Hand-computed per (uncertainty scale and combine, count_empty), question by question (the second
+# output is invalid; the first and third are the same question, one BLEU cluster of 2 out of G = 4):
+#   confidence c  empty answers vote "None": [2/4, -, 4/4, 2/4 ("None" wins)]; not: [2/3, -, 1, 1/2]
+#   uncertainty   paper 1 - |2c - 1|, code min(c, 1 - c); diversity [0.5, 0.25, 0.5, 0.25]
+#   reward        paper valid · max(0, u - d); code u - d, or -1 - d when invalid
+REWARD_CASES = [
+    ("paper", True, [0.5, 0.0, 1.0, 0.5], [1.0, 0.0, 0.0, 1.0], [0.5, 0.0, 0.0, 0.75]),
+    ("code", True, [0.5, 0.0, 1.0, 0.5], [0.5, 0.0, 0.0, 0.5], [0.0, -1.25, -0.5, 0.25]),
+    ("paper", False, [2 / 3, 0.0, 1.0, 0.5], [2 / 3, 0.0, 0.0, 1.0], [1 / 6, 0.0, 0.0, 0.75]),
+    ("code", False, [2 / 3, 0.0, 1.0, 0.5], [1 / 3, 0.0, 0.0, 0.5], [-1 / 6, -1.25, -0.5, 0.25]),
+]
+
+
+@pytest.mark.parametrize("mode, count_empty, confidence, uncertainty, reward", REWARD_CASES)
+def test_questioner_reward_from_the_reasoners_answers_hand_computed(tiny, monkeypatch, mode, count_empty, confidence,
+                                                                    uncertainty, reward):
     model, tok, ip = tiny
     texts = ["<question>How many red shapes are there?</question>", "no tags here",
              "<question>How many red shapes are there?</question>", "<question>What colour is the square?</question>"]
     parsed = [parse_question(t) for t in texts]
     images = random_images(0, [(56, 56)] * 4)
-    settings = questioner.QuestionerRewardSettings(m=3, combine=combine)
-    calls = []
-    original = reasoner.answer
+    asked = []
 
-    def spy(*args, **kwargs):
-        calls.append(args[4])
-        return original(*args, **kwargs)
-
-    reasoner.answer, questioner.reasoner.answer = spy, spy
-    try:
-        rewards, details = questioner.score_questions(model, tok, ip, images, parsed, texts, [0, 0, 0, 0],
-                                                      settings, SHORT, torch.Generator().manual_seed(0), 10**9)
-    finally:
-        reasoner.answer = original
-    assert calls == [[texts[0][10:-11], texts[2][10:-11], texts[3][10:-11]]], "only valid questions are answered"
-    assert [len(d["answers"]) for d in details] == [3, 0, 3, 3]
-    # two identical questions form one cluster of 2 out of G = 4; the others are alone
+    def frozen_reasoner(model, tokenizer, image_processor, images, questions, m, *args):
+        asked.append((questions, m))
+        answers = CANNED_ANSWERS[:len(questions)]
+        return [[f"\\boxed{{{a}}}" if a else "no box" for a in group] for group in answers], answers
+    monkeypatch.setattr(questioner.reasoner, "answer", frozen_reasoner)
+    settings = questioner.QuestionerRewardSettings(m=4, uncertainty_scale=mode, combine=mode, count_empty=count_empty)
+    rewards, details = questioner.score_questions(model, tok, ip, images, parsed, texts, [0, 0, 0, 0],
+                                                  settings, SHORT, torch.Generator().manual_seed(0), 10**9)
+    assert asked == [([texts[0][10:-11], texts[2][10:-11], texts[3][10:-11]], 4)], "only valid questions, m times"
+    assert [d["answers"] for d in details] == [CANNED_ANSWERS[0], [], CANNED_ANSWERS[1], CANNED_ANSWERS[2]]
+    assert [d["confidence"] for d in details] == pytest.approx(confidence)
+    assert [d["uncertainty"] for d in details] == pytest.approx(uncertainty)
     assert [d["diversity"] for d in details] == [0.5, 0.25, 0.5, 0.25]
-    for d, r in zip(details, rewards):
-        u = 1 - abs(2 * d["confidence"] - 1) if d["valid"] else 0.0
-        assert d["uncertainty"] == pytest.approx(u)
-        if combine == "paper":
-            expected = max(0.0, u - d["diversity"]) if d["valid"] else 0.0
-        else:
-            expected = u - d["diversity"] if d["valid"] else -1 - d["diversity"]
-        assert r == pytest.approx(expected)
+    assert rewards == pytest.approx(reward)
+
+
+class Canned:
+    """What sample_in_batches returns, with the texts given."""
+    def __init__(self, texts):
+        self.ids = torch.arange(len(texts) * 2).view(len(texts), 2)
+        self.mask = torch.ones_like(self.ids)
+        self.canned = texts
+
+    def texts(self, tokenizer):
+        return self.canned
+
+
+@pytest.mark.parametrize("mode, expected", [("paper", [1, 0, 0, 1, 0, 0]), ("code", [1, 0, 0.1, 0.9, 0.1, 0])])
+def test_reasoner_rollouts_score_each_row_against_its_own_questions_label(tiny, monkeypatch, mode, expected):
+    model, tok, ip = tiny
+    images = random_images(1, [(56, 56), (64, 80)])
+    texts = ["<think>a</think> \\boxed{3}", "\\boxed{4}", "<think>b</think> \\boxed{4}",  # question one: "3"
+             "\\boxed{4}", "<think>c</think>\\boxed{3}", "no box"]                        # question two: "4"
+    monkeypatch.setattr(reasoner, "sample_in_batches", lambda model, prompts, max_tokens, n, **settings: Canned(texts))
+    rollouts, returned = reasoner.rollouts(model, tok, ip, images, ["Q one?", "Q two?"], ["3", "4"], G=3,
+                                           settings=SHORT, generator=None, batch_tokens=1, reward_mode=mode)
+    assert returned == texts and rollouts.rewards.tolist() == pytest.approx(expected)
+    assert rollouts.group_size == 3 and rollouts.max_new_tokens == SHORT.max_new_tokens
+    assert torch.equal(rollouts.prompts.image_grid_thw, ip(images=images, return_tensors="pt")["image_grid_thw"]
+                       .repeat_interleave(3, dim=0))
 
 
 def test_rollouts_line_up_rows_with_groups(tiny):
@@ -70,8 +102,6 @@ def test_rollouts_line_up_rows_with_groups(tiny):
     rollouts, texts = reasoner.rollouts(model, tok, ip, images, ["Q one?", "Q two?"], ["3", "4"], G=3,
                                         settings=SHORT, generator=torch.Generator().manual_seed(0), batch_tokens=1)
     assert len(rollouts) == 6 == len(texts) and rollouts.rewards.shape == (6,)
-    assert torch.equal(rollouts.prompts.image_grid_thw, ip(images=images, return_tensors="pt")["image_grid_thw"]
-                       .repeat_interleave(3, dim=0))
     q_rollouts, details = questioner.rollouts(model, model, tok, ip, images, 2, SHORT, SHORT,
                                               questioner.QuestionerRewardSettings(m=2),
                                               torch.Generator().manual_seed(0), batch_tokens=1)
