@@ -635,11 +635,11 @@ def evaluate(cfg, judge=None):
     # Every benchmark and every model's processors load first, so a mistake in any shows before a
     # model has spent its time; results are kept by name, so names must differ.
     benchmarks = [load_benchmark(spec, cfg.limit) for spec in specs]
-    for what, names in (("benchmark", [b.name for b in benchmarks]), ("model", cfg.model)):
+    for what, names, hint in (("benchmark", [b.name for b in benchmarks], "rename one of the files"),
+                              ("model", cfg.model, "drop one, or give a built-in model another @SEED")):
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
-            raise DataError(f"{what} '{twice[0]}' is given twice: results are kept by name (rename a file, or "
-                            f"give a built-in model another @SEED)")
+            raise DataError(f"{what} '{twice[0]}' is given twice: results are kept by name ({hint})")
     for spec in cfg.model:
         load_processors(model_source(spec, cfg.seed)[0])
     out = Path(cfg.output)
