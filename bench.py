@@ -30,7 +30,8 @@ in the same run, on whatever device is there (cuda if available, else cpu).
    vision tower seeing 4 patches per token, the head running on completion tokens only, and the
    head chunks recomputed in the backward pass; so the FLOP/s is a rough model-FLOPs figure.
 3. Peak memory of each phase (questioner, curation, reasoner) at selfplay.py's own sizes, once per
-   run of --memory-runs (selfplay.py's defaults; with LoRA; with LoRA and half the sampling batch):
+   run of --memory-runs (selfplay.py's defaults at the paper's pixel bounds; with LoRA; with LoRA
+   and half the sampling batch):
    `phase_peaks` holds the models a phase holds and goes through its memory-heavy moments with
    selfplay.py's own functions. Every sampler call is made at full length but ends after a few
    steps (the static cache is allocated for the longest completion up front, so memory does not
@@ -69,23 +70,24 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 from pathlib import Path
 
 import torch
 import transformers
 
+import policies
 import questioner
 import reasoner
-import selfplay
 from cli import AT_LEAST_1, NON_NEGATIVE, PROBABILITY, option, parse
 from data import shapes_images, write_shapes_folder
 from grpo import Rollouts, make_optimizer, rollout_logprobs, update, weights_dtype
-from model import TINY_MAX_PIXELS, TINY_MIN_PIXELS, encode_prompts, load_vlm, suppressed_mask
-from sampler import SamplingSettings, sample
+from model import encode_prompts, load_vlm, suppressed_mask
+from sampler import sample
 
 FIGURES = ("sampler", "grpo", "memory", "selfplay")
 PROMPT = "Look at this image and write one question about it that needs reasoning to answer."
-# What 0 means for the size settings: the spec's shapes for real models, small ones for "tiny".
+# What 0 means for the size settings: the paper's shapes for real models, small ones for "tiny".
 SIZES = {"tiny": dict(image_size=112, new_tokens=64), "real": dict(image_size=448, new_tokens=256)}
 # FLOPs of one GRPO step per trainable parameter and token: 6 for the forward and backward pass,
 # 2 for the forward that gives the reference log-probs. (With one optimizer step per batch, as here,
@@ -114,7 +116,7 @@ class Config:
     greedy: bool = option("also time greedy decoding", default=True)
     grpo_rows: int = option("rows of the GRPO batch (groups of --samples)", default=16)
     micro_batch_tokens: int = option("padded tokens per forward/backward in the GRPO step",
-                                     default=selfplay.Config.micro_batch_tokens)
+                                     default=32768)  # selfplay.py's (a test holds the two equal)
     gradient_checkpointing: bool = option("recompute activations in the GRPO step's backward pass, as selfplay.py "
                                           "does by default", default=True)
     matmul_size: int = option("side of the matmul that measures the matrix rate (0: 8192 on cuda, 1024 on cpu)",
@@ -394,12 +396,12 @@ def stop_at_once(*models):
 
 def phase_peaks(scfg, device, images):
     """The memory-heavy moments of each phase of a self-play iteration k >= 2 under selfplay.py's
-    Config `scfg`, holding the models that phase holds (selfplay.frozen_models; from k = 2 on the
+    Config `scfg`, holding the models that phase holds (policies.frozen_models; from k = 2 on the
     Questioner's reference Q_{k-1} and its Reasoner R_{k-1} are two models; with LoRA both share
     the policy's weights, and the roles' earlier updates, ~120 MB per phase at r = 16, are left
     out), in order:
     every sampler call at full length (stop_at_once) with as many prompts as fill its KV cache of
-    --sampling-batch-tokens; then one GRPO step (selfplay.grpo_step, one optimizer step) on a
+    --sampling-batch-tokens; then one GRPO step (policies.Trainee.grpo_step, one optimizer step) on a
     micro-batch of full-length completions. Questions asked of the Reasoner are one short question
     (QUESTION). `images` are used in turn, as many as each call needs.
     Returns {phase: peak GiB since the phase began} on cuda; off cuda, the process's RSS high-water.
@@ -407,9 +409,8 @@ def phase_peaks(scfg, device, images):
     G, seed, budget = scfg.group_size, scfg.seed, scfg.sampling_batch_tokens
     generator = torch.Generator(device).manual_seed(seed)
     writing, answering = questioner.QUESTIONER_PROMPTS[scfg.question_format], reasoner.reasoner_prompt(QUESTION)
-    write_settings = SamplingSettings(scfg.question_max_tokens, scfg.temperature, 0, scfg.top_p)
-    vote_settings = SamplingSettings(scfg.answer_max_tokens, scfg.temperature, 0, scfg.top_p)
-    one_step = dataclasses.replace(scfg, minibatches=1, epochs=1)
+    settings = policies.sampling_settings(scfg)
+    one_step = SimpleNamespace(**{**vars(scfg), "minibatches": 1, "epochs": 1})
 
     def shown(text, rows, new_tokens, max_tokens):
         """Images for as many prompts of `text` as fit in max_tokens (at least one), a prompt taking
@@ -419,12 +420,14 @@ def phase_peaks(scfg, device, images):
         return [images[i % len(images)] for i in range(count)]
 
     def write(model, n):  # one sampler call of n questions per image, its KV cache full
-        questioner.write_questions(model, tok, ip, shown(writing, n, scfg.question_max_tokens, budget), n,
-                                   write_settings, generator, budget, scfg.question_format)
+        questioner.write_questions(model, processors, shown(writing, n, scfg.question_max_tokens, budget), n=n,
+                                   settings=settings.question, fmt=scfg.question_format, generator=generator,
+                                   batch_tokens=budget)
 
     def answer(model, m):  # one sampler call of m answers per question, its KV cache full
         asked = shown(answering, m, scfg.answer_max_tokens, budget)
-        reasoner.answer(model, tok, ip, asked, [QUESTION] * len(asked), m, vote_settings, generator, budget)
+        reasoner.ask_and_vote(model, processors, asked, [QUESTION] * len(asked), m=m, settings=settings.answer,
+                              count_empty=True, generator=generator, batch_tokens=budget)
 
     def filling_one_micro_batch(text, T):
         """Prompts of enough groups of G full-length rows (T tokens) to fill the largest micro-batch."""
@@ -432,7 +435,7 @@ def phase_peaks(scfg, device, images):
         return encode_prompts(tok, ip, [images[i % len(images)] for i in range(groups)], [text] * groups)
 
     def frozen(beside=None):
-        return selfplay.sampling_role(scfg, device, scfg.model, beside)
+        return policies.sampling_role(scfg, device, scfg.model, beside)
 
     def finish(name, peaks):
         peaks[name] = peak_memory_gib(device) if device.type == "cuda" else process_rss_gib()
@@ -442,16 +445,17 @@ def phase_peaks(scfg, device, images):
     peaks = {}
     reset_peak_memory(device)
     # Questioner: Q_k trains; R_{k-1} answers each question m times; the KL reference is Q_{k-1}.
-    policy, tok, ip, optimizer = selfplay.trainable_role(scfg, scfg.model, device)
+    trainee = policies.Trainee(one_step, scfg.model, device)
+    policy, processors = trainee.model, trainee.processors
+    tok, ip = processors
     answerer = frozen(beside=policy)
     reference = policy if scfg.lora_rank else frozen()
     with stop_at_once(policy, answerer):
         write(policy, G)
         answer(answerer, scfg.reward_votes)
     prompts = filling_one_micro_batch(writing, scfg.question_max_tokens)
-    selfplay.grpo_step(one_step, policy, optimizer, reference,
-                       random_rollouts(policy, prompts, G, scfg.question_max_tokens, seed))
-    del policy, optimizer, answerer, reference
+    trainee.grpo_step(random_rollouts(policy, prompts, G, scfg.question_max_tokens, seed), reference)
+    del trainee, policy, answerer, reference
     finish("questioner", peaks)
     # Curation: Q_k writes N candidates per image; R_{k-1} votes m times on each.
     writer = frozen()
@@ -462,24 +466,38 @@ def phase_peaks(scfg, device, images):
     del writer, answerer
     finish("curation", peaks)
     # Reasoner: R_k trains on G answers per kept question; the KL reference is R_{k-1}.
-    policy, tok, ip, optimizer = selfplay.trainable_role(scfg, scfg.model, device)
+    trainee = policies.Trainee(one_step, scfg.model, device)
+    policy = trainee.model
     reference = policy if scfg.lora_rank else frozen()
     with stop_at_once(policy):
         answer(policy, G)
     prompts = filling_one_micro_batch(answering, scfg.answer_max_tokens)
-    selfplay.grpo_step(one_step, policy, optimizer, reference,
-                       random_rollouts(policy, prompts, G, scfg.answer_max_tokens, seed))
-    del policy, optimizer, reference
+    trainee.grpo_step(random_rollouts(policy, prompts, G, scfg.answer_max_tokens, seed), reference)
+    del trainee, policy, reference
     finish("reasoner", peaks)
     return peaks
 
 
+def selfplay_config(argv):
+    """selfplay.py's settings for these flags, as its --print-config shows them: the memory figure
+    runs the loop's own functions (policies, questioner, reasoner) under them, and nothing imports
+    selfplay.py."""
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("selfplay.py")), "--print-config", *argv],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"selfplay.py --print-config exited with {done.returncode}: {done.stderr}")
+    return SimpleNamespace(**json.loads(done.stdout))
+
+
+PAPER_PIXELS = ["--min-pixels", "262144", "--max-pixels", "4194304"]
+
+
 def memory_figure(cfg, device):
-    """phase_peaks for each run of --memory-runs, at selfplay.py's pixel bounds."""
+    """phase_peaks for each run of --memory-runs, at the paper's pixel bounds."""
     record, rows = {}, []
     for flags in cfg.memory_runs.split(";"):
-        scfg = parse(selfplay.Config, ["--model", cfg.model, "--device", str(device), "--seed", str(cfg.seed),
-                                       *shlex.split(flags)])
+        scfg = selfplay_config(["--model", cfg.model, "--device", str(device), "--seed", str(cfg.seed),
+                                *PAPER_PIXELS, *shlex.split(flags)])
         images = shapes_images(MEMORY_IMAGES, cfg.seed, cfg.image_size)
         label = flags.strip() or "selfplay.py defaults"
         record[label] = phase_peaks(scfg, device, images)
@@ -500,8 +518,6 @@ def selfplay_argv(cfg, device, images, output):
             "--candidates-per-image", str(cfg.samples), "--curation-votes", str(cfg.samples),
             "--questions-per-step", "1", "--minibatches", "1", "--micro-batch-tokens", str(cfg.micro_batch_tokens),
             "--quiet"]
-    if cfg.model == "tiny":  # the spec's bounds would blow the tiny images up to 512 × 512
-        argv += ["--min-pixels", str(TINY_MIN_PIXELS), "--max-pixels", str(TINY_MAX_PIXELS)]
     return argv + shlex.split(cfg.selfplay_flags)
 
 

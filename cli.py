@@ -6,7 +6,9 @@ group in --help, and its default shown there; `parse` returns the dataclass, and
 `dataclasses.asdict` of it with its results. Flags the user does not give never reach the
 dataclass, so its defaults (default_factory included) are the only ones. A field may say which
 values make sense (`valid`, one of the ranges below): any other stops the script at once with a
-one-line error naming the flag, rather than deep inside a run.
+one-line error naming the flag, rather than deep inside a run. Every command-line mistake is that
+one line and exit code 2, without the usage text (--help shows it). `parse_given` also says which
+flags were given, for scripts that must refuse some of them whatever their value (a resumed run).
 
     @dataclass
     class Config:
@@ -17,6 +19,7 @@ one-line error naming the flag, rather than deep inside a run.
 
 import argparse
 import dataclasses
+import re
 import types
 import typing
 
@@ -62,9 +65,31 @@ def _argument(kind, help, choices, valid):
     return dict(type=_checked(kind, valid), help=help, choices=choices)
 
 
+# A negative number in any notation float() reads: -1e-5, -.5, -5., -inf. argparse's own pattern knows
+# only -5 and -0.5 and takes the rest for a flag ("--lr: expected one argument"), so the value never
+# reached the flag's range check.
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self._negative_number_matcher = NEGATIVE_NUMBER  # argparse's (private) pattern for negative numbers
+
+    def error(self, message):
+        # One line: the 40 lines of usage argparse prints first would bury it.
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parse(config_class, argv=None, description=None):
     """argv (list[str]; None = sys.argv[1:]) -> an instance of config_class."""
-    parser = argparse.ArgumentParser(description=description)
+    return parse_given(config_class, argv, description)[0]
+
+
+def parse_given(config_class, argv=None, description=None):
+    """argv (list[str]; None = sys.argv[1:]) -> (an instance of config_class, the frozenset of the
+    field names given on the command line, whatever their value: even one equal to the default)."""
+    parser = _Parser(description=description)
     groups = {}
     hints = typing.get_type_hints(config_class)
     for f in dataclasses.fields(config_class):
@@ -76,4 +101,5 @@ def parse(config_class, argv=None, description=None):
         help = meta["help"] if default in (None, "", False) else f"{meta['help']} (default: {default})"
         target.add_argument("--" + f.name.replace("_", "-"), dest=f.name, required=required,
                             default=argparse.SUPPRESS, **_argument(hints[f.name], help, meta["choices"], meta["valid"]))
-    return config_class(**vars(parser.parse_args(argv)))
+    given = vars(parser.parse_args(argv))  # default=SUPPRESS: only the flags given are here
+    return config_class(**given), frozenset(given)

@@ -1,4 +1,4 @@
-"""Score Reasoner checkpoints on benchmarks, side by side (spec: "Reported results").
+"""Score Reasoner checkpoints on benchmarks, side by side, as the paper evaluates (METHOD.md, "Evaluation").
 
     python evaluate.py --model tiny --model tiny@1 --bench shapes --limit 100
     python evaluate.py --model Qwen/Qwen2.5-VL-3B-Instruct --model runs/NAME/iter_3/reasoner \
@@ -10,12 +10,18 @@ What happens, in order:
    benchmarks in its public Hugging Face schema (`--bench mmmu=FOLDER`). A bare name (`--bench
    mmmu`) loads from the hub when the optional `datasets` package is installed.
 2. Each model answers every record once, greedily (temperature 0), with the Reasoner prompt,
-   batched through our sampler. The models are loaded one at a time.
+   batched through our sampler. The models are loaded one at a time. With --samples M it also
+   draws M answers per record at temperature 1 (the full distribution, as GRPO samples the policy)
+   for pass@1 and maj@M. Unless --no-blind, it then answers everything again with the images
+   deranged among the benchmark's records (`derangement`): the blind baseline, what the questions
+   alone earn, scored the same way.
 3. The prediction is the last \\boxed{} of the response, else its first 100 characters (the
-   spec's fallback), and `score` decides by rules per answer type.
+   paper's fallback), and `score` decides by rules per answer type.
 4. Out come a markdown table on stdout (models as columns, benchmarks as rows, accuracy with its
-   95% Wilson interval), results.json (with this run's config) and, per model and benchmark, a
-   JSONL file of every prompt, response and verdict.
+   95% Wilson interval and the blind accuracy; with --samples, a pass@1 and a maj@M row per
+   benchmark), results.json (with this run's config) and, per model and benchmark, a JSONL file of
+   every prompt, response and verdict (samples/<model>/<bench>.jsonl; the blind run's in
+   samples/<model>/blind/<bench>.jsonl).
 
 Left out:
 - The paper's LLM judge. Its numbers come from a judge that decides whether a prediction means the
@@ -32,6 +38,7 @@ import binascii
 import io
 import json
 import math
+import random
 import re
 import sys
 import time
@@ -44,11 +51,11 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from cli import AT_LEAST_1, option, parse
+from cli import AT_LEAST_1, NON_NEGATIVE, option, parse
 from data import DataError, decode_image, load_image, shapes_benchmark, write_atomic
-from model import ModelError, encode_prompts, load_processors, load_vlm
+from model import ModelError, encode_prompts, load_processors, load_vlm, resolve_device
 from reasoner import reasoner_prompt
-from rewards import answers_equivalent, as_number, extract_boxed, normalize_answer
+from rewards import answers_equivalent, as_number, extract_boxed, majority_vote, normalize_answer
 from sampler import sample
 
 # -----------------------------------------------------------------------------
@@ -69,14 +76,24 @@ class EvalConfig:
     limit: int | None = option("only the first N records of each benchmark", valid=AT_LEAST_1, default=None)
     output: str | None = option("results folder (default runs/eval/DATE-TIME)", default=None)
     batch_size: int = option("questions answered together", valid=AT_LEAST_1, default=16)
-    max_new_tokens: int = option("longest response in tokens (spec: 2048)", valid=AT_LEAST_1, default=2048)
-    device: str = option("torch device", default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
+    max_new_tokens: int = option("longest response in tokens (the paper's: 2048)", valid=AT_LEAST_1, default=2048)
+    device: str = option("auto (a GPU if there is one), cpu, cuda or cuda:N", default="auto")
     dtype: str = option("model dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     min_pixels: int | None = option("fewest pixels an image is resized to (default: the model's)", valid=AT_LEAST_1,
                                     default=None)
     max_pixels: int | None = option("most pixels an image is resized to (default: the model's)", valid=AT_LEAST_1,
                                     default=None)
     seed: int = option("random weights of the built-in models ('tiny@SEED' overrides it)", default=0)
+    blind: bool = option(
+        "also score the blind baseline: the same questions, each shown another record's image (a fixed "
+        "derangement by --eval-seed), scored the same way, to tell a score from a question prior. "
+        "Doubles the evaluation time; --no-blind skips it", default=True)
+    samples: int = option(
+        "M answers per question sampled at temperature 1 (top-p 1, top-k 0: the full distribution, as "
+        "GRPO samples the policy), for pass@1 and maj@M beside the greedy accuracy; 0 = off. Each batch "
+        "then also decodes batch-size x M rows", valid=NON_NEGATIVE, default=0)
+    eval_seed: int = option("seed of the blind baseline's image derangement and of the --samples draws",
+                            valid=NON_NEGATIVE, default=0)
     quiet: bool = option("no progress bar", default=False)
 
 
@@ -402,6 +419,8 @@ def load_benchmark(spec, limit=None):
     else:
         raise DataError(f"unknown benchmark '{spec}': use shapes, a .jsonl file, or NAME / NAME=PATH "
                         f"with NAME one of {', '.join(BENCHMARKS)}")
+    if not records:  # else it would score 0/0 and exit as if all went well
+        raise DataError(f"--bench '{spec}': no questions in it (no rows); check the file, or drop it from --bench")
     return Benchmark(name, records[:limit])
 
 
@@ -427,8 +446,13 @@ def read_rows(path, to_record):
 
 def jsonl_rows(files):
     for file in files:
-        with open(file, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
+        with open(file, "rb") as f:  # bytes, decoded line by line, so an encoding error names its line
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataError(f"'{file}' line {n}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column "
+                                    f"{err.start + 1}); save the file as UTF-8") from None
                 if line.strip():
                     try:
                         yield json.loads(line), file.parent, f"'{file}' line {n}"
@@ -474,7 +498,7 @@ def read_hub(name, source):
 # -----------------------------------------------------------------------------
 # Scoring
 
-FALLBACK_CHARS = 100  # spec: without a \boxed{}, the prediction is the response's first 100 characters
+FALLBACK_CHARS = 100  # the paper's: without a \boxed{}, the prediction is the response's first 100 characters
 NUMBER_REL_TOL = 1e-2  # decimals and fractions: 1.732 counts for 1.73, 1/2 for 0.5; 1.75 does not
 SCORING = ("rule-based: last \\boxed{} (else the first 100 characters); multiple choice by letter or "
            "the exact text of an option; numbers within 1% relative (whole numbers exactly); yes/no; "
@@ -482,7 +506,7 @@ SCORING = ("rule-based: last \\boxed{} (else the first 100 characters); multiple
 
 
 def extract_prediction(response):
-    """The last \\boxed{} of a response, else its first 100 characters (the spec's fallback)."""
+    """The last \\boxed{} of a response, else its first 100 characters (the paper's fallback)."""
     boxed = extract_boxed(response)
     return boxed if boxed is not None else response[:FALLBACK_CHARS]
 
@@ -552,69 +576,190 @@ def model_source(spec, default_seed):
     return spec, default_seed
 
 
-def answer_benchmark(model, tokenizer, image_processor, bench, cfg, label, judge=None):
-    """Greedy answers of one model to every askable record of bench -> list of sample dicts.
-    Records whose image does not open are marked skipped (for every model) and left out."""
+def same_image(a, b):
+    """Do two image sources (Record.image) hold the same picture? Paths, bytes and base64 text by
+    value, PIL images by their pixels; sources of different forms are taken to differ."""
+    if a is b:
+        return True
+    if isinstance(a, Image.Image) and isinstance(b, Image.Image):
+        return a.size == b.size and a.mode == b.mode and a.tobytes() == b.tobytes()
+    return type(a) is type(b) and not isinstance(a, Image.Image) and a == b
+
+
+def derangement(images, seed):
+    """Which image each question is shown in the blind run: images (the records' image sources, in
+    order) -> perm, a list where question i gets images[perm[i]]. The same for the same seed.
+
+    A random cycle through all n records (Sattolo's algorithm), so perm[i] != i for every i when
+    n >= 2 (n = 1: [0], nothing to swap with). Then a question shown a copy of its own picture
+    (benchmarks like HallusionBench ask several questions about one figure) swaps targets with the
+    first question where that leaves neither of the two its own picture; it keeps it only when no
+    such swap exists (e.g. every record has the same picture).
+    """
+    rng = random.Random(seed)
+    n = len(images)
+    perm = list(range(n))
+    for i in range(n - 1, 0, -1):
+        j = rng.randrange(i)
+        perm[i], perm[j] = perm[j], perm[i]
+
+    def fine(question, image):
+        return question != image and not same_image(images[question], images[image])
+    for i in range(n):
+        if n >= 2 and not fine(i, perm[i]):
+            j = next((j for j in range(n) if fine(i, perm[j]) and fine(j, perm[i])), None)
+            if j is not None:
+                perm[i], perm[j] = perm[j], perm[i]
+    return perm
+
+
+def answer_batch(model, tokenizer, image_processor, images, prompts, *, max_new_tokens, n=1, seed=None):
+    """The model's responses to (image, prompt) pairs -> list[str], n per pair (pair-major).
+    seed None: greedy (n = 1); else n draws at temperature 1, top-k 0, top-p 1, seeded by `seed`.
+    The one place evaluate.py calls the sampler."""
+    encoded = encode_prompts(tokenizer, image_processor, images, prompts).to(model.device)
+    if seed is None:
+        out = sample(model, encoded, n=n, max_new_tokens=max_new_tokens, temperature=0.0)
+    else:
+        generator = torch.Generator(device=model.device).manual_seed(seed)
+        out = sample(model, encoded, n=n, max_new_tokens=max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
+                     generator=generator)
+    return out.texts(tokenizer)
+
+
+def answer_benchmark(model, tokenizer, image_processor, bench, cfg, label, judge=None, blind=False):
+    """Greedy answers of one model to every askable record of bench -> list of sample dicts, in
+    record order; with cfg.samples = M > 0 each also holds M answers sampled at temperature 1
+    ("sampled", "sampled_extracted", "sampled_correct") and their majority ("majority": the
+    rewards.majority_vote label of the M last boxes, missing boxes not counted, None when no answer
+    has one; "majority_correct").
+    blind: each question is shown the image of the record `derangement(..., cfg.eval_seed)` gives
+    it ("image_of": that record's id), the rest as above. Records whose image does not open are
+    marked skipped (for every model) and left out; so run the real pass before the blind one.
+    """
     askable = [r for r in bench.records if r.skip is None]
+    shown = [askable[j] for j in derangement([r.image for r in askable], cfg.eval_seed)] if blind else askable
     samples = []
-    bar = tqdm(total=len(askable), desc=f"{label} | {bench.name}", unit="q", disable=cfg.quiet)
+    bar = tqdm(total=len(askable), desc=f"{label} | {bench.name}" + (" | blind" if blind else ""), unit="q",
+               disable=cfg.quiet)
     for start in range(0, len(askable), cfg.batch_size):
         batch, images = [], []
-        for record in askable[start:start + cfg.batch_size]:
+        for record, source in zip(askable[start:start + cfg.batch_size], shown[start:start + cfg.batch_size]):
             try:
-                images.append(open_image(record))
-                batch.append(record)
+                images.append(open_image(source))
+                batch.append((record, source))
             except DataError as err:
-                record.skip = "unreadable image"
+                source.skip = "unreadable image"
                 if not cfg.quiet:
                     tqdm.write(f"skipped: {err}", file=sys.stderr)
         if batch:
-            prompts = [reasoner_prompt(r.question) for r in batch]
-            encoded = encode_prompts(tokenizer, image_processor, images, prompts)
-            out = sample(model, encoded.to(model.device), max_new_tokens=cfg.max_new_tokens,
-                         temperature=0.0)
-            responses = out.texts(tokenizer)
-            for record, prompt, response in zip(batch, prompts, responses):
+            prompts = [reasoner_prompt(r.question) for r, _ in batch]
+            responses = answer_batch(model, tokenizer, image_processor, images, prompts,
+                                     max_new_tokens=cfg.max_new_tokens)
+            m = cfg.samples
+            sampled = answer_batch(model, tokenizer, image_processor, images, prompts,
+                                   max_new_tokens=cfg.max_new_tokens, n=m,
+                                   seed=cfg.eval_seed * 2 ** 32 + start) if m else []
+            for i, ((record, source), prompt, response) in enumerate(zip(batch, prompts, responses)):
                 prediction = extract_prediction(response)
-                samples.append({"id": record.id, "category": record.category,
-                                "answer_type": record.answer_type, "prompt": prompt, "prediction": response,
-                                "extracted": prediction, "gold": record.answer,
-                                "correct": score(record, prediction, judge)})
+                row = {"id": record.id, "category": record.category, "answer_type": record.answer_type,
+                       "prompt": prompt, "prediction": response, "extracted": prediction, "gold": record.answer,
+                       "correct": score(record, prediction, judge)}
+                if blind:
+                    row["image_of"] = source.id
+                if m:
+                    texts = sampled[i * m:(i + 1) * m]
+                    extracted = [extract_prediction(t) for t in texts]
+                    majority, _ = majority_vote([extract_boxed(t) for t in texts])
+                    row.update(sampled=texts, sampled_extracted=extracted,
+                               sampled_correct=[score(record, e, judge) for e in extracted], majority=majority,
+                               majority_correct=majority is not None and score(record, majority, judge))
+                samples.append(row)
         bar.update(len(askable[start:start + cfg.batch_size]))
     bar.close()
     return samples
 
 
-def summarize(samples, seconds):
-    correct, total = sum(s["correct"] for s in samples), len(samples)
+PASS1_INTERVAL = ("Wilson 95% at p = pass@1 over the n questions: conservative, since a question's share of "
+                  "right samples varies no more than a 0/1 outcome")
+
+
+def counts(samples, key):
+    """{correct, scored, accuracy, wilson95, by_category: {category: {correct, scored}}} of the
+    samples' boolean `key`."""
+    correct, total = sum(s[key] for s in samples), len(samples)
     by_category = {}
     for s in samples:
-        counts = by_category.setdefault(s["category"], {"correct": 0, "scored": 0})
-        counts["correct"] += s["correct"]
-        counts["scored"] += 1
+        tally = by_category.setdefault(s["category"], {"correct": 0, "scored": 0})
+        tally["correct"] += s[key]
+        tally["scored"] += 1
     return {"correct": correct, "scored": total, "accuracy": correct / total if total else None,
-            "wilson95": wilson_interval(correct, total), "by_category": by_category,
-            "seconds": round(seconds, 2)}
+            "wilson95": wilson_interval(correct, total), "by_category": by_category}
 
 
-def cell(result):
-    """'23.4 (117/500) [19.9, 27.3]': accuracy %, (correct/scored), 95% Wilson interval."""
+def pass_at_1(samples, m):
+    """pass@1 at temperature 1: the mean over questions of the share of their m samples that are
+    right -> {m, accuracy, wilson95 (see PASS1_INTERVAL), interval, scored (questions),
+    right_samples, by_category: {category: {accuracy, scored}}}."""
+    shares = [sum(s["sampled_correct"]) / m for s in samples]
+    by_category = {}
+    for s, share in zip(samples, shares):
+        by_category.setdefault(s["category"], []).append(share)
+    return {"m": m, "accuracy": sum(shares) / len(shares) if shares else None,
+            "wilson95": wilson_interval(sum(shares), len(shares)), "interval": PASS1_INTERVAL,
+            "scored": len(shares), "right_samples": sum(sum(s["sampled_correct"]) for s in samples),
+            "by_category": {c: {"accuracy": sum(v) / len(v), "scored": len(v)} for c, v in by_category.items()}}
+
+
+def summarize(samples, seconds, m=0):
+    """A model's result on a benchmark: counts of the greedy verdicts and the seconds it took; with
+    m > 0, "pass1" (pass_at_1) and "maj" ({m, **counts of majority_correct})."""
+    result = {**counts(samples, "correct"), "seconds": round(seconds, 2)}
+    if m:
+        result["pass1"] = pass_at_1(samples, m)
+        result["maj"] = {"m": m, **counts(samples, "majority_correct")}
+    return result
+
+
+def percent(value):
+    return f"{100 * value:.1f}"
+
+
+def cell(result, key=None):
+    """'23.4 (117/500) [19.9, 27.3]': accuracy %, (correct/scored), 95% Wilson interval; then
+    ' (blind 20.0)' when the result has a blind run. key "pass1" or "maj": that figure instead
+    ('21.3 [17.9, 25.1]' for pass@1, whose right answers are shares)."""
+    blind = result.get("blind")
+    if key is not None:
+        result, blind = result[key], blind and blind[key]
     if not result["scored"]:
         return "n/a (0/0)"
     low, high = result["wilson95"]
-    return (f"{100 * result['accuracy']:.1f} ({result['correct']}/{result['scored']}) "
-            f"[{100 * low:.1f}, {100 * high:.1f}]")
+    tally = "" if key == "pass1" else f" ({result['correct']}/{result['scored']})"
+    text = f"{percent(result['accuracy'])}{tally} [{percent(low)}, {percent(high)}]"
+    if blind and blind["scored"]:
+        text += f" (blind {percent(blind['accuracy'])})"
+    return text
 
 
 def markdown_table(results, models):
     lines = ["| benchmark | " + " | ".join(models) + " | skipped |",
              "|---" * (len(models) + 2) + "|"]
+    m = results["config"].get("samples", 0)
     for name, bench in results["benchmarks"].items():
         skipped = ", ".join(f"{n} {reason}" for reason, n in bench["skipped"].items()) or "0"
-        cells = [cell(bench["models"][m]) if m in bench["models"] else "-" for m in models]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {skipped} |")
+        rows = [(name, None, skipped)] + ([(f"{name} pass@1 (T=1, m={m})", "pass1", ""),
+                                           (f"{name} maj@{m}", "maj", "")] if m else [])
+        for label, key, tail in rows:
+            cells = [cell(bench["models"][model], key) if model in bench["models"] else "-" for model in models]
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {tail} |")
     lines.append("")
-    lines.append("Accuracy % (correct/scored) [95% Wilson interval]. Scoring is " + SCORING)
+    lines.append("Accuracy % (correct/scored) [95% Wilson interval], greedy. Scoring is " + SCORING)
+    if results["config"].get("blind"):
+        lines.append("(blind X): the same questions, each shown another record's image, scored the same way.")
+    if m:
+        lines.append(f"pass@1: the mean share of right answers among {m} sampled at temperature 1; its interval is "
+                     f"{PASS1_INTERVAL}. maj@{m}: the majority of their boxed answers, scored like a greedy one.")
     return "\n".join(lines)
 
 
@@ -629,6 +774,7 @@ def write_jsonl(path, rows):
 
 def evaluate(cfg, judge=None):
     """Runs cfg (EvalConfig) and writes its results; returns the results dict."""
+    device = resolve_device(cfg.device)
     specs = [s for s in cfg.bench.split(",") if s.strip()]
     if not specs:
         raise DataError("no benchmark given: pass --bench shapes, a .jsonl file, or NAME=PATH")
@@ -645,20 +791,26 @@ def evaluate(cfg, judge=None):
     out = Path(cfg.output)
     if out.exists() and not out.is_dir():
         raise DataError(f"--output '{out}' is a file, not a folder")
-    results = {"config": asdict(cfg), "scoring": SCORING,
+    results = {"config": {**asdict(cfg), "device": str(device)}, "scoring": SCORING,  # the device it ran on
                "benchmarks": {b.name: {"records": len(b.records), "skipped": {}, "models": {}}
                               for b in benchmarks}}
     for spec in cfg.model:
         name, seed = model_source(spec, cfg.seed)
         model, tokenizer, image_processor = load_vlm(
-            name, device=cfg.device, dtype=DTYPES[cfg.dtype], min_pixels=cfg.min_pixels,
+            name, device=device, dtype=DTYPES[cfg.dtype], min_pixels=cfg.min_pixels,
             max_pixels=cfg.max_pixels, seed=seed)
         for bench in benchmarks:
             start = time.perf_counter()
             samples = answer_benchmark(model, tokenizer, image_processor, bench, cfg, spec, judge)
             write_jsonl(out / "samples" / safe_name(spec) / f"{safe_name(bench.name)}.jsonl", samples)
             entry = results["benchmarks"][bench.name]
-            entry["models"][spec] = summarize(samples, time.perf_counter() - start)
+            result = summarize(samples, time.perf_counter() - start, cfg.samples)
+            if cfg.blind:  # after the real run, which has marked the images that do not open
+                start = time.perf_counter()
+                blind = answer_benchmark(model, tokenizer, image_processor, bench, cfg, spec, judge, blind=True)
+                write_jsonl(out / "samples" / safe_name(spec) / "blind" / f"{safe_name(bench.name)}.jsonl", blind)
+                result["blind"] = summarize(blind, time.perf_counter() - start, cfg.samples)
+            entry["models"][spec] = result
             entry["skipped"] = bench.skipped()
         del model  # one model in memory at a time
         out.mkdir(parents=True, exist_ok=True)

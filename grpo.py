@@ -1,5 +1,5 @@
 """GRPO, the maths: group advantages, the clipped surrogate with a KL term, and how per-token losses
-become one number (spec: "GRPO (as used)").
+become one number (METHOD.md, section 6, equations (14)-(22); the numbers below are METHOD.md's).
 
 GRPO is PPO without a value network. For each prompt (an image for the Questioner, an image and a
 question for the Reasoner) the policy samples a group of G completions; each completion's reward,
@@ -10,16 +10,16 @@ completion i (never inferred from the ids). logp is log π_θ(o_t | q, o_<t) und
 trained, old_logp the same under the policy that sampled the rollouts, ref_logp under the frozen
 reference. Which model is the reference is the trainer's choice; this file only sees its log-probs.
 
-    (1) advantage     A_i = (r_i - mean_g r) / (std_g r + eps)             g = the group of sample i
-    (2) ratio         ρ_it = exp(logp_it - old_logp_it)
-    (3) clip          l_it = max(-ρ_it A_i, -clip(ρ_it, 1 - ε_low, 1 + ε_high) A_i)
-    (4) dual clip     l_it = min(l_it, -c A_i)                              only where A_i < 0
-    (5) KL (k3)       k_it = exp(ref_logp_it - logp_it) - (ref_logp_it - logp_it) - 1, in [-10, 10]
-    (6) token loss    l_it + β k_it
-    (7) aggregation   "seq-mean-token-mean"  L = 1/N_seq Σ_i 1/|o_i| Σ_t (6)     (default)
-                      "token-mean"           L = 1/N_tok Σ_i Σ_t (6)
-                      "seq-sum-over-max-len" L = 1/N_seq Σ_i 1/T_max Σ_t (6)    (Dr.GRPO)
-    (8) accumulation  L = Σ_k L_k over micro-batches k, when every L_k divides by the full batch's
+    (14) advantage    A_i = (r_i - mean_g r) / (std_g r + eps)             g = the group of sample i
+    (15) ratio        ρ_it = exp(logp_it - old_logp_it)
+    (16) clip         l_it = max(-ρ_it A_i, -clip(ρ_it, 1 - ε_low, 1 + ε_high) A_i)
+    (17) dual clip    l_it = min(l_it, -c A_i)                              only where A_i < 0
+    (18) KL (k3)      k_it = exp(ref_logp_it - logp_it) - (ref_logp_it - logp_it) - 1, in [-10, 10]
+    (19) token loss   l_it + β k_it
+    (20) aggregation  "seq-mean-token-mean"  L = 1/N_seq Σ_i 1/|o_i| Σ_t (19)    (default)
+                      "token-mean"           L = 1/N_tok Σ_i Σ_t (19)
+                      "seq-sum-over-max-len" L = 1/N_seq Σ_i 1/T_max Σ_t (19)   (Dr.GRPO)
+    (21) accumulation L = Σ_k L_k over micro-batches k, when every L_k divides by the full batch's
                       N_seq, N_tok and T_max rather than by its own counts
 
 N_seq counts the sequences with at least one token, N_tok the valid tokens, |o_i| the tokens of
@@ -41,29 +41,32 @@ from torch import Tensor
 from model import completion_logprobs, token_batches
 
 # exp of a large log-ratio overflows to inf, and inf at a clipped or padded position turns into a
-# nan gradient (0 * inf) even though that position's value is discarded. Past ±20 the clips in (3),
-# (4) and (5) already give zero gradient (or, for A > 0 and ρ < e^-20, one below 3e-9·A), so the
+# nan gradient (0 * inf) even though that position's value is discarded. Past ±20 the clips in (16),
+# (17) and (18) already give zero gradient (or, for A > 0 and ρ < e^-20, one below 3e-9·A), so the
 # clamp changes nothing else; only with the dual clip off does it also stop a token past ρ = e^20.
 LOG_RATIO_CLAMP = 20.0
-KL_CLAMP = 10.0  # spec: k3 clamped to [-10, 10]
+KL_CLAMP = 10.0  # k3 clamped to [-10, 10] (METHOD.md, eq. 18)
 
 AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-sum-over-max-len")
 
 
 def group_advantages(rewards: Tensor, scale: str = "group", eps: float = 1e-6) -> Tensor:
-    """Equation (1): each reward relative to its group. rewards: [n_groups, G] -> [n_groups, G].
+    """Equation (14): each reward relative to its group. rewards: [n_groups, G] -> [n_groups, G].
 
     One row is one group (the G samples of one prompt); `.flatten()` gives one advantage per sample
     in group-major order, [B = n_groups * G].
 
     scale:
-      "group": (r - group mean) / (group std + eps), the spec's formula.
+      "group": (r - group mean) / (group std + eps), METHOD.md's eq. 14 (the paper's formula).
       "batch": (r - group mean) / (std of all n_groups * G rewards + eps): groups with a small
                spread are not blown up to unit scale.
       "none":  r - group mean, unscaled (Dr.GRPO).
     The std is the unbiased (Bessel, n - 1) one, as torch.std and the reference code (EasyR1/verl).
-    A group whose rewards are all equal gets advantage 0 everywhere: it carries no signal. A lone
-    sample (G = 1) has no unbiased std (0 / 0); its advantage is defined as 0 for the same reason.
+    A group whose rewards are all equal gets advantage exactly 0 everywhere: it carries no signal.
+    (Computed naively, the mean of eight float32 rewards of 0.9 is off by rounding noise that the
+    std of 0 + eps blows up to -0.056 on every sample.) A lone sample (G = 1) has no unbiased std
+    (0 / 0); its advantage is defined as 0 for the same reason. The arithmetic is float64, the
+    result has the rewards' dtype.
 
     Worked example, one group of G = 4, one success: rewards [1, 0, 0, 0]
       mean 0.25, centred [0.75, -0.25, -0.25, -0.25]
@@ -72,20 +75,23 @@ def group_advantages(rewards: Tensor, scale: str = "group", eps: float = 1e-6) -
       "none"  -> [0.75, -0.25, -0.25, -0.25]
     (the population std, 0.433, would give [1.73, -0.58, -0.58, -0.58].)
     """
-    centred = rewards - rewards.mean(dim=1, keepdim=True)  # [n_groups, G]
+    r = rewards.to(torch.float64)  # float32 rounding in the mean would be a fake signal
+    flat = (rewards == rewards[:, :1]).all(dim=1, keepdim=True)  # [n_groups, 1]: no spread
+    # even in float64 the mean of equal values can miss them by an ulp: set those groups to 0
+    centred = torch.where(flat, 0.0, r - r.mean(dim=1, keepdim=True))  # [n_groups, G]
     if scale == "none":
-        return centred
+        return centred.to(rewards.dtype)
     if scale not in ("group", "batch"):
         raise ValueError(f"scale must be 'group', 'batch' or 'none', not {scale!r}")
-    pool = rewards if scale == "group" else rewards.reshape(1, -1)  # the rows a std is taken over
+    pool = r if scale == "group" else r.reshape(1, -1)  # the rows a std is taken over
     if pool.shape[1] < 2:
         return torch.zeros_like(rewards)  # lone samples: centred reward is 0, std undefined
     std = pool.std(dim=1, keepdim=True)  # [n_groups, 1] or [1, 1], unbiased
-    return centred / (std + eps)
+    return (centred / (std + eps)).to(rewards.dtype)
 
 
 def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
-    """Equation (5): the k3 estimate of KL(π_θ ‖ π_ref) at each sampled token. [B, T] -> [B, T].
+    """Equation (18): the k3 estimate of KL(π_θ ‖ π_ref) at each sampled token. [B, T] -> [B, T].
 
     With x = ref_logp - logp, k3 = e^x - x - 1: its mean over tokens sampled from π_θ is the KL,
     and unlike the plain log-ratio it is never negative (e^x >= 1 + x), so only the upper clamp
@@ -99,7 +105,7 @@ def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
 
 def aggregate(token_values: Tensor, mask: Tensor, mode: str = "seq-mean-token-mean",
               n_seqs=None, n_tokens=None, max_len=None) -> Tensor:
-    """Equation (7): per-token values [B, T] -> one scalar, over the tokens where mask [B, T] is 1.
+    """Equation (20): per-token values [B, T] -> one scalar, over the tokens where mask [B, T] is 1.
 
     mode (the weight each valid token gets):
       "seq-mean-token-mean": 1 / (|o_i| · N_seq). Every sequence counts equally, however long;
@@ -149,7 +155,7 @@ def policy_loss(logp: Tensor, old_logp: Tensor, ref_logp, advantages: Tensor, ma
                 clip_low: float = 0.2, clip_high: float = 0.3, dual_clip=3.0, kl_coef: float = 0.01,
                 aggregation: str = "seq-mean-token-mean",
                 n_seqs_total=None, n_tokens_total=None, max_len=None):
-    """Equations (2)-(7): the GRPO loss of a batch of completions, and what to log about it.
+    """Equations (15)-(20): the GRPO loss of a batch of completions, and what to log about it.
 
     logp, old_logp: [B, T]    per-token log-probs under the policy and the sampling policy
     ref_logp:       [B, T]    under the frozen reference; None (or kl_coef = 0) drops the KL term
@@ -180,7 +186,7 @@ def policy_loss(logp: Tensor, old_logp: Tensor, ref_logp, advantages: Tensor, ma
     micro-batches are padded to their own lengths. Rows are never split, so |o_i| stays local.
 
     Metrics, all detached:
-      loss, pg_loss, kl        total, clipped surrogate (4) and k3 (5), with the loss's aggregation
+      loss, pg_loss, kl        total, clipped surrogate (17) and k3 (18), with the loss's aggregation
       ppo_kl                   mean of old_logp - logp, how far this update has moved the policy
       ratio_mean, ratio_max    of ρ
       logp_diff_max            max |logp - old_logp|
@@ -196,17 +202,17 @@ def policy_loss(logp: Tensor, old_logp: Tensor, ref_logp, advantages: Tensor, ma
     mask = mask.bool()
     adv = advantages.unsqueeze(1)  # [B, 1], broadcast over tokens
     diff = logp - old_logp  # [B, T]
-    ratio = diff.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()  # (2)
-    pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_low, 1 + clip_high))  # (3)
+    ratio = diff.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()  # (15)
+    pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_low, 1 + clip_high))  # (16)
     if dual_clip is not None:
-        pg = torch.where(adv < 0, torch.minimum(pg, -adv * dual_clip), pg)  # (4)
-    kl = kl_k3(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)  # (5)
-    token_loss = pg + kl_coef * kl  # (6); kl is still reported when kl_coef = 0
+        pg = torch.where(adv < 0, torch.minimum(pg, -adv * dual_clip), pg)  # (17)
+    kl = kl_k3(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)  # (18)
+    token_loss = pg + kl_coef * kl  # (19); kl is still reported when kl_coef = 0
 
     def agg(x):
         return aggregate(x, mask, aggregation, n_seqs_total, n_tokens_total, max_len)
 
-    loss = agg(token_loss)  # (7)
+    loss = agg(token_loss)  # (20)
 
     with torch.no_grad():
         def token_mean(x):
@@ -258,7 +264,7 @@ class Rollouts:
         return self.ids.shape[0]
 
     def advantages(self, scale="group"):
-        """[B]: equation (1) over the groups."""
+        """[B]: equation (14) over the groups."""
         return group_advantages(self.rewards.view(-1, self.group_size), scale).flatten()
 
 
@@ -318,7 +324,7 @@ def update(policy, optimizer, rollouts, advantages, ref_logp=None, *, temperatur
     micro-batches (`model.token_batches`, up to `micro_batch_tokens` padded tokens each; many short
     rows to one forward pass, as the step is bound by the host issuing kernels) are summed with the
     mini-batch's own totals, so the gradient equals the gradient of the mini-batch in one piece
-    (equation (8)). Then the gradient norm is clipped and the optimizer steps.
+    (equation (21)). Then the gradient norm is clipped and the optimizer steps (equation (22)).
 
     Returns the metrics of `policy_loss` averaged over the optimizer steps (maxima: the max), plus
     grad_norm (before clipping) and n_steps.
@@ -365,8 +371,9 @@ def update(policy, optimizer, rollouts, advantages, ref_logp=None, *, temperatur
 
 
 def make_optimizer(model, lr=1e-6, betas=(0.9, 0.999), weight_decay=0.01):
-    """AdamW as in the spec; constant learning rate (no scheduler). On CUDA the fused kernel: one
-    pass over weights, gradients and both moments instead of one per arithmetic step."""
+    """AdamW as in the paper (METHOD.md, eq. 22); constant learning rate (no scheduler). On CUDA
+    the fused kernel: one pass over weights, gradients and both moments instead of one per
+    arithmetic step."""
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay,
                              fused=params[0].device.type == "cuda")

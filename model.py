@@ -8,7 +8,7 @@ other file needs from it.
    - `"random-3b"`: the real Qwen2.5-VL-3B-Instruct shapes with random weights (and the tiny
      tokenizer), for speed and memory work on a GPU.
 2. `encode_prompts` turns (image, text) pairs into a left-padded `PromptBatch`, with the 3-D M-RoPE
-   positions computed here (spec: "Roles and loop"; one image per prompt).
+   positions computed here (one image per prompt: the prompts of METHOD.md, equations (1) and (2)).
 3. `completion_logprobs` gives the per-token log-probs of completions given their prompts, in
    chunks, so no float32 [batch, length, vocab] tensor is ever built. GRPO uses exactly this.
 4. `token_batches` cuts rows into batches by padded tokens: GRPO's micro-batches, the sampler's calls.
@@ -22,7 +22,9 @@ read it from there, so the three agree on the distribution.
 import functools
 import itertools
 import os
+import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -70,13 +72,34 @@ QWEN_VL_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-# Pixel bounds of the presets' image processors. The real checkpoints bring their own; the spec's
+# Pixel bounds of the presets' image processors. The real checkpoints bring their own; the paper's
 # training range for them is [262,144, 4,194,304] pixels (set by the scripts' configs).
 TINY_MIN_PIXELS, TINY_MAX_PIXELS = 28 * 28 * 4, 28 * 28 * 16
 
 
 class ModelError(ValueError):
     """A model that cannot be loaded; the message is one line meant for the user."""
+
+
+def resolve_device(name) -> torch.device:
+    """--device 'auto' (a GPU if there is one), 'cpu', 'cuda' or 'cuda:N' -> torch.device; a
+    ModelError naming the flag for any other, or for a GPU that is not here. Checked before any
+    model loads: torch itself would only fail later, deep in a run, with an AssertionError."""
+    text = str(name).strip().lower()
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if text == "cpu":
+        return torch.device("cpu")
+    match = re.fullmatch(r"cuda(?::(\d+))?", text)
+    if match is None:
+        raise ModelError(f"--device {name}: unknown device; pass auto, cpu, cuda or cuda:N")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ModelError(f"--device {name}: no CUDA GPU here; pass --device cpu (or auto)")
+    if match.group(1) is not None and int(match.group(1)) >= count:
+        here = "cuda:0 is" if count == 1 else f"cuda:0 to cuda:{count - 1} are"
+        raise ModelError(f"--device {name}: only {here} here; pass one of them")
+    return torch.device(text)
 
 
 # -----------------------------------------------------------------------------
@@ -211,9 +234,24 @@ def load_vlm(name_or_path, device="cpu", dtype=torch.float32, min_pixels=None, m
     return model.to(device=device, dtype=dtype).eval(), tokenizer, image_processor
 
 
+class Processors(NamedTuple):
+    """What turns (image, text) prompts into tensors and tokens back into text: a model's
+    tokenizer and image processor, carried together to every role function."""
+    tokenizer: object
+    image_processor: object
+
+    def encode(self, images, texts):
+        return encode_prompts(self.tokenizer, self.image_processor, images, texts)
+
+    def save_pretrained(self, folder):
+        self.tokenizer.save_pretrained(folder)
+        self.image_processor.save_pretrained(folder)
+
+
 def load_processors(name_or_path, min_pixels=None, max_pixels=None):
-    """`(tokenizer, image_processor)` of a preset, a local folder or a hub id, as `load_vlm` gives
-    them: left padding, Qwen2.5-VL's chat template if the tokenizer has none, the pixel bounds."""
+    """`Processors(tokenizer, image_processor)` of a preset, a local folder or a hub id, as `load_vlm`
+    gives them: left padding, Qwen2.5-VL's chat template if the tokenizer has none, the pixel bounds
+    (None: the checkpoint's own)."""
     if name_or_path in ("tiny", "random-3b"):
         tokenizer = tiny_tokenizer()
         image_processor = Qwen2VLImageProcessorPil(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
@@ -229,7 +267,7 @@ def load_processors(name_or_path, min_pixels=None, max_pixels=None):
     if max_pixels is not None:
         size["longest_edge"] = max_pixels
     image_processor.size = size
-    return tokenizer, image_processor
+    return Processors(tokenizer, image_processor)
 
 
 def _from_pretrained(cls, name_or_path, **kwargs):

@@ -1,14 +1,15 @@
 """The Questioner role: look at an image and write one hard but answerable question about it
-(spec: "Questioner").
+(METHOD.md, equation (1); its reward, equations (4)-(10)).
 
 Its reward needs a second model: the frozen Reasoner of the previous iteration answers every valid
-question m times (`reasoner.answer`, one prefill per question). A question is worth asking when
+question m times (`reasoner.ask_and_vote`, one prefill per question). A question is worth asking when
 those answers disagree (uncertainty, largest at confidence 0.5) and when it does not repeat the
 other questions (the diversity penalty, BLEU clusters). Invalid outputs (no parsable question) get
-the spec's invalid-output reward.
+the invalid-output reward of equation (10): 0 in the paper's form, -1 - r_div in the public code's.
 
-Two question formats, both in the spec: "paper" asks for <question>…</question> only; "code" asks
-for <type>/<question>/<answer> with one worked example (the public code's prompt, in our words).
+Two question formats, the paper's and the public code's (equation (1)): "paper" asks for
+<question>…</question> only; "code" asks for <type>/<question>/<answer> with one worked example
+(the public code's prompt, in our words).
 """
 
 from dataclasses import dataclass
@@ -17,8 +18,7 @@ import torch
 
 import reasoner
 from grpo import Rollouts
-from model import encode_prompts
-from rewards import diversity_penalty, majority_vote, parse_question, questioner_reward, uncertainty_reward
+from rewards import diversity_penalty, parse_question, questioner_reward, uncertainty_reward
 from sampler import sample_in_batches
 
 QUESTIONER_PROMPTS = {
@@ -45,7 +45,8 @@ QUESTIONER_PROMPTS = {
 
 @dataclass
 class QuestionerRewardSettings:
-    """The spec's paper-vs-code switches that shape the Questioner's reward (paper defaults)."""
+    """The paper-vs-public-code switches that shape the Questioner's reward, METHOD.md equations
+    (4)-(10) (paper defaults)."""
     m: int = 10                      # Reasoner answers per question
     uncertainty_scale: str = "paper"  # 1 - |2c - 1|, or "code": min(c, 1 - c)
     diversity_scope: str = "group"    # cluster within an image's G questions, or "batch"
@@ -53,60 +54,82 @@ class QuestionerRewardSettings:
     diversity_threshold: float = 0.5  # BLEU distance at which clustering stops
     combine: str = "paper"            # valid · max(0, r_unc − r_div), or "code": r_unc − r_div / −1 − r_div
     count_empty: bool = True          # answers without \boxed{} vote for "None" (public code's reward)
+    diversity_bleu: str = "symmetric"  # BLEU distance, both directions averaged, or "one-sided" (code)
+    diversity_invalid: str = "raw"    # an invalid output is clustered as its text, or "empty" (code)
 
 
-def write_questions(model, tokenizer, image_processor, images, n, settings, generator, batch_tokens, fmt="paper"):
+def write_questions(model, processors, images, *, n, settings, fmt, generator, batch_tokens):
     """n questions per image, as many images per sampler call as fit in a KV cache of `batch_tokens`
     tokens. Returns (prompts: PromptBatch of the images, samples: Samples with len(images) * n rows
-    in image-major order, texts: list of str, parsed: list of dict | None)."""
-    prompts = encode_prompts(tokenizer, image_processor, images, [QUESTIONER_PROMPTS[fmt]] * len(images))
+    in image-major order, texts: list of str, parsed: list of dict | None, rewards.parse_question)."""
+    prompts = processors.encode(images, [QUESTIONER_PROMPTS[fmt]] * len(images))
     out = sample_in_batches(model, prompts.to(model.device), batch_tokens, n=n, generator=generator, **vars(settings))
-    texts = out.texts(tokenizer)
+    texts = out.texts(processors.tokenizer)
     return prompts, out, texts, [parse_question(t, fmt) for t in texts]
 
 
-def score_questions(reasoner_model, tokenizer, image_processor, question_images, parsed, texts, group_ids,
-                    reward, answer_settings, generator, batch_tokens):
-    """The Questioner's reward for each output.
+def diversity_texts(parsed, texts, invalid="raw"):
+    """What each output is clustered as by the diversity penalty -> list[str]. parsed:
+    parse_question results (None = invalid), texts: the raw outputs, both of one length.
+    A valid output is its question. The paper does not say what an invalid one is; "raw" (our
+    default) clusters its raw text, so a malformed output that repeats a question still counts as
+    a repeat of it; "empty" (public code) clusters "", whose BLEU with anything is 0: a cluster of
+    its own. (The code's "" also stands for an output with no tags at all, while one whose answer
+    tag is empty keeps its question; here both are invalid and both are "".)
+
+    >>> diversity_texts([{"question": "How many?"}, None], ["<question>How many?</question>", "How many?"],
+    ...                 "empty")
+    ['How many?', '']
+    """
+    if invalid not in ("raw", "empty"):
+        raise ValueError(f"unknown invalid {invalid!r}")
+    return [p["question"] if p else (t if invalid == "raw" else "") for p, t in zip(parsed, texts, strict=True)]
+
+
+def score_questions(reasoner_model, processors, question_images, parsed, texts, group_ids, *, reward,
+                    answer_settings, generator, batch_tokens):
+    """The Questioner's reward for each output (METHOD.md, equations (4)-(10)).
 
     question_images: the image of each output; parsed: parse_question results (None = invalid);
-    texts: the raw outputs (the diversity penalty compares those of invalid outputs too);
-    group_ids: the image group of each output. Returns (rewards: list[float], details: list of
-    dicts with the Reasoner's answers and the reward's parts, for the logs).
+    texts: the raw outputs (see diversity_texts); group_ids: the image group of each output.
+    Returns (rewards: list[float], episodes: one dict per output with the Reasoner's answers and the
+    reward's parts, for the logs).
     """
     valid = [p is not None for p in parsed]
     asked = [i for i, ok in enumerate(valid) if ok]
-    responses, answers = reasoner.answer(reasoner_model, tokenizer, image_processor,
-                                         [question_images[i] for i in asked],
-                                         [parsed[i]["question"] for i in asked],
-                                         reward.m, answer_settings, generator, batch_tokens) if asked else ([], [])
-    details = [{"question": p["question"] if p else None, "raw": t, "valid": ok, "answers": [], "responses": [],
-                "silver": None, "confidence": 0.0, "uncertainty": 0.0} for p, t, ok in zip(parsed, texts, valid)]
-    for i, group_responses, group_answers in zip(asked, responses, answers):
-        silver, confidence = majority_vote(group_answers, count_empty=reward.count_empty)
-        details[i].update(answers=group_answers, responses=group_responses, silver=silver, confidence=confidence,
-                          uncertainty=uncertainty_reward(confidence, reward.uncertainty_scale))
-    compared = [p["question"] if p else t for p, t in zip(parsed, texts)]
-    diversity = diversity_penalty(compared, group_ids, scope=reward.diversity_scope,
-                                  weight=reward.diversity_weight, threshold=reward.diversity_threshold)
-    rewards = questioner_reward([d["uncertainty"] for d in details], diversity, valid, combine=reward.combine)
-    for d, div, r in zip(details, diversity, rewards):
-        d.update(diversity=div, reward=r)
-    return rewards, details
+    votes = reasoner.ask_and_vote(reasoner_model, processors, [question_images[i] for i in asked],
+                                  [parsed[i]["question"] for i in asked], m=reward.m, settings=answer_settings,
+                                  count_empty=reward.count_empty, generator=generator, batch_tokens=batch_tokens)
+    episodes = [{"group": g, "raw": t, "question": p["question"] if p else None, "valid": ok, "answers": [],
+                 "silver": None, "confidence": 0.0, "uncertainty": 0.0}
+                for g, p, t, ok in zip(group_ids, parsed, texts, valid)]
+    for i, vote in zip(asked, votes):  # the answers, not the whole responses: the log stays readable
+        episodes[i].update(answers=vote["answers"], silver=vote["silver"], confidence=vote["confidence"],
+                           uncertainty=uncertainty_reward(vote["confidence"], reward.uncertainty_scale))
+    diversity = diversity_penalty(diversity_texts(parsed, texts, reward.diversity_invalid), group_ids,
+                                  scope=reward.diversity_scope, weight=reward.diversity_weight,
+                                  threshold=reward.diversity_threshold,
+                                  symmetric={"symmetric": True, "one-sided": False}[reward.diversity_bleu])
+    rewards = questioner_reward([e["uncertainty"] for e in episodes], diversity, valid, combine=reward.combine)
+    for e, div, r in zip(episodes, diversity, rewards):
+        e.update(diversity=div, reward=r)
+    return rewards, episodes
 
 
-def rollouts(questioner_model, reasoner_model, tokenizer, image_processor, images, G, question_settings,
-             answer_settings, reward, generator, batch_tokens, fmt="paper"):
+def rollouts(questioner_model, reasoner_model, processors, images, *, G, fmt, question_settings, answer_settings,
+             reward, generator, batch_tokens):
     """G questions per image from the Questioner, rewarded with the frozen Reasoner; each sampler
     call fills a KV cache of at most `batch_tokens` tokens.
 
-    Returns (Rollouts of len(images) * G rows, details: one dict per question, see score_questions).
+    Returns (Rollouts of len(images) * G rows, episodes: one dict per question, see score_questions;
+    "group" is the index of its image in `images`).
     """
-    prompts, out, texts, parsed = write_questions(questioner_model, tokenizer, image_processor, images, G,
-                                                  question_settings, generator, batch_tokens, fmt)
+    prompts, out, texts, parsed = write_questions(questioner_model, processors, images, n=G,
+                                                  settings=question_settings, fmt=fmt, generator=generator,
+                                                  batch_tokens=batch_tokens)
     group_ids = [i // G for i in range(len(texts))]
-    rewards, details = score_questions(reasoner_model, tokenizer, image_processor,
-                                       [images[g] for g in group_ids], parsed, texts, group_ids,
-                                       reward, answer_settings, generator, batch_tokens)
+    rewards, episodes = score_questions(reasoner_model, processors, [images[g] for g in group_ids], parsed, texts,
+                                        group_ids, reward=reward, answer_settings=answer_settings,
+                                        generator=generator, batch_tokens=batch_tokens)
     return Rollouts(prompts.repeat(G), out.ids.cpu(), out.mask.cpu(), torch.tensor(rewards), group_size=G,
-                    max_new_tokens=question_settings.max_new_tokens), details
+                    max_new_tokens=question_settings.max_new_tokens), episodes

@@ -2,10 +2,10 @@
 The run report: one self-contained HTML page per run folder, runs/<name>/report.html.
 
 The page shows, top to bottom:
-- a header: run name, model, iterations done, and the last thing the run logged;
-- a summary table, one row per iteration: mean Questioner reward, valid candidate questions,
-  questions kept by curation, mean majority-vote confidence, mean Reasoner reward (plus any numbers
-  the loop wrote in "summary" lines);
+- a header: run name, model, iterations done, and the last thing the run logged (or that it finished);
+- a summary table, one row per iteration: mean Questioner reward, the share of valid questions
+  the Questioner wrote while training, valid candidate questions, questions kept by curation, mean
+  majority-vote confidence, mean Reasoner reward (plus any numbers the loop wrote in "summary" lines);
 - curves as inline SVG: reward, KL and completion length of both roles against their training
   step, the kept fraction and mean confidence per iteration, and the confidence histogram of the
   last curation;
@@ -14,10 +14,10 @@ The page shows, top to bottom:
   full responses open with a click;
 - the images the run skipped as unreadable, and the run's config.
 
-It reads only the run folder and depends on nothing else of the project, so it runs on a copy of a
-run folder anywhere. The training loop rewrites it after every phase, so every input may be missing
-or half written (a killed run leaves a truncated last metrics line); the page is written to a temp
-file and moved into place, so a reader never sees half a page.
+It reads only the run folder, so it runs on a copy of one anywhere; of the project it uses only
+data.py, to show each image as the model saw it. The training loop rewrites it after every phase,
+so every input may be missing or half written (a killed run leaves a truncated last metrics line);
+the page is written to a temp file and moved into place, so a reader never sees half a page.
 
 Left out: JavaScript (the only interaction is <details>), external files of any kind (images are
 base64 JPEG thumbnails, styles are inline), per-token views, and comparisons between runs.
@@ -32,11 +32,13 @@ import io
 import json
 import math
 import os
+import re
+import sys
 import time
 from collections import Counter
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from data import load_image
 
 THUMB_SIDE = 160  # px, longest side of a gallery thumbnail
 THUMB_QUALITY = 80  # JPEG quality: small enough that a gallery of 24 images stays well under 1 MB
@@ -117,9 +119,21 @@ def lines_by_iteration(metrics, phase) -> dict[int, dict]:
 # -----------------------------------------------------------------------------
 # formatting
 
+# Characters that may not stand in an HTML page: C0 controls but tab, newline and carriage return
+# (NUL, ESC of terminal colours), DEL and C1, which HTML forbids; and lone surrogates (a "\ud800"
+# escape in a JSON line, a file name that is not UTF-8), which UTF-8 cannot encode at all.
+UNSAFE_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def visible(match) -> str:
+    """A C0 control as its Unicode picture (NUL -> ␀, ESC -> ␛), so it still shows; the rest as �."""
+    code = ord(match.group())
+    return chr(0x2400 + code) if code < 0x20 else "\ufffd"
+
+
 def esc(text) -> str:
     """Any text for HTML, quotes included. Questions and answers are arbitrary model output."""
-    return html.escape(str(text), quote=True)
+    return html.escape(UNSAFE_CHARS.sub(visible, str(text)), quote=True)
 
 
 def fmt(value) -> str:
@@ -272,20 +286,27 @@ def figure(title, body) -> str:
 # -----------------------------------------------------------------------------
 # sections
 
-def header(run_dir, config, metrics, folders, summaries) -> str:
+def header(run_dir, config, state, metrics, folders, summaries) -> str:
     """Run name, model, iterations done, and one line on where the run stands."""
     models = [f"{esc(key)}: {esc(value)}" for key, value in flatten(config).items()
               if "model" in key.lower() and isinstance(value, str)]
     # iter_<k>/reasoner/ is saved at the very end of an iteration, so its presence means k is done
     done = sorted({k for k, folder in folders.items() if (folder / "reasoner").is_dir()} | set(summaries))
     known = [line for line in metrics if line.get("phase") in TRAINING_PHASES + ("curation",)]
-    if known:
+    logged = ""
+    if metrics:
+        updated = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(Path(run_dir, "metrics.jsonl").stat().st_mtime))
+        logged = f" ({len(metrics)} metric lines, last written {updated})"
+    # state.json's iteration is the one in progress: past the last, the run has finished
+    iteration, iterations = state.get("iteration"), config.get("iterations")
+    if is_int(iteration) and is_int(iterations) and iteration > iterations:
+        status = f"Finished: {plural(config['iterations'], 'iteration')}{logged}."
+    elif known:
         last = known[-1]
         where = f"iteration {fmt(last.get('iteration'))}, {esc(last['phase'])}"
         if last["phase"] != "curation":
             where += f" step {fmt(last.get('step'))}"
-        updated = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(Path(run_dir, "metrics.jsonl").stat().st_mtime))
-        status = f"Last logged: {where} ({len(metrics)} metric lines, last written {updated})."
+        status = f"Last logged: {where}{logged}."
     else:
         status = "No metrics logged yet."
     return (f'<h1>{esc(Path(run_dir).resolve().name)}</h1>\n'
@@ -296,7 +317,7 @@ def header(run_dir, config, metrics, folders, summaries) -> str:
 
 
 # Fields of selfplay.py's summary lines that the fixed columns of the table already show.
-SHOWN_IN_SUMMARY = {"questioner_reward", "n_kept", "kept_frac", "confidence_mean", "reasoner_reward"}
+SHOWN_IN_SUMMARY = {"questioner_reward", "valid_rate", "n_kept", "kept_frac", "confidence_mean", "reasoner_reward"}
 
 
 def summary_table(iterations, metrics, questions, summaries) -> str:
@@ -307,18 +328,22 @@ def summary_table(iterations, metrics, questions, summaries) -> str:
     curation = lines_by_iteration(metrics, "curation")
     extra = list(dict.fromkeys(key for line in summaries.values() for key in line
                                if key not in ("phase", "iteration") and key not in SHOWN_IN_SUMMARY))
-    head = ["iteration", "questioner reward", "valid candidates", "kept", "mean confidence", "reasoner reward"] + extra
+    # Two validity numbers, of two sets of questions: those the Questioner wrote in its GRPO steps
+    # (valid_rate of its step lines), and the candidates it then wrote for curation.
+    head = ["iteration", "questioner reward", "valid in Questioner training", "valid candidates", "kept",
+            "mean confidence", "reasoner reward"] + extra
     rows = []
     for k in iterations:
         reward = {phase: mean(line.get("reward_mean") for line in steps[phase] if line["iteration"] == k)
                   for phase in TRAINING_PHASES}
+        valid_rate = mean(line.get("valid_rate") for line in steps["questioner"] if line["iteration"] == k)
         candidates = questions.get(k, [])
         valid = f"{sum(bool(q.get('valid')) for q in candidates)} / {len(candidates)}" if candidates else "–"
         cur = curation.get(k, {})
         kept = "–"
         if cur:
             kept = f"{fmt(cur.get('n_kept'))} / {fmt(cur.get('n_candidates'))} ({percent(cur.get('kept_frac'))})"
-        cells = [str(k), fmt(reward["questioner"]), valid, kept, fmt(cur.get("confidence_mean")),
+        cells = [str(k), fmt(reward["questioner"]), percent(valid_rate), valid, kept, fmt(cur.get("confidence_mean")),
                  fmt(reward["reasoner"])]
         cells += [fmt(summaries.get(k, {}).get(key)) for key in extra]
         rows.append("<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
@@ -349,9 +374,9 @@ def charts(metrics, config) -> str:
         hist = figure("Confidence of the candidates, last curation", '<p class="empty">no data yet</p>')
     return "\n".join([
         '<h2 id="curves">Curves</h2>\n<div class="charts">',
-        line_chart("Reward (mean over the batch)", per_step("reward_mean"), x_label, "reward mean"),
-        line_chart("KL to the reference policy", per_step("kl"), x_label, "KL"),
-        line_chart("Completion length", per_step("completion_len"), x_label, "tokens"),
+        line_chart("Reward (mean over the batch)", per_step("reward_mean"), x_label, "reward mean", integer_x=True),
+        line_chart("KL to the reference policy", per_step("kl"), x_label, "KL", integer_x=True),
+        line_chart("Completion length", per_step("completion_len"), x_label, "tokens", integer_x=True),
         line_chart("Curation per iteration", per_iteration, "iteration", "fraction", integer_x=True, y_include=(0, 1)),
         hist,
         "</div>",
@@ -371,16 +396,15 @@ def thumbnail_uri(path, cache):
 
 
 def encode_thumbnail(path):
+    # data.load_image, as the run read it: upright, transparency over white, 16-bit stretched (a
+    # plain convert would clip it near white), and a placeholder for what the run could not read.
     try:
-        with Image.open(path) as image:
-            image.thumbnail((THUMB_SIDE, THUMB_SIDE))  # first, so JPEGs decode at reduced size
-            image = ImageOps.exif_transpose(image)  # photos stored sideways
-            rgba = image.convert("RGBA")
+        image = load_image(path)
     except Exception:  # any unreadable or odd file becomes a placeholder; the report must not fail
         return None
-    white = Image.new("RGBA", rgba.size, "white")  # transparent areas over white, not black
+    image.thumbnail((THUMB_SIDE, THUMB_SIDE))
     buffer = io.BytesIO()
-    Image.alpha_composite(white, rgba).convert("RGB").save(buffer, "JPEG", quality=THUMB_QUALITY)
+    image.save(buffer, "JPEG", quality=THUMB_QUALITY)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
@@ -528,6 +552,7 @@ def render(run_dir) -> str:
     """The whole page for run_dir as one string."""
     run_dir = Path(run_dir)
     config = read_json(run_dir / "config.json")
+    state = read_json(run_dir / "state.json")
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     folders = iteration_folders(run_dir)
     questions = {k: read_jsonl(folder / "questions.jsonl") for k, folder in folders.items()}
@@ -544,7 +569,7 @@ def render(run_dir) -> str:
         f'<head><meta charset="utf-8"><title>{esc(run_dir.resolve().name)} · visplay report</title>',
         f"<style>{STYLE}</style></head>",
         "<body>",
-        header(run_dir, config, metrics, folders, summaries),
+        header(run_dir, config, state, metrics, folders, summaries),
         f"<nav>{nav}</nav>",
         summary_table(iterations, metrics, questions, summaries),
         charts(metrics, config),
@@ -560,8 +585,11 @@ def render(run_dir) -> str:
 def write_report(run_dir) -> Path:
     """Write run_dir/report.html atomically (temp file in the same folder, then os.replace); return its path."""
     run_dir = Path(run_dir)
+    if run_dir.is_file():
+        raise NotADirectoryError(f"'{run_dir}' is a file, not a run folder: pass the folder that holds "
+                                 "config.json and metrics.jsonl, e.g. runs/<name>")
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"run folder '{run_dir}' does not exist")
+        raise FileNotFoundError(f"run folder '{run_dir}' does not exist; pass a run folder, e.g. runs/<name>")
     page = render(run_dir)
     target = run_dir / "report.html"
     tmp = run_dir / f".report.html.{os.getpid()}.tmp"  # not mkstemp: its 0600 mode would stick to the report
@@ -574,7 +602,18 @@ def write_report(run_dir) -> Path:
     return target
 
 
-if __name__ == "__main__":
+def main(argv=None) -> int:
+    """The command line: prints the report's path; returns the exit code (2: a one-line error)."""
     parser = argparse.ArgumentParser(description="Write runs/<name>/report.html for a visplay run folder.")
     parser.add_argument("run_dir", help="the run folder, e.g. runs/<name>")
-    print(write_report(parser.parse_args().run_dir))
+    run_dir = parser.parse_args(argv).run_dir
+    try:
+        print(write_report(run_dir))
+    except OSError as err:  # no such folder, a file, a folder we may not write to
+        print(f"report.py: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,9 +2,11 @@
 Rewards for VisPlay self-play: answer extraction and equivalence, majority votes, the Questioner's
 uncertainty and diversity rewards, and the Reasoner's reward. Pure Python + numpy, no model.
 
-Spec sections: "Questioner" (validity, r_unc, BLEU clustering r_div, the
-combined reward), "Reasoner" (last \\boxed{}, answer equivalence, accuracy/format reward) and
-"Where paper and code differ" (items 1-4, 6, 7: each is a keyword argument here, paper default).
+METHOD.md's equations, in the order they come here: the last \\boxed{} (2), answer equivalence (3),
+the silver label and confidence c (4), the uncertainty reward (5), sentence BLEU (6), the BLEU
+distance (7), average-linkage clustering (8), the diversity penalty (9), the question's validity (1),
+the combined Questioner reward (10) and the Reasoner's reward (12). Each point where the paper and
+the public code differ is a keyword argument, paper default (METHOD.md, "Paper and public code").
 
 What we do and what we leave out:
 - Answer equivalence is a small rule set, not a math grader: normalised strings, numbers (decimals,
@@ -14,7 +16,7 @@ What we do and what we leave out:
   BLEU-4, one reference); the all-pairs matrix is vectorised with numpy matmuls.
 - Clustering is average-linkage agglomerative clustering cut where the linkage distance reaches the
   threshold, the same partition as sklearn's AgglomerativeClustering(metric="precomputed",
-  linkage="average", distance_threshold=t).
+  linkage="average", distance_threshold=t), tied distances included (scipy's merge order).
 """
 
 import math
@@ -43,19 +45,21 @@ def _closing_brace(text, open_idx):
 def extract_boxed(text):
     """Content of the last \\boxed{...} in text (str), nested braces balanced; None if there is no
     box or the last one never closes (a truncated answer is no answer, we do not fall back to an
-    earlier box). An empty box gives "" (majority_vote treats "" as no answer).
+    earlier box). An empty box gives "" (see majority_vote for how it counts).
+    As MathRuler's extraction, which the public code uses for every reward: only the exact
+    characters "\\boxed{" open a box, so "\\boxed {4}" (a space before the brace) is no box.
 
     >>> extract_boxed(r"so \\boxed{2}, no wait: \\boxed{\\frac{1}{2}}")
     '\\\\frac{1}{2}'
-    >>> extract_boxed(r"\\boxed{3} then \\boxed{4") is None
-    True
+    >>> extract_boxed(r"\\boxed{3} then \\boxed{4") is None, extract_boxed(r"\\boxed{3} then \\boxed {4}")
+    (True, '3')
     """
     if text is None:
         return None
-    starts = list(re.finditer(r"\\boxed\s*\{", text))
-    if not starts:
+    start = text.rfind("\\boxed{")
+    if start < 0:
         return None
-    open_idx = starts[-1].end() - 1
+    open_idx = start + len("\\boxed")
     close_idx = _closing_brace(text, open_idx)
     return None if close_idx < 0 else text[open_idx + 1:close_idx]
 
@@ -168,30 +172,38 @@ def answers_equivalent(a, b, rel_tol=1e-6):
 # -----------------------------------------------------------------------------
 # majority vote and the uncertainty reward
 
-def majority_vote(answers, count_empty=False):
-    """Silver label and confidence of m answers (list[str | None], extracted boxes).
+def majority_vote(answers, count_empty=False, count_empty_boxes=True):
+    """Silver label and confidence of m answers (list[str | None], extracted boxes: None = no box,
+    "" or blank = an empty box).
 
     Answers join the first class whose representative (its first-seen answer) is equivalent to
     them; the largest class wins, ties go to the class seen first. Returns (representative,
-    confidence). Empty answers (None or "") are never a label:
-    - count_empty=False (spec's curation): c = count(majority) / count(non-empty answers);
+    confidence). Neither a missing nor an empty box is ever a label:
+    - count_empty=False (paper): c = count(majority) / count(non-empty answers);
       all empty -> (None, 0.0).
-    - count_empty=True (code's questioner reward, where a missing box is a vote for "None"):
-      the empty answers form one more class and c = count(majority) / len(answers); when that
-      class wins the label is None and c is its share.
+    - count_empty=True (public code, reward and curation: MathRuler reads a missing box as the
+      answer "None"): the missing boxes form one more class, which wins with label None and c its
+      share. An empty box is no candidate; count_empty_boxes says whether it still counts among
+      the votes: True in the code's questioner reward (c is out of all m), False in its curation
+      (which drops empty boxes before voting).
 
     >>> majority_vote(["B", "b) red", "C", None, "(B)", ""])
     ('B', 0.75)
     >>> majority_vote(["B", "b) red", "C", None, "(B)", ""], count_empty=True)
     ('B', 0.5)
+    >>> votes = ["", "", "7", None, "7"]
+    >>> majority_vote(votes, count_empty=True), majority_vote(votes, True, count_empty_boxes=False)
+    (('7', 0.4), ('7', 0.6666666666666666))
     """
-    classes = []  # [representative, count], in order of first occurrence; None = the empty class
+    classes = []  # [representative, count], in order of first occurrence; None = the missing boxes
     n_votes = 0
     for answer in answers:
-        if not normalize_answer(answer):
-            if not count_empty:
-                continue
-            answer = None
+        if answer is not None and not normalize_answer(answer):  # an empty box: never a candidate
+            if count_empty and count_empty_boxes:
+                n_votes += 1
+            continue
+        if answer is None and not count_empty:
+            continue
         n_votes += 1
         for cls in classes:
             same = cls[0] is None if answer is None else answers_equivalent(cls[0], answer)
@@ -312,30 +324,52 @@ def bleu_distance_matrix(texts, symmetric=True):
 
 
 def cluster_ids_from_distances(d, threshold=0.5):
-    """Average-linkage agglomerative clustering of a symmetric distance matrix d [n, n]: merge the
-    two closest clusters while their average pairwise distance is strictly below threshold (sklearn
-    stops at distance >= distance_threshold). Returns list[int] of n cluster ids numbered by first
-    appearance. Equal distances merge the pair with the lowest (row, col) first.
+    """Average-linkage agglomerative clustering of a distance matrix d [n, n] (its upper triangle is
+    read), cut where the merge distance reaches threshold: list[int] of n cluster ids numbered by
+    first appearance. The same partition as sklearn's AgglomerativeClustering(metric="precomputed",
+    linkage="average", distance_threshold=threshold), ties included: sklearn builds the whole tree
+    with scipy's nearest-neighbour chain and keeps the merges below the threshold, so we do too.
 
-    Lance-Williams update: d(k, i+j) = (n_i d(k, i) + n_j d(k, j)) / (n_i + n_j) is the average
-    pairwise distance, O(n^2) per merge. E.g. d = [[0, .2, .9], [.2, 0, .7], [.9, .7, 0]]:
-    merge {0, 1} at 0.2, then d({0, 1}, 2) = 0.8 >= 0.5 stops -> [0, 0, 1].
+    The chain starts at the lowest active cluster and steps to its nearest neighbour (the lowest
+    index among equals, the previous cluster of the chain when it is one of them) until two are
+    each other's nearest; those merge, the merged cluster takes the higher index, and its distance
+    to k is (n_i d(k, i) + n_j d(k, j)) / (n_i + n_j), the average pairwise distance.
+    E.g. d = [[0, .2, .9], [.2, 0, .7], [.9, .7, 0]]: merge {0, 1} at 0.2, then
+    d({0, 1}, 2) = 0.8 >= 0.5 -> [0, 0, 1]. Ties are where the order matters: d01 = 1, d02 = .6,
+    d03 = .4, d12 = d13 = .2, d23 = .8 merges {1, 3} at .2 (the chain 0 -> 3 -> 1 -> 3); 0 and 2
+    are then at .7 and .5 from it: [0, 1, 2, 1], where the closest pair first would merge {1, 2},
+    then {0, 3}: [0, 1, 1, 0].
     """
-    d = np.array(d, dtype=np.float64)
+    upper = np.triu(np.array(d, dtype=np.float64), k=1)
+    d = upper + upper.T
     n = len(d)
-    np.fill_diagonal(d, np.inf)
+    np.fill_diagonal(d, np.inf)  # a merged-away cluster's row and column become inf too
     size = np.ones(n)
-    owner = np.arange(n)  # each point's cluster, named by the smallest index in it
-    while n > 1:
-        i, j = divmod(int(np.argmin(d)), n)  # i < j: the first minimum of a symmetric matrix
-        if not d[i, j] < threshold:
-            break
+    owner = np.arange(n)  # each point's cluster, by the index that holds it
+    chain = []
+    for _ in range(n - 1):
+        if not chain:
+            chain.append(int(np.argmax(size > 0)))
+        while True:
+            x = chain[-1]
+            y = int(np.argmin(d[x]))  # the first of equal minima
+            if len(chain) > 1 and d[x, chain[-2]] <= d[x, y]:
+                y = chain.pop(-2)  # mutual nearest neighbours
+                break
+            chain.append(y)
+        chain.pop()
+        i, j = min(x, y), max(x, y)
         merged = (size[i] * d[i] + size[j] * d[j]) / (size[i] + size[j])
-        d[i, :], d[:, i] = merged, merged
-        d[j, :], d[:, j], d[i, i] = np.inf, np.inf, np.inf
-        size[i] += size[j]
-        owner[owner == j] = i
-    return np.unique(owner, return_inverse=True)[1].tolist()
+        # a merge at or above the threshold is cut off; none below it builds on it, as an average
+        # linkage cluster is no closer to anything than its two parts were to each other
+        if d[i, j] < threshold:
+            owner[owner == i] = j
+        d[j, :], d[:, j] = merged, merged
+        d[i, :], d[:, i], d[j, j] = np.inf, np.inf, np.inf
+        size[j] += size[i]
+        size[i] = 0
+    first_seen = {}
+    return [first_seen.setdefault(o, len(first_seen)) for o in owner.tolist()]
 
 
 def cluster_ids(texts, threshold=0.5, symmetric=True):
@@ -377,38 +411,45 @@ def diversity_penalty(questions, group_ids=None, scope="group", weight=1.0, thre
 # -----------------------------------------------------------------------------
 # questioner: parsing, validity, combined reward
 
-QUESTION_TYPES = ("multiple choice", "numerical", "regression")
-
-
 def _last_tag(text, tag):
     """Stripped content of the last <tag>...</tag> in text, or None."""
     found = re.findall(rf"<{tag}>(.*?)</{tag}>", text, re.DOTALL)
     return found[-1].strip() if found else None
 
 
+# The public code drops white space around '<', '>' and '/' from every output before reading it
+# (for models that write "< question >"), the Questioner's and the Reasoner's alike.
+_TAG_SPACE = re.compile(r"\s*([<>/])\s*")
+# code format: the first <type>, then the first <question> after it, then the first <answer> after
+# that, anything in between
+_CODE_QUESTION = re.compile(".*?".join(rf"<{tag}>(.*?)</{tag}>" for tag in ("type", "question", "answer")),
+                            re.DOTALL)
+
+
 def parse_question(text, fmt="paper"):
     """Parse a Questioner output (str) -> dict, or None when it is invalid.
-    paper: {"question"} from a non-empty <question>...</question>.
-    code: {"type", "question", "answer"} from <type>T</type> <question>Q</question>
-    <answer>A</answer>, all non-empty, T in QUESTION_TYPES (case and spacing ignored).
-    With several tags of a kind the last one counts, like the last \\boxed{} and the public code.
+    paper: {"question"} from a non-empty <question>...</question>; with several, the last one
+    counts, like the last \\boxed{}.
+    code: {"type", "question", "answer"} as the public code reads them: white space around '<',
+    '>' and '/' is dropped from the whole output first (so "< question >" is a tag, and "3 / 4"
+    in a question becomes "3/4"), then the first <type>, <question>, <answer> in that order
+    count; all three stripped and non-empty, the type any text (the prompt asks for one of
+    multiple choice, numerical, regression; the code checks none). Tags out of order: invalid.
+    (The code still clusters the question of an output whose answer is empty; here it is invalid
+    like any other, see diversity_texts in questioner.py.)
 
     >>> parse_question("<type>Numerical</type><question>How many?</question><answer>3</answer>",
     ...                "code")
-    {'type': 'numerical', 'question': 'How many?', 'answer': '3'}
+    {'type': 'Numerical', 'question': 'How many?', 'answer': '3'}
     """
-    question = _last_tag(text, "question")
-    if not question:
-        return None
     if fmt == "paper":
-        return {"question": question}
+        question = _last_tag(text, "question")
+        return {"question": question} if question else None
     if fmt != "code":
         raise ValueError(f"unknown fmt {fmt!r}")
-    qtype, answer = _last_tag(text, "type"), _last_tag(text, "answer")
-    qtype = " ".join(qtype.lower().split()) if qtype else None
-    if qtype not in QUESTION_TYPES or not answer:
-        return None
-    return {"type": qtype, "question": question, "answer": answer}
+    m = _CODE_QUESTION.search(_TAG_SPACE.sub(r"\1", text))
+    parts = [part.strip() for part in m.groups()] if m else [""]
+    return dict(zip(("type", "question", "answer"), parts)) if all(parts) else None
 
 
 def questioner_reward(uncertainty, diversity, valid, combine="paper"):
@@ -430,13 +471,22 @@ def questioner_reward(uncertainty, diversity, valid, combine="paper"):
 # -----------------------------------------------------------------------------
 # reasoner reward
 
+# the public code's reasoner format, after _TAG_SPACE: the whole response is a think block and a
+# box with only white space between and after
+_REASONER_FORMAT = re.compile(r"<think>.*</think>\s*\\boxed\{.*\}\s*", re.DOTALL)
+
+
 def format_ok(text):
-    """True when text (str) is <think>...</think> followed by a balanced \\boxed{}: the code's
-    reasoner format, its regex "<think>.*</think>.*\\\\boxed\\{.*\\}.*". Text after the box is
-    allowed as there; leading whitespace too (the regex would refuse it). A box inside the think
-    block does not count."""
-    m = re.fullmatch(r"\s*<think>.*?</think>(.*)", text, re.DOTALL)
-    return m is not None and extract_boxed(m.group(1)) is not None
+    """True when text (str) has the public code's reasoner format: <think>...</think>, white space,
+    \\boxed{...}, white space, nothing else (its regex, matched against the whole response).
+    As there, white space around '<', '>' and '/' is dropped first, so a leading newline or
+    "< /think >" is fine; a box inside the think block does not count; the box's braces are not
+    checked for balance, only that the response ends with "}".
+
+    >>> format_ok(r"< think >x</think> \\boxed{3} "), format_ok(r"<think>x</think> So: \\boxed{3}")
+    (True, False)
+    """
+    return _REASONER_FORMAT.fullmatch(_TAG_SPACE.sub(r"\1", text)) is not None
 
 
 def reasoner_reward(response_text, silver_label, mode="paper"):

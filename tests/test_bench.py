@@ -1,6 +1,7 @@
 """bench.py on the tiny model at toy sizes: the measurements are real and the ratios come from them.
 Nothing here asserts a speed."""
 
+import dataclasses
 import json
 
 import pytest
@@ -73,3 +74,12 @@ def test_main_writes_table_and_json_of_all_figures(tmp_path, capsys):
     assert mfu["baseline"] == pytest.approx(grpo["matmul"]["flops_per_s"] / 1e12, rel=1e-12)
     assert 0 < mfu["ratio"] < 1
     assert grpo["matmul"]["size"] == 64 and grpo["rows"] == 4
+
+
+def test_bench_takes_selfplays_settings():
+    """bench.py's GRPO figure defaults to selfplay.py's micro-batch size, and its memory figure reads
+    selfplay.py's settings from --print-config (nothing imports selfplay.py)."""
+    import selfplay
+    assert bench.Config.micro_batch_tokens == selfplay.Config.micro_batch_tokens
+    printed = bench.selfplay_config(["--model", "tiny", "--lora-rank", "4"])
+    assert vars(printed) == dataclasses.asdict(selfplay.Config(model="tiny", lora_rank=4, print_config=True))

@@ -1,4 +1,4 @@
-"""cli.parse: flags generated from a config dataclass."""
+"""cli.parse and cli.parse_given: flags generated from a config dataclass."""
 
 import dataclasses
 from dataclasses import dataclass
@@ -8,7 +8,7 @@ import pytest
 import bench
 import evaluate
 import selfplay
-from cli import AT_LEAST_1, PROBABILITY, option, parse
+from cli import AT_LEAST_1, POSITIVE, PROBABILITY, option, parse, parse_given
 
 
 @dataclass
@@ -23,21 +23,24 @@ class Example:
     top_p: float = option("a probability", valid=PROBABILITY, default=1.0)
     sizes: list[int] = option("each at least 1", valid=AT_LEAST_1, default_factory=list)
     cap: int | None = option("an optional int, at least 1", valid=AT_LEAST_1, default=None)
+    rate: float = option("more than 0", valid=POSITIVE, default=1e-6)
 
 
 def test_types_defaults_and_repeats():
     cfg = parse(Example, ["--models", "a", "--models", "b", "--lr", "0.5", "--limit", "7", "--quiet"])
     assert cfg == Example(models=["a", "b"], lr=0.5, steps=3, limit=7, mode="paper", quiet=True, fresh=["x"],
-                          top_p=1.0, sizes=[], cap=None)
+                          top_p=1.0, sizes=[], cap=None, rate=1e-6)
     assert isinstance(cfg.lr, float) and isinstance(cfg.limit, int)
     assert parse(Example, ["--models", "a", "--no-quiet", "--mode", "code"]).mode == "code"
 
 
 @pytest.mark.parametrize("argv", [[], ["--models", "a", "--mode", "other"], ["--models", "a", "--steps", "x"]])
-def test_bad_command_lines_exit_with_usage(argv, capsys):
+def test_bad_command_lines_exit_with_one_line(argv, capsys):
     with pytest.raises(SystemExit) as stop:
         parse(Example, argv)
-    assert stop.value.code == 2 and "usage:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and ": error: " in err and err.endswith("(see --help)\n")
+    assert "usage:" not in err  # the usage text buries the one line that matters
 
 
 def test_help_shows_groups_and_defaults(capsys):
@@ -53,16 +56,34 @@ def test_help_shows_groups_and_defaults(capsys):
     (["--sizes", "3", "--sizes", "0"], "argument --sizes: must be at least 1, not 0"),
     (["--cap", "-2"], "argument --cap: must be at least 1, not -2"),
     (["--cap", "two"], "argument --cap: invalid int value: 'two'"),
+    # negatives in notations argparse alone takes for flags ("expected one argument")
+    (["--rate", "-1e-5"], "argument --rate: must be more than 0, not -1e-5"),
+    (["--rate", "-2E+3"], "argument --rate: must be more than 0, not -2E+3"),
+    (["--rate", "-.5"], "argument --rate: must be more than 0, not -.5"),
+    (["--rate", "-inf"], "argument --rate: must be more than 0, not -inf"),
+    (["--sizes", "-1e3"], "argument --sizes: invalid int value: '-1e3'"),
 ])
 def test_values_out_of_range_are_refused_naming_the_flag(argv, needle, capsys):
     with pytest.raises(SystemExit) as stop:
         parse(Example, ["--models", "a"] + argv)
-    assert stop.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].endswith(needle)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and err.endswith(f": error: {needle} (see --help)\n")
 
 
 def test_values_in_range_pass():
     cfg = parse(Example, ["--models", "a", "--top-p", "0.5", "--sizes", "1", "--sizes", "9", "--cap", "1"])
     assert (cfg.top_p, cfg.sizes, cfg.cap) == (0.5, [1, 9], 1)
+
+
+def test_parse_given_names_the_flags_given_even_at_their_default():
+    cfg, given = parse_given(Example, ["--models", "a", "--rate", "1e-6", "--no-quiet", "--sizes", "2"])
+    assert cfg == parse(Example, ["--models", "a", "--rate", "1e-6", "--no-quiet", "--sizes", "2"])
+    assert given == frozenset({"models", "rate", "quiet", "sizes"}) and cfg.rate == 1e-6 and not cfg.quiet
+    assert parse_given(Example, ["--models", "a"])[1] == {"models"}
+
+
+def test_a_negative_value_reaches_a_field_that_takes_it():
+    assert parse(Example, ["--models", "a", "--limit", "-3", "--lr", "-1.5e-3"]).lr == -1.5e-3
 
 
 @pytest.mark.parametrize("config", [selfplay.Config, evaluate.EvalConfig, bench.Config])

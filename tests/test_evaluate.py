@@ -6,17 +6,18 @@ import importlib.util
 import io
 import json
 from collections import Counter
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import data
 import evaluate
 from evaluate import EvalConfig, extract_prediction, inline_choices, make_record, score, wilson_interval
-from model import ModelError, encode_prompts, load_vlm
+from model import ModelError, encode_prompts, load_vlm, resolve_device
 from reasoner import reasoner_prompt
 from sampler import sample
 
@@ -109,7 +110,7 @@ def test_records_get_the_answer_type_that_picks_their_rule():
 @pytest.mark.parametrize("response, prediction", [
     (r"<think>red or blue</think> so \boxed{B}", "B"),
     (r"\boxed{1} no wait \boxed{\frac{1}{2}}", r"\frac{1}{2}"),  # the last box
-    ("no box at all", "no box at all"),  # the spec's fallback: the first 100 characters
+    ("no box at all", "no box at all"),  # the paper's fallback: the first 100 characters
     ("x" * 150, "x" * 100),
     (r"\boxed{}", ""),
     (r"cut off \boxed{3", r"cut off \boxed{3"),  # an unclosed box is no box
@@ -365,7 +366,7 @@ def test_flags_are_generated_from_the_config_fields(capsys):
                                "--quiet", "--dtype", "bfloat16", "--min-pixels", "100", "--output", "x"])
     assert (cfg.model, cfg.batch_size, cfg.limit, cfg.quiet, cfg.dtype, cfg.min_pixels, cfg.output) == (
         ["a", "b@2"], 3, 5, True, "bfloat16", 100, "x")
-    assert EvalConfig(model=["m"]).max_new_tokens == 2048  # spec
+    assert EvalConfig(model=["m"]).max_new_tokens == 2048  # the paper's
     with pytest.raises(SystemExit):
         evaluate.main(["--help"])
     help = capsys.readouterr().out
@@ -443,9 +444,248 @@ def test_user_mistakes_exit_2_with_one_line(argv, message, tmp_path, capsys):
     assert not any(tmp_path.iterdir()), "nothing is written before every check has passed"
 
 
+def one_line_error(argv, capsys):
+    """evaluate.main(argv) -> its one-line error, checked to be one line with exit code 2."""
+    assert evaluate.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("evaluate.py: error: ") and captured.err.count("\n") == 1 and captured.out == ""
+    return captured.err
+
+
+@pytest.mark.parametrize("device, message", [
+    ("cuda", "--device cuda: no CUDA GPU here; pass --device cpu (or auto)"),  # the README's own example
+    ("cuda:1", "--device cuda:1: no CUDA GPU here; pass --device cpu"),
+    ("gpu", "--device gpu: unknown device; pass auto, cpu, cuda or cuda:N"),
+])
+def test_a_device_that_is_not_here_is_one_line(device, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = ["--model", "tiny", "--bench", "shapes", "--limit", "1", "--quiet", "--output", str(tmp_path / "out"),
+            "--device", device]
+    assert message in one_line_error(argv, capsys)
+    assert not any(tmp_path.iterdir())
+
+
+def test_resolve_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert [resolve_device(name) for name in ("auto", "cpu", "CUDA", "cuda:1")] == [
+        torch.device("cuda"), torch.device("cpu"), torch.device("cuda"), torch.device("cuda:1")]
+    with pytest.raises(ModelError, match=r"^--device cuda:2: only cuda:0 to cuda:1 are here; pass one of them$"):
+        resolve_device("cuda:2")
+    with pytest.raises(ModelError, match="unknown device"):
+        resolve_device("cuda:x")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+
+
+def test_the_device_a_run_used_is_in_its_results(tmp_path, capsys):
+    argv = ["--model", "tiny", "--bench", "shapes", "--limit", "1", "--max-new-tokens", "2", "--quiet",
+            "--output", str(tmp_path), "--device", "auto"]
+    assert evaluate.main(argv) == 0
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert json.loads((tmp_path / "results.json").read_text())["config"]["device"] == expected
+
+
+def test_a_jsonl_that_is_not_utf8_names_its_line(tmp_path, capsys):
+    (tmp_path / "q.jsonl").write_bytes(b'{"question": "ok", "answer": "1"}\n{"question": "caf\xe9", "answer": "1"}\n')
+    with pytest.raises(data.DataError, match=r"q.jsonl' line 2: not UTF-8 text \(byte 0xe9 at column 18\); save"):
+        load(str(tmp_path / "q.jsonl"))
+    argv = ["--model", "tiny", "--bench", str(tmp_path / "q.jsonl"), "--device", "cpu", "--quiet",
+            "--output", str(tmp_path / "out")]
+    assert "line 2: not UTF-8" in one_line_error(argv, capsys) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text", ["", "\n  \n"])
+def test_a_benchmark_without_rows_is_an_error(text, tmp_path, capsys):
+    (tmp_path / "none.jsonl").write_text(text)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "test.jsonl").write_text(text)
+    with pytest.raises(data.DataError, match="none.jsonl': no questions in it"):
+        load(str(tmp_path / "none.jsonl"))
+    argv = ["--model", "tiny", "--bench", f"mmstar={tmp_path / 'folder'}", "--device", "cpu", "--quiet",
+            "--output", str(tmp_path / "out")]
+    assert "no questions in it (no rows)" in one_line_error(argv, capsys) and not (tmp_path / "out").exists()
+
+
 def test_an_output_that_is_a_file_is_refused_before_any_model_runs(tmp_path, capsys):
     (tmp_path / "results").write_text("an old file")
     argv = ["--model", "tiny", "--bench", "shapes", "--limit", "1", "--device", "cpu", "--quiet",
             "--output", str(tmp_path / "results")]
     assert evaluate.main(argv) == 2
     assert "'" + str(tmp_path / "results") + "' is a file, not a folder" in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
+# The blind baseline, pass@1 at temperature 1 and maj@m
+
+
+@pytest.mark.parametrize("n", range(0, 12))
+def test_the_derangement_moves_every_image_and_is_fixed_by_its_seed(n):
+    images = [f"{i}.png" for i in range(n)]
+    for seed in range(20):
+        perm = evaluate.derangement(images, seed)
+        assert sorted(perm) == list(range(n))
+        assert perm == evaluate.derangement(images, seed)
+        assert n < 2 and perm == list(range(n)) or all(perm[i] != i for i in range(n))
+    if n >= 4:
+        assert len({tuple(evaluate.derangement(images, seed)) for seed in range(20)}) > 1  # the seed matters
+
+
+def test_the_derangement_shows_no_question_a_copy_of_its_own_picture(tmp_path):
+    """Several questions about one figure (HallusionBench): none is shown that figure again."""
+    for images in ([Path("a.png"), Path("a.png"), Path("b.png"), Path("c.png"), Path("c.png"), Path("c.png"),
+                    Path("d.png")],
+                   [Image.new("RGB", (8, 8), c) for c in (RED, RED, GREEN, GREEN, BLUE)],  # equal pixels, two objects
+                   [png_bytes(RED), png_bytes(RED), png_bytes(GREEN), png_bytes(BLUE)]):
+        for seed in range(30):
+            perm = evaluate.derangement(images, seed)
+            assert sorted(perm) == list(range(len(images)))
+            assert not any(evaluate.same_image(images[i], images[j]) for i, j in enumerate(perm)), (images, seed)
+    assert evaluate.derangement([Path("a.png")] * 3, 0) != [0, 1, 2]  # no way around it: at least another record
+
+
+def colour_records(colours):
+    return evaluate.Benchmark("colours", [make_record(f"q{i}", Image.new("RGB", (32, 32), c), f"Question {i}?",
+                                                      "1", "c") for i, c in enumerate(colours)])
+
+
+def fake_answers(shown, responses=lambda question, colour, n, seed: ["\\boxed{1}"] * n):
+    """A stand-in for evaluate.answer_batch: records (question, colour of its image, n, seed) in
+    `shown` and answers with responses(question, colour, n, seed)."""
+    def answer_batch(model, tokenizer, image_processor, images, prompts, *, max_new_tokens, n=1, seed=None):
+        texts = []
+        for image, prompt in zip(images, prompts, strict=True):
+            question = prompt.split("\n")[0]
+            shown.append((question, image.getpixel((0, 0)), n, seed))
+            texts += responses(question, image.getpixel((0, 0)), n, seed)
+        return texts
+    return answer_batch
+
+
+def test_the_blind_run_asks_each_question_with_another_records_image(monkeypatch):
+    colours = [RED, GREEN, BLUE, YELLOW, PURPLE, BLACK, WHITE]
+    bench = colour_records(colours)
+    shown = []
+    monkeypatch.setattr(evaluate, "answer_batch", fake_answers(shown))
+    cfg = EvalConfig(model=["x"], batch_size=3, quiet=True, eval_seed=5)
+    real = evaluate.answer_benchmark(None, None, None, bench, cfg, "x")
+    assert shown == [(f"Question {i}?", c, 1, None) for i, c in enumerate(colours)]
+    shown.clear()
+    blind = evaluate.answer_benchmark(None, None, None, bench, cfg, "x", blind=True)
+    perm = evaluate.derangement([r.image for r in bench.records], 5)
+    assert shown == [(f"Question {i}?", colours[perm[i]], 1, None) for i in range(len(colours))]
+    assert all(colours[perm[i]] != c for i, c in enumerate(colours))
+    assert [row["image_of"] for row in blind] == [f"q{j}" for j in perm]
+    assert [row["id"] for row in blind] == [row["id"] for row in real] and "image_of" not in real[0]
+    shown.clear()
+    evaluate.answer_benchmark(None, None, None, bench, replace(cfg, eval_seed=6), "x", blind=True)
+    assert [c for _, c, _, _ in shown] != [colours[j] for j in perm]  # another seed, another shuffle
+
+
+def canned(question, colour, n, seed):
+    """Greedy: right only on q0. Sampled (n = 4): the hand-computed cases of the test below."""
+    if seed is None:
+        return ["\\boxed{3}" if question == "How many?" else "\\boxed{9}"]
+    assert n == 4
+    return {"How many?": ["\\boxed{3}", "\\boxed{3}", "\\boxed{4}", "no box"],  # 2/4 right, majority 3: right
+            "Which colour?": ["\\boxed{blue}", "\\boxed{red}", "\\boxed{blue}", "\\boxed{red}"],  # 2/4, tie: blue first
+            "Pick one.": ["no box", "B", "none", "\\boxed{}"],  # 1/4 (by the fallback), no box: no majority
+            }[question]
+
+
+def test_pass_at_1_and_maj_at_m_from_canned_answers(monkeypatch):
+    records = [make_record("q0", IMAGE, "How many?", "3", "counting"),
+               make_record("q1", IMAGE, "Which colour?", "red", "colour"),
+               make_record("q2", IMAGE, "Pick one.", "B", "counting", choices=["x", "y"])]
+    shown = []
+    monkeypatch.setattr(evaluate, "answer_batch", fake_answers(shown, canned))
+    cfg = EvalConfig(model=["x"], batch_size=2, samples=4, quiet=True, eval_seed=1)
+    rows = evaluate.answer_benchmark(None, None, None, evaluate.Benchmark("b", records), cfg, "x")
+    assert [(q, n, seed) for q, _, n, seed in shown if seed is not None] == [
+        ("How many?", 4, 2 ** 32), ("Which colour?", 4, 2 ** 32), ("Pick one.", 4, 2 ** 32 + 2)]
+    assert [row["sampled_correct"] for row in rows] == [[True, True, False, False], [False, True, False, True],
+                                                        [False, True, False, False]]
+    assert [row["sampled_extracted"][:2] for row in rows] == [["3", "3"], ["blue", "red"], ["no box", "B"]]
+    assert [(row["majority"], row["majority_correct"]) for row in rows] == [("3", True), ("blue", False),
+                                                                           (None, False)]
+    result = evaluate.summarize(rows, 1.0, m=4)
+    assert (result["correct"], result["scored"]) == (1, 3)  # greedy stays the headline
+    pass1 = result["pass1"]
+    assert pass1["accuracy"] == pytest.approx((0.5 + 0.5 + 0.25) / 3)
+    assert (pass1["m"], pass1["scored"], pass1["right_samples"]) == (4, 3, 5)
+    assert pass1["wilson95"] == pytest.approx(wilson_interval(1.25, 3))
+    assert pass1["by_category"] == {"counting": {"accuracy": pytest.approx(0.375), "scored": 2},
+                                    "colour": {"accuracy": 0.5, "scored": 1}}
+    assert result["maj"] == {"m": 4, "correct": 1, "scored": 3, "accuracy": pytest.approx(1 / 3),
+                             "wilson95": wilson_interval(1, 3),
+                             "by_category": {"counting": {"correct": 1, "scored": 2},
+                                             "colour": {"correct": 0, "scored": 1}}}
+    assert "pass1" not in evaluate.summarize(rows, 1.0)
+
+
+def test_results_and_table_carry_the_blind_pass1_and_maj_figures(tmp_path, monkeypatch, capsys):
+    """Canned answers, right only when a question comes with its own image: blind scores 0."""
+    questions = [("q0", RED, "How many?", "3", None), ("q1", GREEN, "Which colour?", "red", None),
+                 ("q2", BLUE, "Pick one.", "B", ["x", "y"])]
+    rows = []
+    for id, colour, question, answer, choices in questions:
+        (tmp_path / f"{id}.png").write_bytes(png_bytes(colour))
+        rows.append({"id": id, "image": f"{id}.png", "question": question, "answer": answer, "category": "c",
+                     **({"choices": choices} if choices else {})})
+    (tmp_path / "canned.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    own = {question: colour for _, colour, question, _, _ in questions}
+
+    def responses(question, colour, n, seed):
+        return canned(question, colour, n, seed) if colour == own[question] else ["\\boxed{9}"] * n
+    monkeypatch.setattr(evaluate, "answer_batch", fake_answers([], responses))
+    out = tmp_path / "out"
+    assert evaluate.main(["--model", "tiny", "--bench", str(tmp_path / "canned.jsonl"), "--samples", "4",
+                          "--device", "cpu", "--quiet", "--output", str(out)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    result = json.loads((out / "results.json").read_text())["benchmarks"]["canned"]["models"]["tiny"]
+    assert set(result) == {"correct", "scored", "accuracy", "wilson95", "by_category", "seconds", "pass1", "maj",
+                           "blind"}
+    assert set(result["blind"]) == {"correct", "scored", "accuracy", "wilson95", "by_category", "seconds", "pass1",
+                                    "maj"}
+    assert (result["accuracy"], result["pass1"]["accuracy"], result["maj"]["accuracy"]) == pytest.approx(
+        (1 / 3, 1.25 / 3, 1 / 3))
+    blind = result["blind"]
+    assert (blind["accuracy"], blind["pass1"]["accuracy"], blind["maj"]["accuracy"], blind["scored"]) == (0, 0, 0, 3)
+
+    def interval(low_high):
+        return f"[{100 * low_high[0]:.1f}, {100 * low_high[1]:.1f}]"
+    assert table[2] == f"| canned | 33.3 (1/3) {interval(wilson_interval(1, 3))} (blind 0.0) | 0 |"
+    assert table[3] == f"| canned pass@1 (T=1, m=4) | 41.7 {interval(wilson_interval(1.25, 3))} (blind 0.0) |  |"
+    assert table[4] == f"| canned maj@4 | 33.3 (1/3) {interval(wilson_interval(1, 3))} (blind 0.0) |  |"
+    samples = [json.loads(line) for line in (out / "samples" / "tiny" / "canned.jsonl").read_text().splitlines()]
+    assert [(s["id"], len(s["sampled"]), s["majority"]) for s in samples] == [("q0", 4, "3"), ("q1", 4, "blue"),
+                                                                             ("q2", 4, None)]
+    blind_rows = [json.loads(line) for line in
+                  (out / "samples" / "tiny" / "blind" / "canned.jsonl").read_text().splitlines()]
+    assert [s["id"] for s in blind_rows] == ["q0", "q1", "q2"]
+    assert all(s["image_of"] != s["id"] and not s["correct"] for s in blind_rows)
+
+    assert evaluate.main(["--model", "tiny", "--bench", str(tmp_path / "canned.jsonl"), "--no-blind", "--device",
+                          "cpu", "--quiet", "--output", str(tmp_path / "plain")]) == 0
+    table = capsys.readouterr().out.splitlines()
+    result = json.loads((tmp_path / "plain" / "results.json").read_text())["benchmarks"]["canned"]["models"]["tiny"]
+    assert set(result) == {"correct", "scored", "accuracy", "wilson95", "by_category", "seconds"}
+    assert table[2] == f"| canned | 33.3 (1/3) {interval(wilson_interval(1, 3))} | 0 |" and len(table) == 5
+    assert not (tmp_path / "plain" / "samples" / "tiny" / "blind").exists()
+
+
+def test_sampled_answers_come_from_the_sampler_at_temperature_1(tiny):
+    """answer_batch's draws: n per prompt, the same for the same seed, the full distribution."""
+    model, tok, ip = tiny
+    images = [Image.new("RGB", (32, 32), c) for c in (RED, BLUE)]
+    prompts = [reasoner_prompt("How many?"), reasoner_prompt("Which colour?")]
+    draw = lambda seed: evaluate.answer_batch(model, tok, ip, images, prompts, max_new_tokens=6, n=3, seed=seed)
+    first = draw(7)
+    assert len(first) == 6 and first == draw(7) and first != draw(8)
+    assert len(set(first)) > 1  # a random tiny model at temperature 1 does not repeat itself
+    greedy = evaluate.answer_batch(model, tok, ip, images, prompts, max_new_tokens=6)
+    encoded = encode_prompts(tok, ip, images, prompts)
+    assert greedy == sample(model, encoded, max_new_tokens=6, temperature=0.0).texts(tok)
+    expected = sample(model, encoded, n=3, max_new_tokens=6, temperature=1.0, top_k=0, top_p=1.0,
+                      generator=torch.Generator().manual_seed(7)).texts(tok)
+    assert first == expected

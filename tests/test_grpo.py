@@ -156,6 +156,22 @@ def test_advantages_equal_rewards_and_lone_samples_are_zero(scale):
     assert torch.equal(a, torch.zeros(3, 1, dtype=DT))
 
 
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("value, dtype, G", [(0.9, torch.float32, 8), (0.1, torch.float32, 8),
+                                             (0.7, torch.float64, 7)])
+def test_advantages_of_equal_rewards_are_exactly_zero_despite_rounding(scale, value, dtype, G):
+    # float32: the mean of eight 0.9s is off by rounding noise, which std 0 + eps once blew up to
+    # -0.056 per sample (0.1: -0.0074); float64: the mean of seven 0.7s is an ulp off 0.7
+    spread = [1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0][:G]
+    r = torch.tensor([[value] * G, spread], dtype=dtype)
+    got = grpo.group_advantages(r, scale=scale)
+    assert got.dtype == dtype
+    assert torch.equal(got[0], torch.zeros(G, dtype=dtype))
+    # the group with a spread still follows the formula (float64 loop reference, exact rewards)
+    want = ref_advantages([[float(x) for x in row] for row in r], scale, 1e-6)[1]
+    assert got[1].tolist() == pytest.approx(want, rel=1e-6, abs=1e-6)
+
+
 def test_advantages_scale_is_checked():
     with pytest.raises(ValueError):
         grpo.group_advantages(torch.zeros(2, 3), scale="global")

@@ -10,9 +10,11 @@ import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
+import data
 import report
 
 HOSTILE = '<script>alert(1)</script> & "quotes"'
@@ -113,7 +115,7 @@ def run(tmp_path):
          "confidence_mean": 0.55, "confidence_hist": [1, 0, 0, 0, 0, 2, 0, 0, 0, 2]},
         step_line("reasoner", 1, 1, 0.5), step_line("reasoner", 1, 2, 99.0),
         step_line("reasoner", 1, 2, 0.7),  # the run was resumed and logged step 2 again
-        {"phase": "summary", "iteration": 1, "silver_accuracy": 0.72},
+        {"phase": "summary", "iteration": 1, "silver_accuracy": 0.72, "valid_rate": 0.75},
         {"phase": "some_future_phase", "iteration": 1, "x": 1},
         step_line("questioner", 2, 1, None, valid_rate=None),
         step_line("questioner", 2, 2, 0.9),
@@ -158,13 +160,15 @@ def test_summary_table_numbers(run):
     page = report.write_report(run).read_text(encoding="utf-8")
     rows = check_html(page).tables["summary-table"]
     head, by_iteration = rows[0], {row[0]: dict(zip(rows[0], row)) for row in rows[1:]}
-    assert head[:6] == ["iteration", "questioner reward", "valid candidates", "kept", "mean confidence",
-                        "reasoner reward"]
+    assert head[:7] == ["iteration", "questioner reward", "valid in Questioner training", "valid candidates", "kept",
+                        "mean confidence", "reasoner reward"]
     assert "silver_accuracy" in head  # from the summary line
+    assert "valid_rate" not in head  # the summary's copy of the column before it is not shown twice
     assert set(by_iteration) == {"1", "2"}
     one, two = by_iteration["1"], by_iteration["2"]
     assert one["questioner reward"] == "0.3" and one["reasoner reward"] == "0.6"  # a step logged twice counts once
     assert one["valid candidates"] == "4 / 5" and one["kept"] == "2 / 5 (40%)" and one["mean confidence"] == "0.55"
+    assert one["valid in Questioner training"] == "75%" and two["valid in Questioner training"] == "–"
     assert one["silver_accuracy"] == "0.72" and two["silver_accuracy"] == "–"
     assert two["questioner reward"] == "0.9"  # the null reward is skipped, not counted as 0
     assert two["reasoner reward"] == "0.8"  # the truncated last line is ignored
@@ -181,16 +185,16 @@ def test_model_text_is_escaped(run):
 
 def test_image_embedded_once_and_missing_image_placeholder(run, monkeypatch):
     opened = []
-    real_open = report.Image.open
+    real_open = Image.open
 
     def counting_open(path, *args, **kwargs):
         opened.append(str(path))
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(report.Image, "open", counting_open)
+    monkeypatch.setattr(Image, "open", counting_open)  # data.load_image's, as report reads images
     page = report.write_report(run).read_text(encoding="utf-8")
     assert page.count("data:image/jpeg;base64,") == 1  # cat.png: three questions, one thumbnail
-    assert len(opened) == len(set(opened)) == 3, "an image was opened twice"
+    assert len(opened) == len(set(opened)) == 2, "an image was opened twice"  # the missing one is not opened
     assert page.count("image not found") == 2  # gone<b>.png, once in each iteration's gallery
     assert page.count("image unreadable") == 1  # broken.jpg exists but is no image
     [uri] = [value for tag, name, value in check_html(page).attrs if tag == "img" and name == "src"]
@@ -258,6 +262,59 @@ def test_cli_prints_path(run):
 def test_missing_run_folder_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         report.write_report(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("name, message", [
+    ("nope", "run folder '{}' does not exist; pass a run folder, e.g. runs/<name>"),
+    ("metrics.jsonl", "'{}' is a file, not a run folder: pass the folder that holds config.json"),
+])
+def test_cli_refuses_what_is_not_a_run_folder_in_one_line(name, message, tmp_path, capsys):
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    assert report.main([str(tmp_path / name)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("report.py: error: " + message.format(tmp_path / name))
+    assert captured.err.count("\n") == 1 and captured.out == ""
+    assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl"]  # nothing left behind
+
+
+def test_a_finished_run_says_so(run):
+    assert "Finished" not in report.write_report(run).read_text(encoding="utf-8")
+    iterations = json.loads((run / "config.json").read_text())["iterations"]
+    (run / "state.json").write_text(json.dumps({"iteration": iterations + 1, "phase": "questioner", "step": 0}))
+    page = report.write_report(run).read_text(encoding="utf-8")
+    assert re.search(r'<p class="status">Finished: 2 iterations \(\d+ metric lines, last written [^)]+\)\.</p>', page)
+    assert "Last logged" not in page
+
+
+def test_a_16_bit_image_is_shown_as_the_model_sees_it(tmp_path):
+    """A 16-bit scan whose values stay under 4096: clipped to 8 bits it is nearly all white, while
+    data.load_image stretches its range, as the run did."""
+    ramp = np.tile(np.linspace(0, 4000, 200).astype(np.uint16), (100, 1))
+    path = tmp_path / "scan.png"
+    Image.fromarray(ramp).save(path)
+    assert Image.open(path).mode.startswith("I;16") or Image.open(path).mode == "I"
+    uri = report.encode_thumbnail(path)
+    thumb = np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("L"), dtype=float)
+    seen = np.asarray(data.load_image(path).resize(thumb.shape[::-1]).convert("L"), dtype=float)
+    assert abs(thumb.mean() - seen.mean()) < 3 and abs(thumb.mean() - 127.5) < 5
+    assert thumb[:, :10].mean() < 20 and thumb[:, -10:].mean() > 235  # dark to light, as the ramp goes
+
+
+def test_control_characters_in_model_text_do_not_reach_the_page(run):
+    text = "NUL\x00 ESC\x1b[31m red\x7f C1\x85 lone\ud800 tab\tline\nend"
+    write_jsonl(run / "iter_2" / "questions.jsonl", [candidate(run / "none.png", text, kept=True, silver=text)])
+    page = report.write_report(run).read_text(encoding="utf-8")  # a lone surrogate cannot even be encoded
+    check_html(page)
+    assert not re.search("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]", page)
+    assert "NUL\u2400 ESC\u241b[31m red\ufffd C1\ufffd lone\ufffd tab\tline\nend" in page  # \t and \n kept
+
+
+def test_step_axes_have_whole_numbers_only(tmp_path):
+    write_jsonl(tmp_path / "metrics.jsonl", [step_line("questioner", 1, step, 0.1 * step) for step in (1, 2, 3)])
+    page = report.write_report(tmp_path).read_text(encoding="utf-8")
+    x_labels = re.findall(r'<text x="[\d.]+" y="[\d.]+" text-anchor="middle">([^<]+)</text>', page)
+    assert x_labels and all(float(label).is_integer() for label in x_labels), x_labels
+    assert {"1", "2", "3"} <= set(x_labels)
 
 
 def test_nice_ticks():

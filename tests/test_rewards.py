@@ -29,7 +29,8 @@ EXTRACT_CASES = [
     (r"\boxed{}", ""),                                         # empty box -> "" (no answer)
     (r"\boxed{\frac{1}{2}}", r"\frac{1}{2}"),                  # nested braces
     (r"\boxed{\text{\textbf{B}}}", r"\text{\textbf{B}}"),
-    (r"\boxed {7}", "7"),                                      # space before the brace
+    (r"\boxed {7}", None),                                     # space before the brace: no box
+    (r"\boxed{3} then \boxed {4}", "3"),                       # ... so the last box is the 3
     (r"\boxed{3", None),                                       # never closes
     (r"\boxed{1} and later \boxed{2", None),                   # last box truncated: no fallback
     ("no box here", None),
@@ -178,7 +179,7 @@ def test_extract_then_compare(response, label, expected):
     # a blank box counts as empty
     ([r"   ", "7"], False, ("7", 1.0)),
     ([None, ""], False, (None, 0.0)),
-    ([None, ""], True, (None, 1.0)),
+    ([None, ""], True, (None, 0.5)),                          # the empty box still counts
     ([], False, (None, 0.0)),
     ([], True, (None, 0.0)),
 ])
@@ -186,6 +187,27 @@ def test_majority_vote(answers, count_empty, expected):
     label, confidence = majority_vote(answers, count_empty=count_empty)
     assert label == expected[0]
     assert confidence == pytest.approx(expected[1], abs=1e-12)
+
+
+@pytest.mark.parametrize("answers, count_empty_boxes, expected", [
+    # the public code's reward: an empty box is no candidate, but one of the m votes: "7" 2 of 5
+    (["", "", "7", None, "7"], True, ("7", 2 / 5)),
+    # its curation drops empty boxes before voting: "7" 2 of the 3 left
+    (["", "", "7", None, "7"], False, ("7", 2 / 3)),
+    # missing boxes ("None" to MathRuler) are a candidate: 2 of 6, or 2 of the 4 left
+    (["", " ", None, "7", None, "8"], True, (None, 2 / 6)),
+    (["", " ", None, "7", None, "8"], False, (None, 2 / 4)),
+    # only empty boxes: no candidate at all
+    (["", " "], True, (None, 0.0)),
+    (["", " "], False, (None, 0.0)),
+])
+def test_majority_vote_counting_empty_an_empty_box_is_no_candidate(answers, count_empty_boxes, expected):
+    label, confidence = majority_vote(answers, count_empty=True, count_empty_boxes=count_empty_boxes)
+    assert label == expected[0]
+    assert confidence == pytest.approx(expected[1], abs=1e-12)
+    # not counting empty answers, both kinds are left out whatever count_empty_boxes says
+    kept = [a for a in answers if a is not None and a.strip()]
+    assert majority_vote(answers, False, count_empty_boxes) == majority_vote(kept)
 
 
 @pytest.mark.parametrize("c, paper, code", [
@@ -328,6 +350,40 @@ def test_cluster_ids_match_sklearn(symmetric):
         split += len(set(ours)) > 1
     assert merged >= 40 and split >= 40  # the sets were neither all singletons nor one cluster
 
+
+def symmetric_from(pairs, n):
+    d = np.zeros((n, n))
+    for (i, j), v in pairs.items():
+        d[i, j] = d[j, i] = v
+    return d
+
+
+def test_cluster_ids_break_ties_like_sklearn():
+    # {1, 2} and {1, 3} are both at 0.2. Closest pair first would merge {1, 2} (lowest index), then
+    # {0, 3} at 0.4: [0, 1, 1, 0]. sklearn (scipy's nearest-neighbour chain 0 -> 3 -> 1 -> 3) merges
+    # {1, 3}; then d(0, {1, 3}) = (1 + 0.4) / 2 = 0.7 and d(2, {1, 3}) = (0.2 + 0.8) / 2 = 0.5, both
+    # at or above the threshold: [0, 1, 2, 1]
+    d = symmetric_from({(0, 1): 1.0, (0, 2): 0.6, (0, 3): 0.4, (1, 2): 0.2, (1, 3): 0.2, (2, 3): 0.8}, 4)
+    assert sklearn_partition(d, 0.5) == [0, 1, 2, 1]
+    assert cluster_ids_from_distances(d, 0.5) == [0, 1, 2, 1]
+
+
+@pytest.mark.parametrize("levels", [8, 10])
+def test_cluster_ids_match_sklearn_on_tied_distances(levels):
+    # distances on a grid of a few values: ties everywhere, in the input and among the averages
+    # (k / 8 averages exactly in binary; k / 10 does not, so near-ties come out unequal alike)
+    rng = np.random.default_rng(levels)
+    differ = 0
+    for trial in range(300):
+        n = int(rng.integers(2, 13))
+        upper = np.triu(rng.integers(1, levels + 1, size=(n, n)) / levels, k=1)
+        d = upper + upper.T
+        for threshold in (0.3, 0.5, 0.7):
+            want = sklearn_partition(d, threshold)
+            assert cluster_ids_from_distances(d, threshold) == want, (trial, threshold, d.tolist())
+            differ += len(set(want)) not in (1, n)
+    assert differ > 300  # most cuts were neither all singletons nor one cluster
+
 # -----------------------------------------------------------------------------
 # diversity penalty
 
@@ -373,8 +429,7 @@ def test_diversity_penalty_groups_need_not_be_contiguous():
      {"type": "numerical", "question": "How many cats?", "answer": "3"}),
     ("<type> Multiple  Choice </type><question>Which? A) x B) y</question><answer>B</answer>",
      "code",
-     {"type": "multiple choice", "question": "Which? A) x B) y", "answer": "B"}),
-    ("<type>essay</type><question>Why?</question><answer>because</answer>", "code", None),
+     {"type": "Multiple  Choice", "question": "Which? A) x B) y", "answer": "B"}),
     ("<type>numerical</type><question>How many?</question><answer> </answer>", "code", None),
     ("<type>numerical</type><question>How many?</question>", "code", None),
     ("<question>How many?</question><answer>3</answer>", "code", None),
@@ -382,6 +437,33 @@ def test_diversity_penalty_groups_need_not_be_contiguous():
 ])
 def test_parse_question(text, fmt, expected):
     assert parse_question(text, fmt) == expected
+
+
+NUMERICAL = {"type": "numerical", "question": "How many?", "answer": "3"}
+
+
+@pytest.mark.parametrize("text, expected", [
+    # any type is read (the prompt names three; the code's reward checks none)
+    ("<type>essay</type><question>Why?</question><answer>because</answer>",
+     {"type": "essay", "question": "Why?", "answer": "because"}),
+    ("<type> </type><question>How many?</question><answer>3</answer>", None),  # but not an empty one
+    # repeated tags: the first of each, in order
+    ("<type>numerical</type><question>How many?</question><answer>3</answer>\n"
+     "<type>regression</type><question>How tall?</question><answer>2.5</answer>", NUMERICAL),
+    ("<type>numerical</type><question>How many?</question><question>Which?</question><answer>3</answer>",
+     NUMERICAL),
+    # out of order: no match
+    ("<question>How many?</question><type>numerical</type><answer>3</answer>", None),
+    ("<type>numerical</type><answer>3</answer><question>How many?</question>", None),
+    # ... unless a later tag completes the order
+    ("<answer>1</answer><type>numerical</type><question>How many?</question><answer>3</answer>", NUMERICAL),
+    # white space around '<', '>' and '/' is dropped first, inside the tags and in the text alike
+    ("< type >numerical</ type > < question >How many?< /question >\n<answer >3</answer >", NUMERICAL),
+    ("<type>numerical</type><question>Is 3 / 4 > 1 / 2?</question><answer>1</answer>",
+     {"type": "numerical", "question": "Is 3/4>1/2?", "answer": "1"}),
+])
+def test_parse_question_code_format_reads_like_the_public_code(text, expected):
+    assert parse_question(text, "code") == expected
 
 
 def test_questioner_reward():
@@ -395,7 +477,7 @@ def test_questioner_reward():
 # reasoner format and reward
 
 @pytest.mark.parametrize("text, expected", [
-    (r"<think>count them</think> The answer is \boxed{3}.", True),
+    (r"<think>count them</think> \boxed{3}", True),
     ("\n<think>a</think>\\boxed{3}", True),
     (r"<think></think>\boxed{}", True),                        # format only: empty box is boxed
     (r"\boxed{3}", False),                                      # no think block
@@ -405,6 +487,24 @@ def test_questioner_reward():
     (r"intro <think>a</think> \boxed{3}", False),               # must start with <think>
 ])
 def test_format_ok(text, expected):
+    assert format_ok(text) is expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    # only white space may stand between </think> and the box, and after the box
+    (r"<think>x</think> The answer is \boxed{3}", False),
+    (r"<think>x</think> \boxed{3}.", False),
+    (r"<think>x</think> \boxed{3} because it is", False),
+    ("<think>x</think>\n\n\\boxed{3}\n", True),
+    # white space around '<', '>' and '/' does not count, as the code drops it first
+    ("  < think >x< / think >\\boxed{3}", True),
+    # only the end is checked: text between two boxes passes, and so do unbalanced braces
+    (r"<think>x</think> \boxed{3} no, \boxed{4}", True),
+    (r"<think>x</think> \boxed{{3}", True),
+    # the think block may hold a </think> of its own
+    (r"<think>x</think> y </think> \boxed{3}", True),
+])
+def test_format_ok_is_the_public_codes_check(text, expected):
     assert format_ok(text) is expected
 
 
@@ -418,4 +518,10 @@ def test_format_ok(text, expected):
 def test_reasoner_reward(response, label, paper, code):
     assert reasoner_reward(response, label, "paper") == pytest.approx(paper)
     assert reasoner_reward(response, label, "code") == pytest.approx(code)
+
+
+def test_reasoner_reward_code_gives_no_format_point_for_words_around_the_box():
+    # right answer, but words before the box: the public code scores 0.9 * 1 + 0.1 * 0
+    assert reasoner_reward(r"<think>x</think> The answer is \boxed{3}", "3", "code") == pytest.approx(0.9)
+    assert reasoner_reward(r"<think>x</think> \boxed{3}", "3", "code") == pytest.approx(1.0)
 

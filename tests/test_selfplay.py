@@ -18,6 +18,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import lora
+import policies
+import runfolder
 import selfplay
 from conftest import completions
 from data import DataError, write_shapes_folder
@@ -130,7 +132,7 @@ def test_end_to_end_writes_the_whole_run_folder(format_model, tmp_path):
 
     config = json.loads((out / "config.json").read_text())
     assert config["iterations"] == 2 and config["model"] == str(format_model)
-    assert json.loads((out / "state.json").read_text())["phase"] == "done"
+    assert json.loads((out / "state.json").read_text())["iteration"] == 3, "past the last iteration: finished"
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     step_fields = {"phase", "iteration", "step", "reward_mean", "reward_std", "zero_var_frac", "kl",
                    "clip_frac_low", "clip_frac_high", "completion_len", "step_time", "tokens_per_s", "peak_mem_gb",
@@ -157,6 +159,23 @@ def test_end_to_end_writes_the_whole_run_folder(format_model, tmp_path):
         for role in ("questioner", "reasoner"):
             folder = out / f"iter_{k}" / role
             assert (folder / "model.safetensors").exists() and (folder / "config.json").exists()
+        # every rollout of every training step, beside the step's metrics
+        asked = [json.loads(line) for line in (out / f"iter_{k}" / "questioner_episodes.jsonl").open()]
+        assert [e["step"] for e in asked] == [1] * 8 + [2] * 8  # 2 images x G = 4 questions a step
+        steps = [m for m in metrics if m["phase"] == "questioner" and m["iteration"] == k]
+        for m in steps:
+            mine = [e for e in asked if e["step"] == m["step"]]
+            assert np.mean([e["reward"] for e in mine]) == pytest.approx(m["reward_mean"], abs=1e-6)
+            assert np.mean([e["valid"] for e in mine]) == m["valid_rate"]
+        assert all(Path(e["image"]).exists() and len(e["answers"]) == (4 if e["valid"] else 0) for e in asked)
+        answered = [json.loads(line) for line in (out / f"iter_{k}" / "reasoner_episodes.jsonl").open()]
+        assert [e["step"] for e in answered] == [1, 1, 2, 2]  # 2 questions a step, G = 4 answers each
+        kept = {(r["question"], r["silver"]) for r in records if r["kept"]}
+        assert all((e["question"], e["silver"]) in kept and len(e["answers"]) == 4 for e in answered)
+        steps = [m for m in metrics if m["phase"] == "reasoner" and m["iteration"] == k]
+        for m in steps:
+            rewards = [a["reward"] for e in answered if e["step"] == m["step"] for a in e["answers"]]
+            assert np.mean(rewards) == pytest.approx(m["reward_mean"], abs=1e-6)
     # checkpoints are plain transformers checkpoints, and the Reasoner did change
     from transformers import Qwen2_5_VLForConditionalGeneration
     Qwen2_5_VLForConditionalGeneration.from_pretrained(out / "iter_2" / "reasoner")
@@ -183,7 +202,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(format_model, tmp_path)
     images, _ = image_folder(tmp_path / "images")
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     reference = run_selfplay(small_run_flags(images, format_model, whole))
-    victim = run_selfplay(small_run_flags(images, format_model, broken))
+    # The victim is started for one iteration and resumed for two: that must not change the result.
+    victim = run_selfplay(small_run_flags(images, format_model, broken) + ["--iterations", "1"])
     # Kill once the run is inside the Reasoner phase of iteration 1 (its first step is logged).
     deadline = time.time() + 240
     while time.time() < deadline and victim.poll() is None:
@@ -194,7 +214,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(format_model, tmp_path)
     assert victim.poll() is None, "the run ended before it could be killed"
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    assert json.loads((broken / "state.json").read_text())["phase"] != "done"
+    assert json.loads((broken / "state.json").read_text())["phase"] == "reasoner"
     # What a kill at another moment leaves: the checkpoint being replaced, half-written temp files.
     stale = [broken / "resume" / "questioner_1_1", broken / ".report.html.123.tmp",
              broken / "iter_1" / ".questions.jsonl.tmp", broken / "iter_1" / "reasoner.tmp"]
@@ -204,15 +224,16 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(format_model, tmp_path)
         path.write_text("half")
     # Resumes that must be refused, changing nothing: another image, other settings.
     Image.new("RGB", (64, 64), "blue").save(images / "odd" / "new.png")
-    for args, needle in ((["--quiet"], "1 new, 0 gone"), (["--iterations", "5"], "drop --iterations")):
+    for args, needle in ((["--quiet"], "1 new, 0 gone"), (["--lr", "1e-6"], "drop --lr")):  # 1e-6 is the default
         refused = run_selfplay(["--resume", str(broken)] + args)
         log, _ = refused.communicate(timeout=120)
         assert refused.returncode == 2 and needle in log and len(log.strip().splitlines()) == 1, log
     (images / "odd" / "new.png").unlink()
-    resumed = run_selfplay(["--resume", str(broken), "--quiet"])
+    resumed = run_selfplay(["--resume", str(broken), "--quiet", "--iterations", "2"])
     log, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, log
     assert not any(path.exists() for path in stale)
+    assert json.loads((broken / "config.json").read_text())["iterations"] == 2
     log, _ = reference.communicate(timeout=300)
     assert reference.returncode == 0, log
 
@@ -223,10 +244,23 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(format_model, tmp_path)
             b = load_file(broken / f"iter_{k}" / role / "model.safetensors")
             assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a), (k, role)
     for k in (1, 2):
-        assert (whole / f"iter_{k}" / "questions.jsonl").read_text() == (broken / f"iter_{k}" / "questions.jsonl").read_text()
+        for name in ("questions.jsonl", "questioner_episodes.jsonl", "reasoner_episodes.jsonl"):
+            assert (whole / f"iter_{k}" / name).read_text() == (broken / f"iter_{k}" / name).read_text(), (k, name)
 
 
-def test_cli_errors_are_one_line(tmp_path):
+def fake_run(folder, **state):
+    """A run folder as selfplay.py leaves it, without having run: its config and state."""
+    folder.mkdir()
+    config = dataclasses.asdict(selfplay.Config(model="tiny", images=str(folder.parent / "images"),
+                                                output=str(folder), iterations=2))
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "state.json").write_text(json.dumps(dataclasses.asdict(runfolder.State(**state))))
+    return folder
+
+
+def test_cli_errors_are_one_line_and_leave_nothing_behind(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(selfplay, "stop_after_step_on_ctrl_c", lambda: None)  # pytest keeps its own Ctrl-C
+    write_shapes_folder(tmp_path / "images", 2, seed=0, size=56)
     old_run = tmp_path / "old_run"  # a run folder written by a version with a setting since renamed
     old_run.mkdir()
     (old_run / "state.json").write_text("{}")
@@ -234,34 +268,58 @@ def test_cli_errors_are_one_line(tmp_path):
     odd_state = tmp_path / "odd_state"  # a state.json with a field this version does not know
     odd_state.mkdir()
     (odd_state / "state.json").write_text(json.dumps({"phase": "questioner", "micro_step": 3}))
-    (odd_state / "config.json").write_text(json.dumps({"model": "tiny"}))
-    (odd_state / "metrics.jsonl").write_text("")
+    (odd_state / "config.json").write_text(json.dumps({"model": "tiny", "images": str(tmp_path / "images")}))
     no_config = tmp_path / "no_config"
     no_config.mkdir()
     (no_config / "state.json").write_text("{}")
-    for args, needle in ((["--images", str(tmp_path / "nope"), "--model", "tiny"], "does not exist"),
-                         (["--resume", str(tmp_path)], "no state.json"),
-                         (["--resume", str(old_run)], "does not know: micro_batch_size"),
-                         (["--resume", str(odd_state)], "does not know: micro_step"),
-                         (["--resume", str(no_config)], "has no config.json"),
-                         (["--images", str(tmp_path), "--tau-low", "0.8", "--tau-high", "0.3"],
-                          "--tau-low 0.8 is above --tau-high 0.3")):
-        proc = run_selfplay(args if "--resume" in args else args + ["--output", str(tmp_path / "out")])
-        log, _ = proc.communicate(timeout=120)
-        assert proc.returncode == 2 and needle in log
-        assert "Traceback" not in log and len(log.strip().splitlines()) == 1, log
+    finished = fake_run(tmp_path / "finished", iteration=3)
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    users = tmp_path / "users"  # a folder of the user's own files
+    users.mkdir()
+    (users / "thesis.tex").write_text("mine")
+    out = tmp_path / "out"
+    images = ["--images", str(tmp_path / "images"), "--model", "tiny"]
+    cases = [(["--images", str(tmp_path / "nope"), "--model", "tiny"], "does not exist"),
+             (["--resume", str(tmp_path)], "no state.json"),
+             (["--resume", str(old_run)], "does not know: micro_batch_size"),
+             (["--resume", str(odd_state)], "does not know: micro_step"),
+             (["--resume", str(no_config)], "has no config.json"),
+             (["--resume", str(finished), "--lr", "1e-6"], "drop --lr"),  # 1e-6 is the default lr
+             (["--resume", str(finished), "--iterations", "1"], "already finished 2 iterations"),
+             (images + ["--tau-low", "0.8", "--tau-high", "0.3"], "--tau-low 0.8 is above --tau-high 0.3"),
+             (images + ["--output", str(a_file)], "is a file"),
+             (images + ["--output", str(users)], "other files in it"),
+             (images + ["--device", "gpu"], "unknown device"),
+             (images[:2] + ["--model", str(tmp_path / "no_model")], "does not exist"),
+             (images + ["--seed", "-1"], "must be 0 or more"),
+             (images + ["--lr", "-1e-5"], "must be more than 0")]
+    if not torch.cuda.is_available():
+        cases.append((images + ["--device", "cuda"], "no CUDA GPU"))
+    for args, needle in cases:
+        try:
+            code = selfplay.main(args if "--resume" in args or "--output" in args else args + ["--output", str(out)])
+        except SystemExit as stop:  # argparse's own errors
+            code = stop.code
+        err = capsys.readouterr().err
+        assert code == 2 and needle in err, (args, err)
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists(), "a failed command leaves no run folder to block the corrected one"
+    assert a_file.read_text() == "mine" and os.listdir(users) == ["thesis.tex"]
+    assert selfplay.main(["--resume", str(finished)]) == 0
+    assert "has finished its 2 iterations" in capsys.readouterr().out
 
 
 def test_a_run_resumes_only_on_the_kind_of_device_it_samples_on(tmp_path):
     cfg = selfplay.Config(model="tiny", output=str(tmp_path))
-    run = selfplay.Run(cfg, tmp_path, selfplay.State(), torch.device("cpu"))
+    run = runfolder.Run(cfg, tmp_path, runfolder.State(), torch.device("cpu"))
     run.save_state()
-    state = selfplay.State(**json.loads((tmp_path / "state.json").read_text()))
+    state = runfolder.State(**json.loads((tmp_path / "state.json").read_text()))
     assert state.device == "cpu"
-    assert selfplay.Run(cfg, tmp_path, state, torch.device("cpu")).generator.get_state().tolist() == state.sampling_rng
+    assert runfolder.Run(cfg, tmp_path, state, torch.device("cpu")).generator.get_state().tolist() == state.sampling_rng
     on_a_gpu = dataclasses.replace(state, device="cuda", sampling_rng=[0] * 16)  # a CUDA generator's state
     with pytest.raises(DataError, match="cannot resume on cpu: this run samples on cuda.*--device cuda"):
-        selfplay.Run(cfg, tmp_path, on_a_gpu, torch.device("cpu"))
+        runfolder.Run(cfg, tmp_path, on_a_gpu, torch.device("cpu"))
 
 
 @pytest.mark.slow
@@ -280,7 +338,7 @@ def test_ctrl_c_with_lora_then_resume_equals_an_uninterrupted_run(format_model, 
     log, _ = victim.communicate(timeout=120)
     assert victim.returncode == 130 and "--resume" in log, log
     state = json.loads((stopped / "state.json").read_text())
-    assert state["phase"] != "done" and (stopped / state["checkpoint"] / "lora.pt").exists()
+    assert state["iteration"] == 1 and (stopped / state["checkpoint"] / "lora.pt").exists()
     assert not (stopped / state["checkpoint"] / "model.safetensors").exists(), "LoRA checkpoints hold adapters only"
     resumed = run_selfplay(["--resume", str(stopped), "--quiet"])
     log, _ = resumed.communicate(timeout=300)
@@ -307,13 +365,14 @@ def check_lora_roles_of_iteration_2(folder):
     adapter off, and the frozen R_1 over the very same weights. Each equals the plain checkpoint
     iteration 1 saved for that role."""
     cfg = selfplay.Config(**json.loads((folder / "config.json").read_text()))
-    run = selfplay.Run(cfg, folder, selfplay.State(iteration=2), torch.device("cpu"))
-    policy, tok, ip, _ = selfplay.start_phase(cfg, run, "questioner")
-    reference, frozen_reasoner = selfplay.frozen_models(cfg, run, "questioner", policy)
+    start, judge = str(folder / "iter_1" / "questioner"), str(folder / "iter_1" / "reasoner")
+    trainee = policies.Trainee(cfg, start, torch.device("cpu"))
+    policy, (tok, ip) = trainee.model, trainee.processors
+    reference, frozen_reasoner = policies.frozen_models(cfg, policy, start, judge)
     assert reference is policy
     assert {id(p) for p in frozen_reasoner.parameters()} == {id(p) for p in policy.parameters()}, "no second copy"
     for role in ("questioner", "reasoner"):  # one phase trained each: rank r
-        updates = load_file(folder / "iter_1" / role / selfplay.LORA_UPDATES)
+        updates = load_file(folder / "iter_1" / role / policies.LORA_UPDATES)
         assert {A.shape[0] for name, A in updates.items() if name.endswith("past_A")} == {cfg.lora_rank}
     images = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (56, 56, 3), dtype=np.uint8))
               for i in range(2)]
@@ -328,15 +387,14 @@ def check_lora_roles_of_iteration_2(folder):
             assert (got - completion_logprobs(plain, prompts, ids, mask)).abs().max() < 1e-4, role
     assert (at_start - answering).abs().max() > 1e-3, "the two roles are different models"
     # --kl-reference base: from iteration 2 on, the base model, over the policy's weights as well
-    base_reference, _ = selfplay.frozen_models(dataclasses.replace(cfg, kl_reference="base"), run, "questioner",
-                                               policy)
+    base_reference, _ = policies.frozen_models(dataclasses.replace(cfg, kl_reference="base"), policy, start)
     assert base_reference is not policy
     assert {id(p) for p in base_reference.parameters()} == {id(p) for p in policy.parameters()}
     with torch.no_grad():
         base_logp = completion_logprobs(load_vlm(cfg.model)[0], prompts, ids, mask)
         assert (completion_logprobs(base_reference, prompts, ids, mask) - base_logp).abs().max() < 1e-4
     assert (base_logp - at_start).abs().max() > 1e-3, "Q_1 moved away from the base"
-    updates = folder / "iter_1" / "reasoner" / selfplay.LORA_UPDATES
+    updates = folder / "iter_1" / "reasoner" / policies.LORA_UPDATES
     updates.rename(updates.with_suffix(".moved"))  # a role folder without its updates: a one-line error
     with pytest.raises(DataError, match="has no lora_updates.safetensors"):
-        selfplay.frozen_models(cfg, run, "questioner", policy)
+        policies.frozen_models(cfg, policy, start, judge)

@@ -1,0 +1,197 @@
+"""The roles' weights as the self-play loop uses them: the role in training (`Trainee`: its weights,
+its AdamW, one GRPO step, its checkpoints) and the frozen models beside it (the KL reference and,
+for the Questioner, the Reasoner that rewards it).
+
+Two ways to train a role, chosen by --lora-rank:
+- full fine-tuning: the role's checkpoint loaded in float32 (the master weights; matmuls in bf16
+  under autocast on a GPU, grpo.autocast), every weight trained; frozen models are bf16 on a GPU.
+- LoRA (lora.py): every role is the one frozen base model plus its low-rank updates, kept as
+  factors across phases; a fresh adapter is the only trainable part. The role folder then also
+  holds `lora_updates.safetensors`, from which the role's next phase starts, and frozen roles
+  share the base weights of the model in training (lora.shared_copy).
+
+Where a role starts ("source") is the base model in iteration 1 and the role's own folder of the
+previous iteration after that (runfolder.Run.role_source): Q_k starts from Q_{k-1}, R_k from R_{k-1}
+(METHOD.md, (23) and (25)).
+"""
+
+import contextlib
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import grpo
+import lora
+from data import DataError
+from model import Processors, load_vlm
+from sampler import SamplingSettings
+
+LORA_UPDATES = "lora_updates.safetensors"
+
+
+def pixel_bounds(cfg):
+    """The image processor's bounds: --min-pixels / --max-pixels, or (0) the model's own."""
+    return dict(min_pixels=cfg.min_pixels or None, max_pixels=cfg.max_pixels or None)
+
+
+def sampling_settings(cfg):
+    """How each of the loop's five kinds of sampler call samples: the rollouts of both roles, the
+    Reasoner's votes for the Questioner's reward (the public code's top-k 40), curation's candidate
+    questions (its top-p 0.95) and curation's votes."""
+    return SimpleNamespace(
+        question=SamplingSettings(max_new_tokens=cfg.question_max_tokens, temperature=cfg.temperature,
+                                  top_p=cfg.top_p),
+        answer=SamplingSettings(max_new_tokens=cfg.answer_max_tokens, temperature=cfg.temperature, top_p=cfg.top_p),
+        reward_vote=SamplingSettings(max_new_tokens=cfg.answer_max_tokens, temperature=cfg.vote_temperature,
+                                     top_k=cfg.reward_top_k),
+        candidate=SamplingSettings(max_new_tokens=cfg.question_max_tokens, temperature=cfg.temperature,
+                                   top_p=cfg.curation_top_p),
+        curation_vote=SamplingSettings(max_new_tokens=cfg.answer_max_tokens, temperature=cfg.vote_temperature,
+                                       top_p=cfg.curation_vote_top_p))
+
+
+def load_model(cfg, source, device, trainable):
+    """A model and its Processors, in the dtype of grpo.weights_dtype."""
+    model, tokenizer, image_processor = load_vlm(source, device=device, dtype=grpo.weights_dtype(device, trainable),
+                                                 seed=cfg.seed, **pixel_bounds(cfg))
+    model.requires_grad_(trainable)
+    return model, Processors(tokenizer, image_processor)
+
+
+def lora_updates(cfg, source):
+    """The updates a LoRA role has made by `source`: none at the base model."""
+    if source == cfg.model:
+        return {}
+    if not (Path(source) / LORA_UPDATES).exists():
+        raise DataError(f"cannot continue this LoRA run: '{source}' has no {LORA_UPDATES} (the role's updates)")
+    return load_file(Path(source) / LORA_UPDATES)
+
+
+def lora_base(cfg, device):
+    """The frozen base model with adapters (lora.add_lora; the trainable parts from the seed)."""
+    model, processors = load_model(cfg, cfg.model, device, trainable=False)
+    lora.add_lora(model, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
+    return model, processors
+
+
+def role_weights(cfg, source, device):
+    """A role as it is at `source`, in the form it trains in. Full fine-tuning: the float32 weights
+    of the checkpoint there. LoRA: the base model's weights, frozen (bf16 on a GPU), the role's
+    updates so far as frozen factors, and a fresh adapter, the only trainable part."""
+    if cfg.lora_rank == 0:
+        return load_model(cfg, source, device, trainable=True)
+    model, processors = lora_base(cfg, device)
+    lora.set_past(model, lora_updates(cfg, source))
+    return model, processors
+
+
+def sampling_role(cfg, device, source, beside=None):
+    """A role that only samples, as it is at `source`: the checkpoint there, or with LoRA the base
+    plus the updates there. `beside`: a model of this LoRA run already in memory, whose weights the
+    role then shares (lora.shared_copy) instead of loading the base again."""
+    if cfg.lora_rank == 0:
+        return load_model(cfg, source, device, trainable=False)[0]
+    if beside is None:
+        beside = lora_base(cfg, device)[0]
+    return lora.shared_copy(beside, lora_updates(cfg, source))
+
+
+def frozen_models(cfg, policy, start, reasoner_source=None):
+    """The KL term's reference of a policy that started its phase at `start`, and the frozen
+    Reasoner at `reasoner_source` (the Questioner's phase only). Returns (reference or None,
+    reasoner or None).
+
+    The reference is the role at the start of the iteration (--kl-reference iteration) or the base
+    model: with LoRA, when that is where the policy started, the policy itself with its adapter off;
+    otherwise a frozen model, which with LoRA shares the policy's weights. Each source is loaded
+    once (in iteration 1 the Questioner's reference and its Reasoner are both the base).
+    """
+    loaded = {}
+
+    def frozen(source):
+        if source not in loaded:
+            loaded[source] = sampling_role(cfg, policy.device, source, beside=policy)
+        return loaded[source]
+
+    reference = None
+    if cfg.kl_coef > 0:
+        source = cfg.model if cfg.kl_reference == "base" else start
+        reference = policy if cfg.lora_rank > 0 and source == start else frozen(source)
+    return reference, frozen(reasoner_source) if reasoner_source else None
+
+
+def save_role(cfg, model, processors, folder):
+    """A checkpoint loadable by plain transformers (safetensors); with LoRA the adapters merged in
+    (in float32: a small update would round away in bf16), and the role's updates beside it."""
+    if cfg.lora_rank > 0:
+        save_file(lora.updates(model), Path(folder) / LORA_UPDATES)
+        model = lora.merge_lora(model.float())
+    model.save_pretrained(folder)
+    processors.save_pretrained(folder)
+
+
+def rollout_metrics(rollouts):
+    """What a rollout batch says about the policy: reward mean and spread, the share of groups whose
+    rewards are all equal (advantage 0: they teach nothing), completion lengths."""
+    rewards = rollouts.rewards.view(-1, rollouts.group_size)
+    lengths = rollouts.mask.sum(1).float()
+    return {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+            "zero_var_frac": float((rewards.std(1) == 0).float().mean()) if rewards.shape[1] > 1 else 1.0,
+            "completion_len": float(lengths.mean()), "completion_tokens": int(lengths.sum())}
+
+
+class Trainee:
+    """The role in training: its weights (`role_weights` at `source`), Processors and AdamW, resumed
+    from `checkpoint` (a folder `save_checkpoint` wrote) when given."""
+
+    def __init__(self, cfg, source, device, checkpoint=None):
+        self.cfg = cfg
+        use_lora = cfg.lora_rank > 0
+        # A full fine-tuning checkpoint is a whole model; a LoRA one holds only the adapters.
+        self.model, self.processors = role_weights(cfg, str(checkpoint) if checkpoint and not use_lora else source,
+                                                   device)
+        if cfg.freeze_vision:
+            self.model.model.visual.requires_grad_(False)
+        if cfg.gradient_checkpointing:
+            self.model.activation_checkpointing_enable()
+        self.optimizer = grpo.make_optimizer(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if checkpoint:
+            if use_lora:
+                lora.load_lora_state_dict(self.model, torch.load(Path(checkpoint) / "lora.pt", weights_only=True,
+                                                                 map_location=device))
+            self.optimizer.load_state_dict(torch.load(Path(checkpoint) / "optimizer.pt", weights_only=True,
+                                                      map_location=device))
+
+    def grpo_step(self, rollouts, reference):
+        """GRPO on one rollout batch (grpo.update, METHOD.md (14)-(22)), the KL term against
+        `reference`. Returns the rollouts' metrics and the update's."""
+        cfg = self.cfg
+        update = grpo.update(self.model, self.optimizer, rollouts, rollouts.advantages(cfg.advantage_scale),
+                             reference_logprobs(cfg, self.model, reference, rollouts),
+                             temperature=cfg.temperature, micro_batch_tokens=cfg.micro_batch_tokens,
+                             minibatches=cfg.minibatches, epochs=cfg.epochs, clip_low=cfg.clip_low,
+                             clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, kl_coef=cfg.kl_coef,
+                             aggregation=cfg.aggregation, max_grad_norm=cfg.max_grad_norm)
+        return {**rollout_metrics(rollouts), **update}
+
+    def save_checkpoint(self, folder):
+        """What a resume needs: the weights (with LoRA only the adapters) and AdamW's state."""
+        if self.cfg.lora_rank > 0:
+            torch.save(lora.lora_state_dict(self.model), Path(folder) / "lora.pt")
+        else:
+            self.model.save_pretrained(folder)
+            self.processors.save_pretrained(folder)
+        torch.save(self.optimizer.state_dict(), Path(folder) / "optimizer.pt")
+
+    def save_role(self, folder):
+        save_role(self.cfg, self.model, self.processors, folder)
+
+
+def reference_logprobs(cfg, policy, reference, rollouts):
+    """[B, T] log-probs of the rollouts under the KL reference (None without one)."""
+    if reference is None:
+        return None
+    with lora.adapters(policy, False) if reference is policy else contextlib.nullcontext():
+        return grpo.rollout_logprobs(reference, rollouts, cfg.micro_batch_tokens, cfg.temperature)

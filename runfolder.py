@@ -1,0 +1,373 @@
+"""The run folder of selfplay.py: where a run keeps everything, and how it survives being killed.
+
+    runs/<name>/config.json      every setting, as run
+    runs/<name>/state.json       where the run is: iteration, phase, finished steps, RNG states
+    runs/<name>/metrics.jsonl    one line per training step, curation and iteration summary
+    runs/<name>/iter_<k>/        questions.jsonl, {questioner,reasoner}_episodes.jsonl, the two roles
+    runs/<name>/resume/          the role in training after its last finished step
+
+Every file is written atomically (a temp file or folder, then a rename) and state.json last, so a
+run killed at any moment resumes from its last finished step: appended logs are cut back to the
+lines state.json counted, half-written temp files and the checkpoint state.json no longer points to
+are removed, and the random generators continue from their saved states, so the resumed run ends
+bitwise equal to an uninterrupted one (on CPU). Ctrl-C stops after the step in progress (a second
+one stops at once, losing that step).
+
+Nothing here knows the method: selfplay.py calls `Run.phase` for each phase of an iteration and
+`Run.end_step` after each training step; the rest is bookkeeping.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data import DataError, load_image, write_atomic
+from report import write_report
+
+PHASES = ("questioner", "curation", "reasoner", "summary")  # one iteration, in order
+LOGS = ("metrics.jsonl", "iter_*/questioner_episodes.jsonl", "iter_*/reasoner_episodes.jsonl")
+IMAGE_LIST = "images.txt"  # the run's readable images, one per line, relative to --images
+RUN_FILES = {"config.json", "state.json"}  # a folder holding these is a run
+
+
+# -----------------------------------------------------------------------------
+# Atomic files
+
+def write_json(path, obj):
+    write_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def append_jsonl(path, records):
+    """Appends one line per record and forces them to disk (state.json, written next, counts them)."""
+    with open(path, "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_folder_atomic(folder, write):
+    """Calls write(tmp_folder), then renames it to `folder` (replacing an older one)."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+# -----------------------------------------------------------------------------
+# Ctrl-C: finish the step in progress, then stop
+
+class Stop(Exception):
+    """Ctrl-C was pressed: the state on disk is complete; stop here."""
+
+
+STOP_REQUESTED = []
+
+
+def check_stop():
+    if STOP_REQUESTED:
+        raise Stop
+
+
+def _on_interrupt(signum, frame):
+    if STOP_REQUESTED:  # second Ctrl-C: stop now, the last finished step is on disk
+        raise KeyboardInterrupt
+    STOP_REQUESTED.append(True)
+    print("\nstopping after this step (Ctrl-C again to stop now)", file=sys.stderr)
+
+
+def stop_after_step_on_ctrl_c():
+    signal.signal(signal.SIGINT, _on_interrupt)
+
+
+# -----------------------------------------------------------------------------
+# The run: its state, its random generators, its files
+
+@dataclass
+class State:
+    iteration: int = 1         # the iteration in progress (cfg.iterations + 1: finished)
+    phase: str = "questioner"  # the phase in progress, one of PHASES
+    step: int = 0              # finished steps of the phase
+    lines: dict = field(default_factory=dict)  # lines of each file of LOGS that belong to finished steps
+    sampling_rng: list = field(default_factory=list)
+    image_rng: dict = field(default_factory=dict)
+    checkpoint: str = ""       # the role in training (weights + optimizer), relative to the run folder
+                               # so the folder can move; "" between phases
+    device: str = ""           # the kind of device sampling_rng belongs to ("cuda", "cpu")
+
+
+class Run:
+    """The run folder, its state, and the random number generators that state.json captures."""
+
+    def __init__(self, cfg, folder, state, device):
+        self.cfg, self.dir, self.state, self.device = cfg, Path(folder), state, device
+        self.generator = torch.Generator(device=device)
+        self.image_rng = np.random.default_rng(cfg.seed)
+        if state.sampling_rng and state.device != device.type:
+            raise DataError(f"cannot resume on {device.type}: this run samples on {state.device}, and its random "
+                            f"generator cannot move there; pass --device {state.device}")
+        if state.sampling_rng:
+            self.generator.set_state(torch.tensor(state.sampling_rng, dtype=torch.uint8))
+            self.image_rng.bit_generator.state = state.image_rng
+        else:
+            self.generator.manual_seed(cfg.seed)
+        self.bar = None
+
+    # --- the loop's view: phases and steps
+
+    def phase(self, name, run_phase, *args):
+        """Runs one phase of the current iteration, unless a resumed run has finished it; then the
+        state moves on to the next phase (after a summary: the next iteration's Questioner)."""
+        if PHASES.index(name) < PHASES.index(self.state.phase):
+            return
+        k, first_step = self.state.iteration, self.state.step
+        reset_peak_memory(self.device)
+        start = time.perf_counter()
+        run_phase(*args)
+        if name == "summary":
+            self.save_state(iteration=k + 1, phase=PHASES[0], step=0)
+        else:
+            self.save_state(phase=PHASES[PHASES.index(name) + 1], step=0, checkpoint="")
+        self.remove_old_checkpoints()
+        # Wall time and peak memory of each phase as run (a resumed phase: from first_step on). Kept
+        # apart from metrics.jsonl, which must be identical for a resumed and an uninterrupted run.
+        append_jsonl(self.dir / "phase_times.jsonl", [{
+            "iteration": k, "phase": name, "from_step": first_step, "seconds": time.perf_counter() - start,
+            "peak_mem_gb": peak_memory_gb(self.device)}])
+        try:
+            write_report(self.dir)
+        except Exception as err:  # the report is a view of the run's files: never a reason to stop training
+            print(f"warning: report.html not updated ({type(err).__name__}: {err}); "
+                  f"`python report.py {self.dir}` rebuilds it", file=sys.stderr)
+        check_stop()  # a Ctrl-C during curation or a summary lands here, after its state is saved
+
+    def progress(self, items, what, done=0):
+        """items with a progress bar (self.bar, for the phase's postfix)."""
+        self.bar = tqdm(items, desc=f"iter {self.state.iteration} {what}", disable=self.cfg.quiet, initial=done,
+                        total=done + len(items))
+        return self.bar
+
+    def steps(self, role, n_steps):
+        """The steps of a training phase still to run (all but those a resumed run has finished),
+        numbered from 1."""
+        for step in self.progress(range(self.state.step, n_steps), role, done=self.state.step):
+            self.step_start = time.perf_counter()
+            yield step + 1
+
+    def checkpoint(self):
+        """The role in training after its last finished step (a folder), or None at a phase's start."""
+        return self.dir / self.state.checkpoint if self.state.checkpoint else None
+
+    def end_step(self, role, step, metrics, episodes, write_checkpoint):
+        """After a training step: its metrics and episodes appended, the role in training saved
+        (write_checkpoint(folder)), then state.json, which makes the step count as done."""
+        seconds = time.perf_counter() - self.step_start
+        record = {"phase": role, "iteration": self.state.iteration, "step": step, **metrics, "step_time": seconds,
+                  "tokens_per_s": metrics["completion_tokens"] / seconds, "peak_mem_gb": peak_memory_gb(self.device)}
+        self.log(record)
+        self.log_episodes(role, [dict(e, step=step) for e in episodes])
+        folder = self.dir / "resume" / f"{role}_{self.state.iteration}_{step}"
+        save_folder_atomic(folder, write_checkpoint)
+        self.save_state(step=step, checkpoint=str(folder.relative_to(self.dir)))
+        self.remove_old_checkpoints()
+        self.bar.set_postfix(reward=f"{record['reward_mean']:.3f}")
+        check_stop()
+
+    def choose(self, n_items, n):
+        """n distinct indices (all of them when n >= n_items), from the run's image RNG."""
+        return self.image_rng.permutation(n_items)[:n].tolist()
+
+    def role_dir(self, k, role):
+        return self.dir / f"iter_{k}" / role
+
+    def role_source(self, k, role):
+        """Where role starts iteration k: the base model, or its checkpoint of iteration k - 1."""
+        return self.cfg.model if k == 1 else str(self.role_dir(k - 1, role))
+
+    def save_role(self, role, write):
+        """The role as it ends this iteration's phase: write(folder) into iter_k/role, atomically."""
+        save_folder_atomic(self.role_dir(self.state.iteration, role), write)
+
+    # --- files
+
+    def log(self, record):
+        append_jsonl(self.dir / "metrics.jsonl", [record])
+
+    def metrics(self):
+        return [json.loads(line) for line in open(self.dir / "metrics.jsonl")]
+
+    def save_questions(self, records):
+        """Curation's candidates, all at once (curation has no steps to resume from)."""
+        self.iteration_dir().mkdir(exist_ok=True)
+        write_atomic(self.iteration_dir() / "questions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+
+    def questions(self):
+        return [json.loads(line) for line in open(self.iteration_dir() / "questions.jsonl")]
+
+    def log_episodes(self, role, rows):
+        self.iteration_dir().mkdir(exist_ok=True)
+        append_jsonl(self.iteration_dir() / f"{role}_episodes.jsonl", rows)
+
+    def iteration_dir(self):
+        return self.dir / f"iter_{self.state.iteration}"
+
+    def save_state(self, **changes):
+        for k, v in changes.items():
+            setattr(self.state, k, v)
+        self.state.sampling_rng = self.generator.get_state().tolist()
+        self.state.device = self.device.type
+        self.state.image_rng = self.image_rng.bit_generator.state
+        self.state.lines = {str(path.relative_to(self.dir)): sum(1 for _ in open(path)) for path in self.logs()}
+        write_json(self.dir / "state.json", dataclasses.asdict(self.state))
+
+    def logs(self):
+        return sorted(path for pattern in LOGS for path in self.dir.glob(pattern))
+
+    def tidy(self):
+        """Undoes what a kill left behind: appended lines of a step that never finished, the
+        checkpoint state.json no longer points to (killed between writing its successor and
+        deleting it), and half-written temp files."""
+        for path in self.logs():
+            counted = self.state.lines.get(str(path.relative_to(self.dir)), 0)
+            with open(path) as f:
+                lines = f.readlines()
+            if len(lines) != counted:
+                write_atomic(path, "".join(lines[:counted]))
+        self.remove_old_checkpoints()
+        for path in [*self.dir.glob("*.tmp"), *self.dir.glob("iter_*/*.tmp")]:  # "*" matches dot files too
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+    def remove_old_checkpoints(self):
+        current = self.dir / self.state.checkpoint if self.state.checkpoint else None
+        for path in (self.dir / "resume").glob("*"):
+            if path != current:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+# -----------------------------------------------------------------------------
+# Starting and resuming
+
+def resolve_config(config_class, cfg, given):
+    """The config to run: the command line's, or for --resume the run's saved one. With --resume
+    only --quiet, --device and --threads may be given (they do not change the result), and
+    --iterations to run more iterations than the run was started with."""
+    if not cfg.resume:
+        return cfg
+    refused = sorted(given - {"resume", "quiet", "device", "threads", "iterations"})
+    if refused:
+        flags = ", ".join("--" + name.replace("_", "-") for name in refused)
+        raise DataError(f"--resume continues with the run's own settings (its config.json): drop {flags} "
+                        "(only --quiet, --device, --threads and --iterations may be given)")
+    folder = Path(cfg.resume)
+    for name in ("state.json", "config.json"):
+        if not (folder / name).is_file():
+            raise DataError(f"cannot resume: '{folder}' has no {name} (not a run folder, or it never started)")
+    saved = json.loads((folder / "config.json").read_text())
+    unknown = sorted(saved.keys() - {f.name for f in dataclasses.fields(config_class)})
+    if unknown:  # a run started by another version of selfplay.py
+        raise DataError(f"cannot resume: '{folder}/config.json' has settings this selfplay.py does not know: "
+                        f"{', '.join(unknown)}")
+    kept = {name: getattr(cfg, name) for name in ("quiet", "device", "threads")}
+    if "iterations" in given:
+        kept["iterations"] = cfg.iterations
+    return config_class(**dict(saved, resume=str(folder), **kept))
+
+
+def check_output(folder):
+    """A new run goes into a new or empty folder, never among the user's files or over another run."""
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"--output '{folder}' is a file: pass a folder for the run")
+    if (folder / "state.json").exists():
+        raise DataError(f"'{folder}' already holds a run: pass --resume {folder} to continue it, or another --output")
+    if folder.is_dir() and any(folder.iterdir()):
+        raise DataError(f"--output '{folder}' is a folder with other files in it: pass a new or empty folder")
+
+
+def new_run(cfg, device):
+    """Creates the run folder with config.json and the initial state.json."""
+    folder = Path(cfg.output or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    check_output(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = dataclasses.replace(cfg, output=str(folder))
+    write_json(folder / "config.json", dataclasses.asdict(cfg))
+    run = Run(cfg, folder, State(), device)
+    run.save_state()
+    return cfg, run
+
+
+def resumed_run(cfg, device):
+    """The run folder of --resume, tidied, with its state; more --iterations are written to its
+    config.json (fewer than it has finished are refused)."""
+    folder = Path(cfg.resume)
+    saved = json.loads((folder / "state.json").read_text())
+    unknown = sorted(saved.keys() - {f.name for f in dataclasses.fields(State)})
+    if unknown:
+        raise DataError(f"cannot resume: '{folder}/state.json' has fields this selfplay.py does not know: "
+                        f"{', '.join(unknown)}")
+    state = State(**saved)
+    finished = state.iteration - 1
+    if cfg.iterations < finished:
+        raise DataError(f"--iterations {cfg.iterations}: the run has already finished {finished} iterations")
+    run = Run(cfg, folder, state, device)
+    run.tidy()
+    write_json(folder / "config.json", {**json.loads((folder / "config.json").read_text()),
+                                        "iterations": cfg.iterations})
+    return cfg, run
+
+
+def check_images(run, paths):
+    """The run refers to its images by position (questions.jsonl, the image sampler's draws), so a
+    resumed run must find the same list: it is written when the run starts and compared after."""
+    listed = "".join(f"{os.path.relpath(p, run.cfg.images)}\n" for p in paths)
+    path = run.dir / IMAGE_LIST
+    if not path.exists():
+        write_atomic(path, listed)
+    elif path.read_text() != listed:
+        before, now = set(path.read_text().splitlines()), set(listed.splitlines())
+        raise DataError(f"cannot resume: the readable images under '{run.cfg.images}' are not those the run "
+                        f"started with ({len(now - before)} new, {len(before - now)} gone; its list: {path}); "
+                        f"restore them, or start a new run")
+
+
+def record_skipped(run, skipped):
+    write_atomic(run.dir / "skipped_images.txt", "".join(f"{p}\t{why}\n" for p, why in skipped))
+    if skipped and not run.cfg.quiet:
+        print(f"skipped {len(skipped)} unreadable image(s), listed in {run.dir / 'skipped_images.txt'}")
+
+
+class Images:
+    """The run's images by index, decoded when used (see data.readable_images)."""
+
+    def __init__(self, paths, max_pixels):
+        self.paths, self.max_pixels = [str(p) for p in paths], max_pixels
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return load_image(self.paths[i], self.max_pixels)
+
+
+# -----------------------------------------------------------------------------
+# GPU memory
+
+def reset_peak_memory(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gb(device):
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
