@@ -83,7 +83,7 @@ from cli import AT_LEAST_1, NON_NEGATIVE, PROBABILITY, option, parse
 from data import shapes_images, write_shapes_folder
 from grpo import Rollouts, make_optimizer, rollout_logprobs, update, weights_dtype
 from model import encode_prompts, load_vlm, suppressed_mask
-from sampler import sample
+from sampler import prompt_keys, sample
 
 FIGURES = ("sampler", "grpo", "memory", "selfplay")
 PROMPT = "Look at this image and write one question about it that needs reasoning to answer."
@@ -238,9 +238,8 @@ def no_stop_tokens(model):
 
 def ours(model, prompts, n, new_tokens, temperature, top_p, seed):
     """sampler.sample -> the number of new tokens it produced."""
-    generator = torch.Generator(device=model.device).manual_seed(seed)
     out = sample(model, prompts, n=n, max_new_tokens=new_tokens, temperature=temperature, top_p=top_p,
-                 generator=generator)
+                 keys=prompt_keys(seed, n=len(prompts)).to(model.device))
     return int(out.mask.sum())
 
 
@@ -407,7 +406,6 @@ def phase_peaks(scfg, device, images):
     Returns {phase: peak GiB since the phase began} on cuda; off cuda, the process's RSS high-water.
     """
     G, seed, budget = scfg.group_size, scfg.seed, scfg.sampling_batch_tokens
-    generator = torch.Generator(device).manual_seed(seed)
     writing, answering = questioner.QUESTIONER_PROMPTS[scfg.question_format], reasoner.reasoner_prompt(QUESTION)
     settings = policies.sampling_settings(scfg)
     one_step = SimpleNamespace(**{**vars(scfg), "minibatches": 1, "epochs": 1})
@@ -420,14 +418,15 @@ def phase_peaks(scfg, device, images):
         return [images[i % len(images)] for i in range(count)]
 
     def write(model, n):  # one sampler call of n questions per image, its KV cache full
-        questioner.write_questions(model, processors, shown(writing, n, scfg.question_max_tokens, budget), n=n,
-                                   settings=settings.question, fmt=scfg.question_format, generator=generator,
-                                   batch_tokens=budget)
+        shown_images = shown(writing, n, scfg.question_max_tokens, budget)
+        questioner.write_questions(model, processors, shown_images, n=n,
+                                   settings=settings.question, fmt=scfg.question_format,
+                                   keys=prompt_keys(seed, "questions", n=len(shown_images)), batch_tokens=budget)
 
     def answer(model, m):  # one sampler call of m answers per question, its KV cache full
         asked = shown(answering, m, scfg.answer_max_tokens, budget)
         reasoner.ask_and_vote(model, processors, asked, [QUESTION] * len(asked), m=m, settings=settings.answer,
-                              count_empty=True, generator=generator, batch_tokens=budget)
+                              count_empty=True, keys=prompt_keys(seed, "answers", n=len(asked)), batch_tokens=budget)
 
     def filling_one_micro_batch(text, T):
         """Prompts of enough groups of G full-length rows (T tokens) to fill the largest micro-batch."""

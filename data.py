@@ -16,14 +16,18 @@ Left out: captions or labels (VisPlay reads none), video, augmentation, caching 
 """
 
 import contextlib
+import json
 import math
 import os
+import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+
+from rewards import answers_equivalent
 
 # -----------------------------------------------------------------------------
 # Part 1: image folders
@@ -211,15 +215,27 @@ class Scene:
     shapes: list[Shape]
 
 
-def make_scene(seed: int, size=224, max_shapes=8) -> Scene:
+def make_scene(seed: int, size=224, max_shapes=8, min_shapes=MIN_SHAPES, grid=0, colours=None,
+               distinct=False) -> Scene:
     """
-    A random scene of up to max_shapes (at least MIN_SHAPES) non-overlapping shapes on a size x size
+    A random scene of up to max_shapes (at least min_shapes) non-overlapping shapes on a size x size
     canvas, each 10% to 30% of the canvas across; the same scene for the same seed.
+
+    The knobs of an easier world (pretrain.py's), defaults unchanged: `colours`, the palette colours
+    a scene may use (default all of PALETTE); `grid` > 0 puts each shape at the centre of its own
+    cell of a grid x grid layout, all 75% of a cell across (so no size is clearly larger and no
+    question compares sizes). With size 112 and grid 4 a cell is one 28 x 28 merged patch of the
+    vision encoder: every image token sees one whole shape or none. `distinct`: no two shapes share
+    both colour and kind, so "the red circle" always names one shape and a list of shapes by
+    colour and kind never repeats an item.
     """
     rng = np.random.default_rng(seed)
     # a few colours per scene, so colours repeat and counting them is worth asking
-    colours = [str(c) for c in rng.choice(list(PALETTE), size=rng.integers(2, 5), replace=False)]
-    n_shapes = rng.integers(MIN_SHAPES, max_shapes + 1)
+    palette = list(PALETTE) if colours is None else list(colours)
+    colours = [str(c) for c in rng.choice(palette, size=min(len(palette), rng.integers(2, 5)), replace=False)]
+    n_shapes = rng.integers(min_shapes, max_shapes + 1)
+    if grid:
+        return Scene(size, size, BACKGROUND, _grid_shapes(rng, size, grid, int(n_shapes), colours, distinct))
     shapes = []
     for _ in range(100 * n_shapes):  # rejection sampling: a crowded canvas may end with fewer shapes
         if len(shapes) == n_shapes:
@@ -228,9 +244,32 @@ def make_scene(seed: int, size=224, max_shapes=8) -> Scene:
         x = int(rng.integers(EDGE + side // 2, size - EDGE - side + side // 2 + 1))
         y = int(rng.integers(EDGE + side // 2, size - EDGE - side + side // 2 + 1))
         shape = Shape(str(rng.choice(KINDS)), str(rng.choice(colours)), x, y, side)
-        if all(_apart(shape, other) for other in shapes):
+        if all(_apart(shape, other) for other in shapes) and not (distinct and _named_as(shape, shapes)):
             shapes.append(shape)
     return Scene(size, size, BACKGROUND, shapes)
+
+
+def _named_as(shape, shapes):
+    return any((s.colour, s.kind) == (shape.colour, shape.kind) for s in shapes)
+
+
+def _grid_shapes(rng, size, grid, n_shapes, colours, distinct):
+    """n_shapes shapes in distinct cells of a grid x grid layout, centred in their cells (fewer
+    if `distinct` runs out of colour and kind pairs)."""
+    cell = size // grid
+    side = cell * 3 // 4
+    if cell - side <= GAP or cell // 2 - side // 2 < EDGE:
+        raise ValueError(f"a {grid} x {grid} grid on {size} pixels leaves no room between shapes")
+    shapes = []
+    for index in rng.choice(grid * grid, size=min(n_shapes, grid * grid), replace=False):
+        row, col = divmod(int(index), grid)
+        for _ in range(100):  # redraw a repeated colour and kind (distinct); give the cell up after 100
+            shape = Shape(str(rng.choice(KINDS)), str(rng.choice(colours)), col * cell + cell // 2,
+                          row * cell + cell // 2, side)
+            if not (distinct and _named_as(shape, shapes)):
+                shapes.append(shape)
+                break
+    return shapes
 
 
 def render(scene: Scene) -> Image.Image:
@@ -249,9 +288,9 @@ def render(scene: Scene) -> Image.Image:
     return image
 
 
-def scene_questions(scene: Scene, rng) -> list[dict]:
+def scene_questions(scene: Scene, rng, categories=CATEGORIES) -> list[dict]:
     """
-    At most one question per category about the scene, each a dict with question, answer,
+    At most one question per category of `categories` about the scene, each a dict with question, answer,
     category and choices (None unless multiple choice). Only unambiguous questions are asked: every
     "the red circle" names exactly one shape, left/right and above/below only between shapes that
     do not overlap on that axis, larger/smaller only with a clear margin. Answers are exact
@@ -261,6 +300,8 @@ def scene_questions(scene: Scene, rng) -> list[dict]:
     askers = (_counting, _colour, _spatial, _size, _arithmetic)
     questions = []
     for category, ask in zip(CATEGORIES, askers):
+        if category not in categories:
+            continue
         asked = ask(scene.shapes, rng)
         if asked is not None:
             question, answer, choices = asked
@@ -268,38 +309,44 @@ def scene_questions(scene: Scene, rng) -> list[dict]:
     return questions
 
 
-def shapes_benchmark(n_questions=500, seed=0, size=224) -> list[dict]:
+def shapes_benchmark(n_questions=500, seed=0, size=224, categories=CATEGORIES, **world) -> list[dict]:
     """
-    n_questions questions on fresh scenes, as equal across the five categories as n allows, the
+    n_questions questions on fresh scenes, as equal across the categories as n allows, the
     same for the same seed. Each record: id, image, question, answer, category, choices, scene.
+    world: make_scene's knobs (max_shapes, min_shapes, grid, colours).
     """
     rng = np.random.default_rng((seed, 1))  # stream 1: never the scenes shapes_images(seed) trains on (stream 0)
-    quota = {c: n_questions // len(CATEGORIES) + (i < n_questions % len(CATEGORIES)) for i, c in enumerate(CATEGORIES)}
+    quota = {c: n_questions // len(categories) + (i < n_questions % len(categories)) for i, c in enumerate(categories)}
     records = []
     while any(quota.values()):
-        scene = make_scene(int(rng.integers(2**63)), size)
+        scene = make_scene(int(rng.integers(2**63)), size, **world)
         image = render(scene)
-        for q in scene_questions(scene, rng):
+        for q in scene_questions(scene, rng, categories):
             if quota[q["category"]] > 0:
                 quota[q["category"]] -= 1
                 records.append({"id": f"shapes-{seed}-{len(records):05d}", "image": image, **q, "scene": scene})
     return records
 
 
-def shapes_images(n, seed=0, size=224) -> list[Image.Image]:
-    """n rendered scenes, for self-play on generated images."""
-    return [render(make_scene(s, size)) for s in _image_seeds(n, seed)]
+def shapes_images(n, seed=0, size=224, **world) -> list[Image.Image]:
+    """n rendered scenes, for self-play on generated images; world: make_scene's knobs."""
+    return [render(make_scene(s, size, **world)) for s in _image_seeds(n, seed)]
 
 
-def write_shapes_folder(folder, n, seed=0, size=224) -> list[Path]:
-    """Writes the n images of shapes_images(n, seed, size) as PNGs into folder; returns their paths."""
+def write_shapes_folder(folder, n, seed=0, size=224, **world) -> list[Path]:
+    """Writes the n images of shapes_images(n, seed, size, **world) as PNGs into folder, and each
+    image's scene as a line of folder/scenes.jsonl ({"file": "shapes_00000.png", "scene": {...}},
+    read back by load_scenes); returns the images' paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    paths = []
+    paths, lines = [], []
     for i, s in enumerate(_image_seeds(n, seed)):  # one image at a time, so n can be large
         path = folder / f"shapes_{i:05d}.png"
-        render(make_scene(s, size)).save(path)
+        scene = make_scene(s, size, **world)
+        render(scene).save(path)
         paths.append(path)
+        lines.append(json.dumps({"file": path.name, "scene": asdict(scene)}) + "\n")
+    write_atomic(folder / SCENES_FILE, "".join(lines))
     return paths
 
 
@@ -410,3 +457,188 @@ def _arithmetic(shapes, rng):
     if counts[p] < counts[q]:
         p, q = q, p  # keep the difference a count, never negative
     return f"How many more {p} than {q} are there?", counts[p] - counts[q], None
+
+
+# -----------------------------------------------------------------------------
+# Questions read back: the answer of any question in scene_questions' templates, for any scene
+
+_COLOURS, _KINDS = "|".join(PALETTE), "|".join(KINDS)
+_THE = rf"the ({_COLOURS}) ({_KINDS})"  # one named shape: colour, kind
+_RELATIONS = ("to the left of", "to the right of", "above", "below")
+_TEMPLATES = [  # (category, pattern), tried in order: the arithmetic ones would also match "How many (.+)"
+    ("arithmetic", re.compile(r"How many more (.+) than (.+) are there\?")),
+    ("arithmetic", re.compile(r"How many (.+) and (.+) are there in total\?")),
+    ("counting", re.compile(r"How many (.+) are there\?")),
+    ("colour", re.compile(r"What colour is the (largest|smallest) shape\?")),
+    ("colour", re.compile(rf"What colour is the ({_KINDS})\?")),
+    ("spatial", re.compile(rf"Is {_THE} ({'|'.join(_RELATIONS)}) {_THE}\?")),
+    ("size", re.compile(rf"Which is (larger|smaller), \(A\) {_THE} or \(B\) {_THE}\? Answer with the letter\.")),
+]
+
+
+def true_answer(question: str, scene: Scene) -> str | None:
+    """The exact answer to a question in the templates of scene_questions about `scene`, as
+    scene_questions would give it ("3", "red", "yes", "A"); None when the text is not one of the
+    templates, or when the scene does not determine an answer: "the circle" with two circles,
+    "the red square" with none, left/right of shapes that overlap on that axis, a size comparison
+    without the clear margin, "how many more" with fewer. Surrounding spaces are ignored, nothing else.
+
+    >>> scene = Scene(112, 112, BACKGROUND, [Shape("circle", "red", 20, 20, 14), Shape("square", "red", 80, 20, 20)])
+    >>> true_answer("How many red shapes are there?", scene), true_answer("What colour is the triangle?", scene)
+    ('2', None)
+    """
+    read = _read_question(question, scene.shapes)
+    return None if read is None else read[1]
+
+
+def question_category(question: str) -> str | None:
+    """The category ("counting", "colour", "spatial", "size", "arithmetic") of a question in the
+    templates of scene_questions, whatever the scene; None for any other text."""
+    read = _read_question(question, None)
+    return None if read is None else read[0]
+
+
+def question_shapes(question: str, scene: Scene) -> list[list[Shape]] | None:
+    """The shapes an answer rests on, in groups: [the counted shapes] for counting, [the first
+    phrase's, the second's] for arithmetic, [[the one shape]] for colour, [[A], [B]] for spatial and
+    size; each group in reading order (top to bottom, then left to right). None where true_answer is."""
+    read = _read_question(question, scene.shapes)
+    return None if read is None or read[1] is None else read[2]
+
+
+def _read_question(question, shapes):
+    """question -> (category, answer | None, groups of shapes), or None if it fits no template.
+    With shapes None only the category is worked out."""
+    if not isinstance(question, str):
+        return None
+    question = question.strip()
+    for category, pattern in _TEMPLATES:
+        m = pattern.fullmatch(question)
+        if m is None:
+            continue
+        if category == "arithmetic":
+            p, q = _phrase(m[1]), _phrase(m[2])
+            # as scene_questions asks: two different kinds ("circles"), or two different colours ("red shapes")
+            if p is None or q is None or p == q or None not in p or p.index(None) != q.index(None):
+                return None
+            if shapes is None:
+                return category, None, None
+            groups = [_matching(shapes, *p), _matching(shapes, *q)]
+            total = len(groups[0]) + len(groups[1]) if " in total?" in question else len(groups[0]) - len(groups[1])
+            return category, str(total) if total >= 0 else None, groups
+        if category == "counting":
+            phrase = _phrase(m[1])
+            if phrase is None:
+                return None
+            if shapes is None:
+                return category, None, None
+            group = _matching(shapes, *phrase)
+            return category, str(len(group)), [group]
+        if shapes is None:
+            return category, None, None
+        return (category, *_answer(category, m.groups(), shapes))
+    return None
+
+
+def _phrase(text):
+    """'red shapes' -> ('red', None), 'circles' -> (None, 'circle'), 'red circles' -> ('red', 'circle'); else None."""
+    m = re.fullmatch(rf"(?:({_COLOURS}) shapes|(?:({_COLOURS}) )?({_KINDS})s)", text)
+    return None if m is None else (m[1] or m[2], m[3])
+
+
+def _matching(shapes, colour, kind):
+    return _reading_order(s for s in shapes if (colour is None or s.colour == colour) and (kind is None or s.kind == kind))
+
+
+def _reading_order(shapes):
+    return sorted(shapes, key=lambda s: (s.y, s.x))
+
+
+def _answer(category, args, shapes):
+    """(answer | None, groups) of a colour, spatial or size question, args being its pattern's groups."""
+    if category == "colour" and args[0] in ("largest", "smallest"):
+        pick = (max if args[0] == "largest" else min)(shapes, key=_area)
+        clear = all(s is pick or (_clearly_larger(pick, s) if args[0] == "largest" else _clearly_larger(s, pick))
+                    for s in shapes)
+        return (pick.colour, [[pick]]) if clear else (None, [])
+    if category == "colour":
+        of_kind = [s for s in shapes if s.kind == args[0]]
+        return (of_kind[0].colour, [of_kind]) if len(of_kind) == 1 else (None, [])
+    if category == "spatial":
+        a, relation, b = _the(shapes, *args[:2]), args[2], _the(shapes, *args[3:])
+        if a is None or b is None or a is b:
+            return None, []
+        ax0, ay0, ax1, ay1 = _bbox(a)
+        bx0, by0, bx1, by1 = _bbox(b)
+        horizontal = relation in ("to the left of", "to the right of")
+        lo_a, hi_a, lo_b, hi_b = (ax0, ax1, bx0, bx1) if horizontal else (ay0, ay1, by0, by1)
+        if not (hi_a < lo_b or hi_b < lo_a):
+            return None, []  # they overlap on the asked axis
+        first = hi_a < lo_b  # a is left of / above b
+        return ("yes" if first == (relation in ("to the left of", "above")) else "no"), [[a], [b]]
+    # size: which of A, B is larger / smaller, when one is clearly larger
+    word, a, b = args[0], _the(shapes, *args[1:3]), _the(shapes, *args[3:5])
+    if a is None or b is None or a is b:
+        return None, []
+    big = "A" if _clearly_larger(a, b) else "B" if _clearly_larger(b, a) else None
+    if big is None:
+        return None, []
+    return (big if word == "larger" else {"A": "B", "B": "A"}[big]), [[a], [b]]
+
+
+def _the(shapes, colour, kind):
+    """The one shape of this colour and kind, or None if there are none or several."""
+    matches = [s for s in shapes if (s.colour, s.kind) == (colour, kind)]
+    return matches[0] if len(matches) == 1 else None
+
+
+# -----------------------------------------------------------------------------
+# Scenes beside their images
+
+SCENES_FILE = "scenes.jsonl"  # written by write_shapes_folder; find_images takes image extensions only
+
+
+def load_scenes(folder) -> dict[str, Scene]:
+    """The scenes of a folder written by write_shapes_folder, by image file name:
+    {"shapes_00000.png": Scene, ...}; DataError if the folder has no scenes file."""
+    path = Path(folder) / SCENES_FILE
+    if not path.is_file():
+        raise DataError(f"'{folder}' has no {SCENES_FILE} (only write_shapes_folder writes one)")
+    scenes = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                s = row["scene"]
+                scenes[row["file"]] = Scene(s["width"], s["height"], tuple(s["background"]),
+                                            [Shape(**shape) for shape in s["shapes"]])
+    return scenes
+
+
+def grade_candidates(records, scenes):
+    """Curation's candidates checked against the truth, for images with a known scene (a folder
+    written by write_shapes_folder; `scenes` by image path): each record gets `true_answer` (None
+    where its question does not parse or the scene does not determine an answer), `answerable` and
+    `category`. A diagnostic of the silver labels only: nothing in training ever reads it.
+
+    Returns {answerable_frac: of the valid candidates, silver_accuracy: of the kept ones, the share
+    whose silver label is the true answer (an unanswerable question's label counts as wrong, as in
+    the paper's pseudo-label accuracy), categories: {category or "other": valid candidates}}, or {}
+    when no record's image has a scene.
+    """
+    graded = [r for r in records if r["image"] in scenes]
+    for r in graded:
+        question = r["question"] if r["valid"] else None
+        r["true_answer"] = true_answer(question, scenes[r["image"]]) if question else None
+        r["answerable"] = r["true_answer"] is not None
+        r["category"] = question_category(question) if question else None
+    valid = [r for r in graded if r["valid"]]
+    kept = [r for r in graded if r["kept"]]
+    if not graded:
+        return {}
+    categories = {}
+    for r in valid:
+        categories[r["category"] or "other"] = categories.get(r["category"] or "other", 0) + 1
+    right = sum(r["answerable"] and answers_equivalent(r["silver"], r["true_answer"]) for r in kept)
+    return {"answerable_frac": sum(r["answerable"] for r in valid) / len(valid) if valid else None,
+            "silver_accuracy": right / len(kept) if kept else None, "categories": categories}

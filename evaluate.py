@@ -56,7 +56,7 @@ from data import DataError, decode_image, load_image, shapes_benchmark, write_at
 from model import ModelError, encode_prompts, load_processors, load_vlm, resolve_device
 from reasoner import reasoner_prompt
 from rewards import answers_equivalent, as_number, extract_boxed, majority_vote, normalize_answer
-from sampler import sample
+from sampler import prompt_keys, sample
 
 # -----------------------------------------------------------------------------
 # Config: one dataclass; the command-line flags are generated from its fields
@@ -613,17 +613,17 @@ def derangement(images, seed):
     return perm
 
 
-def answer_batch(model, tokenizer, image_processor, images, prompts, *, max_new_tokens, n=1, seed=None):
+def answer_batch(model, tokenizer, image_processor, images, prompts, *, max_new_tokens, n=1, keys=None):
     """The model's responses to (image, prompt) pairs -> list[str], n per pair (pair-major).
-    seed None: greedy (n = 1); else n draws at temperature 1, top-k 0, top-p 1, seeded by `seed`.
-    The one place evaluate.py calls the sampler."""
+    keys None: greedy (n = 1); else n draws at temperature 1, top-k 0, top-p 1, from each pair's
+    random stream (keys: LongTensor [len(prompts)], sampler.prompt_keys). The one place evaluate.py
+    calls the sampler."""
     encoded = encode_prompts(tokenizer, image_processor, images, prompts).to(model.device)
-    if seed is None:
+    if keys is None:
         out = sample(model, encoded, n=n, max_new_tokens=max_new_tokens, temperature=0.0)
     else:
-        generator = torch.Generator(device=model.device).manual_seed(seed)
         out = sample(model, encoded, n=n, max_new_tokens=max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
-                     generator=generator)
+                     keys=keys.to(model.device))
     return out.texts(tokenizer)
 
 
@@ -640,14 +640,17 @@ def answer_benchmark(model, tokenizer, image_processor, bench, cfg, label, judge
     askable = [r for r in bench.records if r.skip is None]
     shown = [askable[j] for j in derangement([r.image for r in askable], cfg.eval_seed)] if blind else askable
     samples = []
+    keys = prompt_keys(cfg.eval_seed, "samples", n=len(askable))  # each question's own stream, whatever its batch
     bar = tqdm(total=len(askable), desc=f"{label} | {bench.name}" + (" | blind" if blind else ""), unit="q",
                disable=cfg.quiet)
     for start in range(0, len(askable), cfg.batch_size):
-        batch, images = [], []
-        for record, source in zip(askable[start:start + cfg.batch_size], shown[start:start + cfg.batch_size]):
+        batch, images, rows = [], [], []
+        for row, (record, source) in enumerate(zip(askable[start:start + cfg.batch_size],
+                                                   shown[start:start + cfg.batch_size]), start):
             try:
                 images.append(open_image(source))
                 batch.append((record, source))
+                rows.append(row)
             except DataError as err:
                 source.skip = "unreadable image"
                 if not cfg.quiet:
@@ -658,8 +661,7 @@ def answer_benchmark(model, tokenizer, image_processor, bench, cfg, label, judge
                                      max_new_tokens=cfg.max_new_tokens)
             m = cfg.samples
             sampled = answer_batch(model, tokenizer, image_processor, images, prompts,
-                                   max_new_tokens=cfg.max_new_tokens, n=m,
-                                   seed=cfg.eval_seed * 2 ** 32 + start) if m else []
+                                   max_new_tokens=cfg.max_new_tokens, n=m, keys=keys[rows]) if m else []
             for i, ((record, source), prompt, response) in enumerate(zip(batch, prompts, responses)):
                 prediction = extract_prediction(response)
                 row = {"id": record.id, "category": record.category, "answer_type": record.answer_type,

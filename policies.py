@@ -16,6 +16,7 @@ previous iteration after that (runfolder.Run.role_source): Q_k starts from Q_{k-
 """
 
 import contextlib
+import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,37 +26,45 @@ from safetensors.torch import load_file, save_file
 import grpo
 import lora
 from data import DataError
-from model import Processors, load_vlm
+from model import Processors, load_processors, load_vlm
 from sampler import SamplingSettings
 
 LORA_UPDATES = "lora_updates.safetensors"
 
 
-def pixel_bounds(cfg):
-    """The image processor's bounds: --min-pixels / --max-pixels, or (0) the model's own."""
-    return dict(min_pixels=cfg.min_pixels or None, max_pixels=cfg.max_pixels or None)
+PAPER_MAX_PIXELS = 4_194_304
+
+
+def resolve_pixel_bounds(cfg):
+    """cfg with its image sizes made explicit (so config.json says what ran): --min-pixels and
+    --max-pixels as given, or, where 0, the model's own bounds, the upper one at most the paper's
+    4,194,304 pixels (Qwen2.5-VL's own, 12.8 million, gives a 12-megapixel photo 16,384 image
+    tokens). Loads the model's processors: a model that cannot load stops here, before any file
+    is written."""
+    size = load_processors(cfg.model).image_processor.size
+    return dataclasses.replace(cfg, min_pixels=cfg.min_pixels or size["shortest_edge"],
+                               max_pixels=cfg.max_pixels or min(size["longest_edge"], PAPER_MAX_PIXELS))
 
 
 def sampling_settings(cfg):
-    """How each of the loop's five kinds of sampler call samples: the rollouts of both roles, the
-    Reasoner's votes for the Questioner's reward (the public code's top-k 40), curation's candidate
-    questions (its top-p 0.95) and curation's votes."""
+    """How each of the loop's four kinds of sampler call samples: the rollouts of both roles
+    (question, answer), the frozen Reasoner's votes, for the Questioner's reward and in curation
+    alike (the public code's temperature 1, top-k 40), and curation's candidate questions (its
+    top-p 0.95)."""
     return SimpleNamespace(
         question=SamplingSettings(max_new_tokens=cfg.question_max_tokens, temperature=cfg.temperature,
                                   top_p=cfg.top_p),
         answer=SamplingSettings(max_new_tokens=cfg.answer_max_tokens, temperature=cfg.temperature, top_p=cfg.top_p),
-        reward_vote=SamplingSettings(max_new_tokens=cfg.answer_max_tokens, temperature=cfg.vote_temperature,
-                                     top_k=cfg.reward_top_k),
+        vote=SamplingSettings(max_new_tokens=cfg.answer_max_tokens, temperature=cfg.vote_temperature,
+                              top_k=cfg.vote_top_k),
         candidate=SamplingSettings(max_new_tokens=cfg.question_max_tokens, temperature=cfg.temperature,
-                                   top_p=cfg.curation_top_p),
-        curation_vote=SamplingSettings(max_new_tokens=cfg.answer_max_tokens, temperature=cfg.vote_temperature,
-                                       top_p=cfg.curation_vote_top_p))
+                                   top_p=cfg.curation_top_p))
 
 
 def load_model(cfg, source, device, trainable):
     """A model and its Processors, in the dtype of grpo.weights_dtype."""
     model, tokenizer, image_processor = load_vlm(source, device=device, dtype=grpo.weights_dtype(device, trainable),
-                                                 seed=cfg.seed, **pixel_bounds(cfg))
+                                                 seed=cfg.seed, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
     model.requires_grad_(trainable)
     return model, Processors(tokenizer, image_processor)
 

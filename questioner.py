@@ -58,12 +58,12 @@ class QuestionerRewardSettings:
     diversity_invalid: str = "raw"    # an invalid output is clustered as its text, or "empty" (code)
 
 
-def write_questions(model, processors, images, *, n, settings, fmt, generator, batch_tokens):
+def write_questions(model, processors, images, *, n, settings, fmt, keys, batch_tokens):
     """n questions per image, as many images per sampler call as fit in a KV cache of `batch_tokens`
-    tokens. Returns (prompts: PromptBatch of the images, samples: Samples with len(images) * n rows
+    tokens; keys: LongTensor [len(images)], each image's random stream (sampler.prompt_keys). Returns (prompts: PromptBatch of the images, samples: Samples with len(images) * n rows
     in image-major order, texts: list of str, parsed: list of dict | None, rewards.parse_question)."""
     prompts = processors.encode(images, [QUESTIONER_PROMPTS[fmt]] * len(images))
-    out = sample_in_batches(model, prompts.to(model.device), batch_tokens, n=n, generator=generator, **vars(settings))
+    out = sample_in_batches(model, prompts.to(model.device), batch_tokens, n=n, keys=keys, **vars(settings))
     texts = out.texts(processors.tokenizer)
     return prompts, out, texts, [parse_question(t, fmt) for t in texts]
 
@@ -87,19 +87,19 @@ def diversity_texts(parsed, texts, invalid="raw"):
 
 
 def score_questions(reasoner_model, processors, question_images, parsed, texts, group_ids, *, reward,
-                    answer_settings, generator, batch_tokens):
+                    answer_settings, keys, batch_tokens):
     """The Questioner's reward for each output (METHOD.md, equations (4)-(10)).
 
     question_images: the image of each output; parsed: parse_question results (None = invalid);
-    texts: the raw outputs (see diversity_texts); group_ids: the image group of each output.
-    Returns (rewards: list[float], episodes: one dict per output with the Reasoner's answers and the
+    texts: the raw outputs (see diversity_texts); group_ids: the image group of each output;
+    keys: LongTensor [len(parsed)], the random stream of the Reasoner's votes on each output. Returns (rewards: list[float], episodes: one dict per output with the Reasoner's answers and the
     reward's parts, for the logs).
     """
     valid = [p is not None for p in parsed]
     asked = [i for i, ok in enumerate(valid) if ok]
     votes = reasoner.ask_and_vote(reasoner_model, processors, [question_images[i] for i in asked],
                                   [parsed[i]["question"] for i in asked], m=reward.m, settings=answer_settings,
-                                  count_empty=reward.count_empty, generator=generator, batch_tokens=batch_tokens)
+                                  count_empty=reward.count_empty, keys=keys[asked], batch_tokens=batch_tokens)
     episodes = [{"group": g, "raw": t, "question": p["question"] if p else None, "valid": ok, "answers": [],
                  "silver": None, "confidence": 0.0, "uncertainty": 0.0}
                 for g, p, t, ok in zip(group_ids, parsed, texts, valid)]
@@ -117,19 +117,20 @@ def score_questions(reasoner_model, processors, question_images, parsed, texts, 
 
 
 def rollouts(questioner_model, reasoner_model, processors, images, *, G, fmt, question_settings, answer_settings,
-             reward, generator, batch_tokens):
+             reward, keys, vote_keys, batch_tokens):
     """G questions per image from the Questioner, rewarded with the frozen Reasoner; each sampler
-    call fills a KV cache of at most `batch_tokens` tokens.
+    call fills a KV cache of at most `batch_tokens` tokens. keys: LongTensor [len(images)], the
+    random stream of each image's questions; vote_keys [len(images) * G], of the votes on each.
 
     Returns (Rollouts of len(images) * G rows, episodes: one dict per question, see score_questions;
     "group" is the index of its image in `images`).
     """
     prompts, out, texts, parsed = write_questions(questioner_model, processors, images, n=G,
-                                                  settings=question_settings, fmt=fmt, generator=generator,
+                                                  settings=question_settings, fmt=fmt, keys=keys,
                                                   batch_tokens=batch_tokens)
     group_ids = [i // G for i in range(len(texts))]
     rewards, episodes = score_questions(reasoner_model, processors, [images[g] for g in group_ids], parsed, texts,
                                         group_ids, reward=reward, answer_settings=answer_settings,
-                                        generator=generator, batch_tokens=batch_tokens)
+                                        keys=vote_keys, batch_tokens=batch_tokens)
     return Rollouts(prompts.repeat(G), out.ids.cpu(), out.mask.cpu(), torch.tensor(rewards), group_size=G,
                     max_new_tokens=question_settings.max_new_tokens), episodes

@@ -24,7 +24,7 @@ def reasoner_prompt(question):
     return REASONER_PROMPT.format(question=question)
 
 
-def ask_and_vote(model, processors, images, questions, *, m, settings, count_empty, generator, batch_tokens,
+def ask_and_vote(model, processors, images, questions, *, m, settings, count_empty, keys, batch_tokens,
                  count_empty_boxes=True):
     """The Reasoner answers each (image, question) pair m times; the majority answer is the silver
     label, its share of the votes the confidence c (METHOD.md, equations (2)-(4)). Both the
@@ -33,7 +33,8 @@ def ask_and_vote(model, processors, images, questions, *, m, settings, count_emp
     images: list[PIL], questions: list[str], same length N -> N dicts {responses: m str, answers:
     m str | None (the last \\boxed{} of each response), silver: str | None, confidence: float}.
     One prefill per pair, its KV cache copied into the m samples (sampler.sample), as many pairs
-    per sampler call as fit in a KV cache of `batch_tokens` tokens. count_empty, count_empty_boxes:
+    per sampler call as fit in a KV cache of `batch_tokens` tokens; keys: LongTensor [N], each pair's
+    random stream (sampler.prompt_keys). count_empty, count_empty_boxes:
     how missing and empty boxes vote, see rewards.majority_vote.
 
         3 of m = 4 answers "2", one "3"  ->  silver "2", confidence 0.75
@@ -41,7 +42,7 @@ def ask_and_vote(model, processors, images, questions, *, m, settings, count_emp
     if not questions:
         return []
     prompts = processors.encode(images, [reasoner_prompt(q) for q in questions])
-    out = sample_in_batches(model, prompts.to(model.device), batch_tokens, n=m, generator=generator, **vars(settings))
+    out = sample_in_batches(model, prompts.to(model.device), batch_tokens, n=m, keys=keys, **vars(settings))
     texts = out.texts(processors.tokenizer)
     votes = []
     for i in range(len(questions)):
@@ -59,13 +60,14 @@ def in_band(silver, confidence, tau_low, tau_high):
     return silver is not None and tau_low <= confidence <= tau_high
 
 
-def curate(model, processors, images, texts, parsed, *, m, settings, count_empty, tau_low, tau_high, generator,
+def curate(model, processors, images, texts, parsed, *, m, settings, count_empty, tau_low, tau_high, keys,
            batch_tokens):
     """Curation: the frozen Reasoner votes m times on each candidate question the Questioner wrote,
     and the confidence band keeps those worth training on (METHOD.md, equation (11)).
 
     images: the image of each candidate; texts: the Questioner's raw outputs; parsed: their
-    rewards.parse_question results (None: invalid, never asked). Returns one record per candidate:
+    rewards.parse_question results (None: invalid, never asked); keys: LongTensor [len(texts)], the
+    random stream of the votes on each candidate. Returns one record per candidate:
     {question, raw, valid, responses, answers, silver, confidence, kept}.
     count_empty=True is the public code's curation: a missing box votes "None", an empty box is
     dropped (rewards.majority_vote). Unlike there, a question whose majority is "None" has no
@@ -74,7 +76,7 @@ def curate(model, processors, images, texts, parsed, *, m, settings, count_empty
     asked = [j for j, p in enumerate(parsed) if p is not None]
     votes = dict(zip(asked, ask_and_vote(model, processors, [images[j] for j in asked],
                                          [parsed[j]["question"] for j in asked], m=m, settings=settings,
-                                         count_empty=count_empty, generator=generator, batch_tokens=batch_tokens,
+                                         count_empty=count_empty, keys=keys[asked], batch_tokens=batch_tokens,
                                          count_empty_boxes=False)))
     unasked = {"responses": [], "answers": [], "silver": None, "confidence": 0.0}
     records = []
@@ -85,17 +87,16 @@ def curate(model, processors, images, texts, parsed, *, m, settings, count_empty
     return records
 
 
-def rollouts(model, processors, images, questions, silver_labels, *, G, settings, reward_mode, generator,
-             batch_tokens):
+def rollouts(model, processors, images, questions, silver_labels, *, G, settings, reward_mode, keys, batch_tokens):
     """G answers per (image, question, silver label) triple, each rewarded against its label
     (METHOD.md, equation (12)); as many triples per sampler call as fit in a KV cache of
-    `batch_tokens` tokens.
+    `batch_tokens` tokens; keys: LongTensor [len(questions)], each triple's random stream.
 
     Returns (Rollouts with B = len(questions) * G rows in group-major order, episodes: one dict per
     question {question, silver, answers: G dicts {response, answer, reward, length}}, for the logs).
     """
     prompts = processors.encode(images, [reasoner_prompt(q) for q in questions])
-    out = sample_in_batches(model, prompts.to(model.device), batch_tokens, n=G, generator=generator, **vars(settings))
+    out = sample_in_batches(model, prompts.to(model.device), batch_tokens, n=G, keys=keys, **vars(settings))
     texts = out.texts(processors.tokenizer)
     labels = [label for label in silver_labels for _ in range(G)]
     rewards = [reasoner_reward(t, s, mode=reward_mode) for t, s in zip(texts, labels)]

@@ -492,12 +492,12 @@ def format_ok(text):
 def reasoner_reward(response_text, silver_label, mode="paper"):
     """Reasoner reward of one response (str) against the silver label (str) -> float.
     paper: 1.0 if the last \\boxed{} is equivalent to the label, else 0.0.
-    code: 0.9 * accuracy + 0.1 * format_ok.
+    code: 0.9 * accuracy + 0.1 * format_ok, both read as the public code reads a response, with the
+    white space around '<', '>' and '/' dropped first (so "\\boxed{km / h}" is right for "km/h").
     E.g. "<think>..</think> \\boxed{0.5}" vs "1/2": 1.0 in both modes; "\\boxed{0.5}" alone: paper
     1.0, code 0.9."""
-    accuracy = float(answers_equivalent(extract_boxed(response_text), silver_label))
-    if mode == "paper":
-        return accuracy
-    if mode == "code":
-        return 0.9 * accuracy + 0.1 * float(format_ok(response_text))
-    raise ValueError(f"unknown mode {mode!r}")
+    if mode not in ("paper", "code"):
+        raise ValueError(f"unknown mode {mode!r}")
+    text = response_text if mode == "paper" else _TAG_SPACE.sub(r"\1", response_text)
+    accuracy = float(answers_equivalent(extract_boxed(text), silver_label))
+    return accuracy if mode == "paper" else 0.9 * accuracy + 0.1 * float(format_ok(text))

@@ -9,8 +9,9 @@
 Every file is written atomically (a temp file or folder, then a rename) and state.json last, so a
 run killed at any moment resumes from its last finished step: appended logs are cut back to the
 lines state.json counted, half-written temp files and the checkpoint state.json no longer points to
-are removed, and the random generators continue from their saved states, so the resumed run ends
-bitwise equal to an uninterrupted one (on CPU). Ctrl-C stops after the step in progress (a second
+are removed, and the image sampler's generator continues from its saved state (every sampler call
+draws from streams keyed by the seed, the phase and the step: sampler.prompt_keys), so the resumed
+run ends bitwise equal to an uninterrupted one (on CPU), on another device too. Ctrl-C stops after the step in progress (a second
 one stops at once, losing that step).
 
 Nothing here knows the method: selfplay.py calls `Run.phase` for each phase of an iteration and
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import DataError, load_image, write_atomic
+from data import SCENES_FILE, DataError, load_image, load_scenes, write_atomic
 from report import write_report
 
 PHASES = ("questioner", "curation", "reasoner", "summary")  # one iteration, in order
@@ -93,7 +94,7 @@ def stop_after_step_on_ctrl_c():
 
 
 # -----------------------------------------------------------------------------
-# The run: its state, its random generators, its files
+# The run: its state, its image sampler, its files
 
 @dataclass
 class State:
@@ -101,28 +102,19 @@ class State:
     phase: str = "questioner"  # the phase in progress, one of PHASES
     step: int = 0              # finished steps of the phase
     lines: dict = field(default_factory=dict)  # lines of each file of LOGS that belong to finished steps
-    sampling_rng: list = field(default_factory=list)
-    image_rng: dict = field(default_factory=dict)
+    image_rng: dict = field(default_factory=dict)  # which images the next steps take
     checkpoint: str = ""       # the role in training (weights + optimizer), relative to the run folder
                                # so the folder can move; "" between phases
-    device: str = ""           # the kind of device sampling_rng belongs to ("cuda", "cpu")
 
 
 class Run:
-    """The run folder, its state, and the random number generators that state.json captures."""
+    """The run folder, its state, and the image sampler's generator that state.json captures."""
 
     def __init__(self, cfg, folder, state, device):
         self.cfg, self.dir, self.state, self.device = cfg, Path(folder), state, device
-        self.generator = torch.Generator(device=device)
         self.image_rng = np.random.default_rng(cfg.seed)
-        if state.sampling_rng and state.device != device.type:
-            raise DataError(f"cannot resume on {device.type}: this run samples on {state.device}, and its random "
-                            f"generator cannot move there; pass --device {state.device}")
-        if state.sampling_rng:
-            self.generator.set_state(torch.tensor(state.sampling_rng, dtype=torch.uint8))
+        if state.image_rng:
             self.image_rng.bit_generator.state = state.image_rng
-        else:
-            self.generator.manual_seed(cfg.seed)
         self.bar = None
 
     # --- the loop's view: phases and steps
@@ -202,8 +194,14 @@ class Run:
 
     # --- files
 
+    def append(self, path, records):
+        """Appends to one of LOGS, counting its lines for the next save_state."""
+        append_jsonl(path, records)
+        name = str(path.relative_to(self.dir))
+        self.state.lines[name] = self.state.lines.get(name, 0) + len(records)
+
     def log(self, record):
-        append_jsonl(self.dir / "metrics.jsonl", [record])
+        self.append(self.dir / "metrics.jsonl", [record])
 
     def metrics(self):
         return [json.loads(line) for line in open(self.dir / "metrics.jsonl")]
@@ -218,7 +216,7 @@ class Run:
 
     def log_episodes(self, role, rows):
         self.iteration_dir().mkdir(exist_ok=True)
-        append_jsonl(self.iteration_dir() / f"{role}_episodes.jsonl", rows)
+        self.append(self.iteration_dir() / f"{role}_episodes.jsonl", rows)
 
     def iteration_dir(self):
         return self.dir / f"iter_{self.state.iteration}"
@@ -226,10 +224,7 @@ class Run:
     def save_state(self, **changes):
         for k, v in changes.items():
             setattr(self.state, k, v)
-        self.state.sampling_rng = self.generator.get_state().tolist()
-        self.state.device = self.device.type
         self.state.image_rng = self.image_rng.bit_generator.state
-        self.state.lines = {str(path.relative_to(self.dir)): sum(1 for _ in open(path)) for path in self.logs()}
         write_json(self.dir / "state.json", dataclasses.asdict(self.state))
 
     def logs(self):
@@ -261,15 +256,17 @@ class Run:
 
 def resolve_config(config_class, cfg, given):
     """The config to run: the command line's, or for --resume the run's saved one. With --resume
-    only --quiet, --device and --threads may be given (they do not change the result), and
-    --iterations to run more iterations than the run was started with."""
+    only --quiet, --device, --threads and --print-config may be given, and --iterations to run a
+    finished run on for more iterations. (A thread count other than the run's own can change the
+    last bits of its results.)"""
     if not cfg.resume:
         return cfg
-    refused = sorted(given - {"resume", "quiet", "device", "threads", "iterations"})
+    may_change = {"quiet", "device", "threads", "print_config", "iterations"}
+    refused = sorted(given - may_change - {"resume"})
     if refused:
         flags = ", ".join("--" + name.replace("_", "-") for name in refused)
         raise DataError(f"--resume continues with the run's own settings (its config.json): drop {flags} "
-                        "(only --quiet, --device, --threads and --iterations may be given)")
+                        "(only --quiet, --device, --threads, --print-config and --iterations may be given)")
     folder = Path(cfg.resume)
     for name in ("state.json", "config.json"):
         if not (folder / name).is_file():
@@ -279,10 +276,8 @@ def resolve_config(config_class, cfg, given):
     if unknown:  # a run started by another version of selfplay.py
         raise DataError(f"cannot resume: '{folder}/config.json' has settings this selfplay.py does not know: "
                         f"{', '.join(unknown)}")
-    kept = {name: getattr(cfg, name) for name in ("quiet", "device", "threads")}
-    if "iterations" in given:
-        kept["iterations"] = cfg.iterations
-    return config_class(**dict(saved, resume=str(folder), **kept))
+    given_now = {name: getattr(cfg, name) for name in given & may_change}
+    return config_class(**dict(saved, resume=str(folder), **given_now))
 
 
 def check_output(folder):
@@ -295,21 +290,25 @@ def check_output(folder):
         raise DataError(f"--output '{folder}' is a folder with other files in it: pass a new or empty folder")
 
 
-def new_run(cfg, device):
-    """Creates the run folder with config.json and the initial state.json."""
+def new_run(cfg, device, paths):
+    """The run folder with config.json, images.txt and the first state.json, made whole in a temp
+    folder and renamed into place: a kill leaves either no run or one that resumes."""
     folder = Path(cfg.output or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     check_output(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     cfg = dataclasses.replace(cfg, output=str(folder))
-    write_json(folder / "config.json", dataclasses.asdict(cfg))
-    run = Run(cfg, folder, State(), device)
-    run.save_state()
-    return cfg, run
+
+    def write(tmp):
+        write_json(tmp / "config.json", dataclasses.asdict(cfg))
+        run = Run(cfg, tmp, State(), device)
+        check_images(run, paths)
+        run.save_state()
+    save_folder_atomic(folder, write)  # (rename(2) replaces an empty folder)
+    return cfg, Run(cfg, folder, State(**json.loads((folder / "state.json").read_text())), device)
 
 
-def resumed_run(cfg, device):
-    """The run folder of --resume, tidied, with its state; more --iterations are written to its
-    config.json (fewer than it has finished are refused)."""
+def resumed_run(cfg, device, paths):
+    """The run folder of --resume with its state, tidied; more --iterations than it was started
+    with are written to its config.json (fewer than it has begun are refused)."""
     folder = Path(cfg.resume)
     saved = json.loads((folder / "state.json").read_text())
     unknown = sorted(saved.keys() - {f.name for f in dataclasses.fields(State)})
@@ -317,14 +316,22 @@ def resumed_run(cfg, device):
         raise DataError(f"cannot resume: '{folder}/state.json' has fields this selfplay.py does not know: "
                         f"{', '.join(unknown)}")
     state = State(**saved)
-    finished = state.iteration - 1
-    if cfg.iterations < finished:
-        raise DataError(f"--iterations {cfg.iterations}: the run has already finished {finished} iterations")
+    begun = state.iteration - (state.phase == PHASES[0] and state.step == 0)  # iterations with anything done
+    if cfg.iterations < begun:
+        raise DataError(f"--iterations {cfg.iterations}: the run has already begun {begun} iterations; pass "
+                        f"{begun} or more")
     run = Run(cfg, folder, state, device)
+    check_images(run, paths)
     run.tidy()
-    write_json(folder / "config.json", {**json.loads((folder / "config.json").read_text()),
-                                        "iterations": cfg.iterations})
+    write_json(folder / "config.json", dataclasses.asdict(dataclasses.replace(cfg, resume="", print_config=False)))
     return cfg, run
+
+
+def discard_if_unstarted(run):
+    """Removes a run folder that this command made and nothing ran in (a model whose weights do not
+    load, say), so the corrected command is not refused for it."""
+    if dataclasses.astuple(run.state)[:4] == (1, PHASES[0], 0, {}):
+        shutil.rmtree(run.dir, ignore_errors=True)
 
 
 def check_images(run, paths):
@@ -348,10 +355,14 @@ def record_skipped(run, skipped):
 
 
 class Images:
-    """The run's images by index, decoded when used (see data.readable_images)."""
+    """The run's images by index, decoded when used (see data.readable_images), and by path the
+    scenes of those that have one (a folder written by data.write_shapes_folder: every answer known)."""
 
-    def __init__(self, paths, max_pixels):
+    def __init__(self, folder, paths, max_pixels):
         self.paths, self.max_pixels = [str(p) for p in paths], max_pixels
+        known = load_scenes(folder) if (Path(folder) / SCENES_FILE).is_file() else {}
+        self.scenes = {path: known[Path(path).name] for path in self.paths
+                       if Path(path).parent == Path(folder) and Path(path).name in known}
 
     def __len__(self):
         return len(self.paths)

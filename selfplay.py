@@ -39,12 +39,13 @@ import grpo
 import questioner
 import reasoner
 from cli import AT_LEAST_1, AT_LEAST_2, FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, option, parse_given
-from data import DataError, readable_images
+from data import DataError, grade_candidates, readable_images
 from model import ModelError, load_processors, resolve_device
-from policies import (Trainee, frozen_models, pixel_bounds, role_weights, sampling_role, sampling_settings,
+from policies import (Trainee, frozen_models, resolve_pixel_bounds, role_weights, sampling_role, sampling_settings,
                       save_role)
-from runfolder import (Images, Stop, check_images, new_run, record_skipped, resolve_config, resumed_run,
+from runfolder import (Images, Stop, discard_if_unstarted, new_run, record_skipped, resolve_config, resumed_run,
                        stop_after_step_on_ctrl_c)
+from sampler import prompt_keys
 
 
 @dataclass
@@ -71,7 +72,7 @@ class Config:
     group_size: int = option("G: samples per prompt in both roles' rollouts", "loop", valid=AT_LEAST_2, default=8)
     min_pixels: int = option("images are resized to at least this many pixels (0: the model's own bound; the "
                              "paper's is 262144)", "loop", valid=NON_NEGATIVE, default=0)
-    max_pixels: int = option("... and at most this many (0: the model's own; the paper's is 4194304)", "loop",
+    max_pixels: int = option("... and at most this many (0: the model's own, at most the paper's 4194304)", "loop",
                              valid=NON_NEGATIVE, default=0)
     sampling_batch_tokens: int = option("KV-cache tokens per sampler call, rows x (prompt + max new tokens): as "
                                         "many prompts as fit, at least one (393216: 13.5 GiB for the 3B; 8 "
@@ -85,10 +86,10 @@ class Config:
     question_max_tokens: int = option("max new tokens of a question", "questioner", valid=AT_LEAST_1, default=2048)
     reward_votes: int = option("m: Reasoner answers per question for the uncertainty reward", "questioner",
                                valid=AT_LEAST_1, default=10)
-    reward_top_k: int = option("top-k of those answers (the public code's; curation's votes use top-p)",
-                               "questioner", valid=NON_NEGATIVE, default=40)
-    vote_temperature: float = option("temperature of the Reasoner's votes, for the reward and in curation",
-                                     "questioner", valid=NON_NEGATIVE, default=1.0)
+    vote_temperature: float = option("temperature of the Reasoner's votes, for this reward and in curation (the "
+                                     "public code's)", "questioner", valid=NON_NEGATIVE, default=1.0)
+    vote_top_k: int = option("top-k of those votes (the public code's; 0: off)", "questioner", valid=NON_NEGATIVE,
+                             default=40)
     uncertainty_scale: str = option("'paper': 1 - |2c - 1|; 'code': min(c, 1 - c)", "questioner",
                                     choices=("paper", "code"), default="paper")
     diversity_scope: str = option("'group': cluster within an image's G questions; 'batch': whole batch",
@@ -110,12 +111,14 @@ class Config:
                                        default=8)
     curation_top_p: float = option("top-p when writing candidates", "curation", valid=PROBABILITY, default=0.95)
     curation_votes: int = option("m: Reasoner answers per candidate", "curation", valid=AT_LEAST_1, default=9)
-    curation_vote_top_p: float = option("top-p of those answers", "curation", valid=PROBABILITY, default=0.99)
     tau_low: float = option("keep a question if its confidence is >= tau_low ...", "curation", valid=FRACTION,
                             default=0.25)
     tau_high: float = option("... and <= tau_high (code: 0.3 / 0.8)", "curation", valid=FRACTION, default=0.75)
     curation_count_empty: bool = option("answers without \\boxed{} vote for 'None' in the confidence (public "
                                         "code; empty boxes are dropped)", "curation", default=False)
+    silver_labels: str = option("'majority': the vote's answer (the method); 'random': one of the m answers at random, "
+                                "the same questions kept (a control: what training on labels no vote chose gives)",
+                                "curation", choices=("majority", "random"), default="majority")
     on_too_few: str = option("when fewer questions are kept than one Reasoner batch: 'skip' the phase "
                              "(R_k = R_{k-1}) or 'stop'", "curation", choices=("skip", "stop"), default="skip")
     # reasoner
@@ -175,8 +178,10 @@ def questioner_phase(cfg, run, images):
         chosen = run.choose(len(images), cfg.images_per_step)
         rollouts, episodes = questioner.rollouts(
             trainee.model, frozen_reasoner, trainee.processors, [images[i] for i in chosen], G=cfg.group_size,
-            fmt=cfg.question_format, question_settings=settings.question, answer_settings=settings.reward_vote,
-            reward=reward, generator=run.generator, batch_tokens=cfg.sampling_batch_tokens)
+            fmt=cfg.question_format, question_settings=settings.question, answer_settings=settings.vote,
+            reward=reward, keys=prompt_keys(cfg.seed, "questions", k, step, n=len(chosen)),
+            vote_keys=prompt_keys(cfg.seed, "votes", k, step, n=len(chosen) * cfg.group_size),
+            batch_tokens=cfg.sampling_batch_tokens)
         for e in episodes:
             e["image"] = images.paths[chosen[e.pop("group")]]
         metrics = trainee.grpo_step(rollouts, reference)
@@ -193,30 +198,38 @@ def curation_phase(cfg, run, images):
     k = run.state.iteration
     writer = sampling_role(cfg, run.device, str(run.role_dir(k, "questioner")))
     voter = sampling_role(cfg, run.device, run.role_source(k, "reasoner"), beside=writer)
-    processors = load_processors(cfg.model, **pixel_bounds(cfg))
+    processors = load_processors(cfg.model, cfg.min_pixels, cfg.max_pixels)
     pool = run.choose(len(images), cfg.curation_images)
-    settings = sampling_settings(cfg)
+    settings, N = sampling_settings(cfg), cfg.candidates_per_image
+    # Every image and every candidate has its own random stream, whatever batch it is sampled in.
+    keys = prompt_keys(cfg.seed, "candidates", k, n=len(pool))
+    vote_keys = prompt_keys(cfg.seed, "candidate votes", k, n=len(pool) * N)
     records = []
     for start in run.progress(range(0, len(pool), cfg.images_per_step), "curation"):
         batch = pool[start:start + cfg.images_per_step]
         shown = [images[i] for i in batch]  # decoded once, asked about N times
         _, _, texts, parsed = questioner.write_questions(
-            writer, processors, shown, n=cfg.candidates_per_image, settings=settings.candidate,
-            fmt=cfg.question_format, generator=run.generator, batch_tokens=cfg.sampling_batch_tokens)
-        owner = [j // cfg.candidates_per_image for j in range(len(texts))]
+            writer, processors, shown, n=N, settings=settings.candidate, fmt=cfg.question_format,
+            keys=keys[start:start + len(batch)], batch_tokens=cfg.sampling_batch_tokens)
+        owner = [j // N for j in range(len(texts))]
         votes = reasoner.curate(voter, processors, [shown[o] for o in owner], texts, parsed, m=cfg.curation_votes,
-                                settings=settings.curation_vote, count_empty=cfg.curation_count_empty,
-                                tau_low=cfg.tau_low, tau_high=cfg.tau_high, generator=run.generator,
+                                settings=settings.vote, count_empty=cfg.curation_count_empty,
+                                tau_low=cfg.tau_low, tau_high=cfg.tau_high,
+                                keys=vote_keys[start * N:(start + len(batch)) * N],
                                 batch_tokens=cfg.sampling_batch_tokens)
         records += [{"image": images.paths[batch[o]], "image_index": batch[o], **v} for o, v in zip(owner, votes)]
         run.bar.set_postfix(kept=sum(r["kept"] for r in records), of=len(records))
+    if cfg.silver_labels == "random":
+        for r in (r for r in records if r["kept"]):
+            r["silver"] = str(run.image_rng.choice([a for a in r["answers"] if a]))
+    grades = grade_candidates(records, images.scenes)  # shapes-world images only: true answers
     run.save_questions(records)
     confidences = [r["confidence"] for r in records if r["valid"]]
     kept = sum(r["kept"] for r in records)
     run.log({"phase": "curation", "iteration": k, "n_candidates": len(records), "n_valid": len(confidences),
              "n_kept": kept, "kept_frac": kept / max(len(records), 1),
              "confidence_mean": float(np.mean(confidences)) if confidences else None,
-             "confidence_hist": np.histogram(confidences, bins=10, range=(0, 1))[0].tolist()})
+             "confidence_hist": np.histogram(confidences, bins=10, range=(0, 1))[0].tolist(), **grades})
 
 
 def reasoner_phase(cfg, run, images):
@@ -244,8 +257,8 @@ def reasoner_phase(cfg, run, images):
         rollouts, episodes = reasoner.rollouts(
             trainee.model, trainee.processors, [images[r["image_index"]] for r in chosen],
             [r["question"] for r in chosen], [r["silver"] for r in chosen], G=cfg.group_size,
-            settings=settings.answer, reward_mode=cfg.reasoner_reward, generator=run.generator,
-            batch_tokens=cfg.sampling_batch_tokens)
+            settings=settings.answer, reward_mode=cfg.reasoner_reward,
+            keys=prompt_keys(cfg.seed, "answers", k, step, n=len(chosen)), batch_tokens=cfg.sampling_batch_tokens)
         for e, r in zip(episodes, chosen):
             e["image"] = r["image"]
         run.end_step("reasoner", step, trainee.grpo_step(rollouts, reference), episodes, trainee.save_checkpoint)
@@ -266,7 +279,7 @@ def summarise(cfg, run):
                "questioner_reward": mean_of("questioner", "reward_mean"),
                "valid_rate": mean_of("questioner", "valid_rate"),
                "n_kept": curation.get("n_kept"), "kept_frac": curation.get("kept_frac"),
-               "confidence_mean": curation.get("confidence_mean"),
+               "confidence_mean": curation.get("confidence_mean"), "silver_accuracy": curation.get("silver_accuracy"),
                "reasoner_reward": mean_of("reasoner", "reward_mean")}
     run.log(summary)
     shown = " ".join(f"{key}={value:.3f}" if isinstance(value, float) else f"{key}={value}"
@@ -278,7 +291,9 @@ def summarise(cfg, run):
 # The loop
 
 def train(cfg, run, images):
-    """K iterations of the three phases, in the paper's order; a resumed run skips what it has done."""
+    """K iterations of the three phases, in the paper's order. run.phase runs a phase and moves the
+    state on to the next; a resumed run starts at its iteration, and run.phase skips the phases it
+    has finished."""
     for k in range(run.state.iteration, cfg.iterations + 1):
         run.phase("questioner", questioner_phase, cfg, run, images)  # Q_k from Q_{k-1}, rewarded by R_{k-1}
         run.phase("curation", curation_phase, cfg, run, images)      # Q_k asks, R_{k-1} votes: silver labels
@@ -290,7 +305,7 @@ def train(cfg, run, images):
 def check_bounds(cfg):
     """Pairs of settings where one bounds the other (each alone is checked by its flag)."""
     for low, high in (("tau_low", "tau_high"), ("min_pixels", "max_pixels")):
-        if getattr(cfg, high) and getattr(cfg, low) > getattr(cfg, high):
+        if getattr(cfg, low) > getattr(cfg, high):
             flag = {name: "--" + name.replace("_", "-") for name in (low, high)}
             raise DataError(f"{flag[low]} {getattr(cfg, low)} is above {flag[high]} {getattr(cfg, high)}")
 
@@ -299,8 +314,11 @@ def main(argv=None):
     cfg, given = parse_given(Config, argv, __doc__.split("\n\n")[0])
     transformers.utils.logging.disable_progress_bar()  # our own bars say what is going on
     stop_after_step_on_ctrl_c()
+    run = None
     try:
-        cfg = resolve_config(Config, cfg, given)
+        # Every check that can fail runs before the run folder is written, so a corrected command
+        # is never refused for a folder that a failed one left behind.
+        cfg = resolve_pixel_bounds(resolve_config(Config, cfg, given))  # loads the model's processors
         check_bounds(cfg)
         if cfg.print_config:
             print(json.dumps(asdict(cfg), indent=2))
@@ -310,18 +328,16 @@ def main(argv=None):
         device = resolve_device(cfg.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        # Every check that can fail runs before the run folder is written, so a corrected command
-        # is never refused for a folder that a failed one left behind.
-        max_pixels = load_processors(cfg.model, **pixel_bounds(cfg)).image_processor.size["longest_edge"]
-        paths, skipped = readable_images(cfg.images, max_pixels=max_pixels)
-        cfg, run = resumed_run(cfg, device) if cfg.resume else new_run(cfg, device)
-        check_images(run, paths)
+        paths, skipped = readable_images(cfg.images, max_pixels=cfg.max_pixels)
+        cfg, run = resumed_run(cfg, device, paths) if cfg.resume else new_run(cfg, device, paths)
         record_skipped(run, skipped)
         if run.state.iteration > cfg.iterations:
             print(f"'{run.dir}' has finished its {cfg.iterations} iterations; pass --iterations with more to go on")
             return 0
-        train(cfg, run, Images(paths, max_pixels))
+        train(cfg, run, Images(cfg.images, paths, cfg.max_pixels))
     except (DataError, ModelError) as err:
+        if run is not None and not cfg.resume:
+            discard_if_unstarted(run)
         print(f"error: {err}", file=sys.stderr)
         return 2
     except (Stop, KeyboardInterrupt):

@@ -9,7 +9,7 @@ import torch
 
 import bench
 from model import TINY_MAX_PIXELS, TINY_MIN_PIXELS
-from sampler import sample
+from sampler import prompt_keys, sample
 
 
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 0.99), (0.0, 1.0)])
@@ -35,10 +35,10 @@ def test_stop_at_once_ends_sampling_early_and_restores_the_stop_ids(tiny):
     stop_ids = list(model.generation_config.eos_token_id)
     prompts = bench.make_prompts(tok, ip, 2, 56, seed=0)
     with bench.stop_at_once(model):
-        out = sample(model, prompts, n=2, max_new_tokens=30, generator=torch.Generator().manual_seed(0))
+        out = sample(model, prompts, n=2, max_new_tokens=30, keys=prompt_keys(0, n=2))
     assert out.mask.sum(1).tolist() == [1, 1, 1, 1], "every token stops its row"
     assert list(model.generation_config.eos_token_id) == stop_ids
-    out = sample(model, prompts, n=2, max_new_tokens=30, generator=torch.Generator().manual_seed(0))
+    out = sample(model, prompts, n=2, max_new_tokens=30, keys=prompt_keys(0, n=2))
     assert out.mask.sum(1).max() > 1
 
 
@@ -82,4 +82,5 @@ def test_bench_takes_selfplays_settings():
     import selfplay
     assert bench.Config.micro_batch_tokens == selfplay.Config.micro_batch_tokens
     printed = bench.selfplay_config(["--model", "tiny", "--lora-rank", "4"])
-    assert vars(printed) == dataclasses.asdict(selfplay.Config(model="tiny", lora_rank=4, print_config=True))
+    assert vars(printed) == dataclasses.asdict(selfplay.Config(model="tiny", lora_rank=4, print_config=True,
+                                                               min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS))

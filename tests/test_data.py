@@ -397,3 +397,141 @@ def test_shapes_folder_round_trips_and_differs_from_the_benchmark(tmp_path):
         assert np.array_equal(np.asarray(data.load_image(path)), np.asarray(made))
     benchmark_images = {r["image"].tobytes() for r in data.shapes_benchmark(50, seed=0)}
     assert not benchmark_images & {image.tobytes() for image in data.shapes_images(50, seed=0)}
+
+
+# -----------------------------------------------------------------------------
+# Questions read back into answers, the easier world's knobs, scenes beside their images
+
+EASY_WORLD = dict(size=112, grid=4, min_shapes=2, max_shapes=6, colours=["red", "green", "blue", "yellow"])
+
+
+def test_every_generated_question_reads_back_to_its_own_answer_and_category():
+    rng = np.random.default_rng(0)
+    seen = Counter()
+    for seed in range(600):
+        scene = data.make_scene(seed, **(EASY_WORLD if seed % 3 == 0 else {}))
+        for q in data.scene_questions(scene, rng):
+            assert data.true_answer(q["question"], scene) == q["answer"], q
+            assert data.question_category(q["question"]) == q["category"], q
+            assert data.true_answer(f"  {q['question']}\n", scene) == q["answer"]  # surrounding spaces only
+            groups = data.question_shapes(q["question"], scene)
+            assert all(s in scene.shapes for g in groups for s in g)
+            if q["category"] == "counting":
+                assert len(groups[0]) == int(q["answer"])
+            seen[q["category"]] += 1
+    assert set(seen) == set(data.CATEGORIES) and min(seen.values()) > 100
+
+
+def scene_of(*shapes):
+    """Shapes given as (kind, colour, x, y, size) on a 224 canvas."""
+    return data.Scene(224, 224, data.BACKGROUND, [data.Shape(*s) for s in shapes])
+
+
+def test_true_answer_on_a_hand_made_scene():
+    scene = scene_of(("circle", "red", 30, 30, 30), ("square", "red", 120, 30, 40), ("circle", "blue", 30, 150, 60))
+    assert data.true_answer("How many circles are there?", scene) == "2"
+    assert data.true_answer("How many red shapes are there?", scene) == "2"
+    assert data.true_answer("How many green triangles are there?", scene) == "0"
+    assert data.true_answer("How many purple shapes are there?", scene) == "0"  # a colour the scene lacks: 0
+    assert data.true_answer("How many circles and squares are there in total?", scene) == "3"
+    assert data.true_answer("How many more red shapes than blue shapes are there?", scene) == "1"
+    assert data.true_answer("What colour is the square?", scene) == "red"
+    assert data.true_answer("What colour is the largest shape?", scene) == "blue"
+    assert data.true_answer("Is the red square to the right of the blue circle?", scene) == "yes"
+    assert data.true_answer("Is the blue circle above the red square?", scene) == "no"
+    assert data.true_answer("Which is smaller, (A) the blue circle or (B) the red square? Answer with the letter.",
+                            scene) == "B"
+    assert [[s.colour for s in g] for g in data.question_shapes("How many circles are there?", scene)] == [["red", "blue"]]
+
+
+@pytest.mark.parametrize("question", [
+    "How many circles are there",                       # no question mark
+    "how many circles are there?",                      # case
+    "How many  circles are there?",                     # spacing inside
+    "How many pink shapes are there?",                  # not a palette colour
+    "How many circle are there?",                       # singular
+    "How many red shapes circles are there?",
+    "What colour is the circle?",                       # two circles: no one answer
+    "What colour is the triangle?",                     # none
+    "What colour is the smallest shape?",               # 30 vs 40 square: no clear margin over all
+    "How many more blue shapes than red shapes are there?",  # fewer: a false premise
+    "How many circles and circles are there in total?",  # the same phrase twice
+    "How many circles and red shapes are there in total?",  # a kind with a colour: not a template
+    "How many red circles and blue circles are there in total?",
+    "Is the red circle to the left of the blue circle?",  # they overlap on x
+    "Is the green circle above the blue circle?",        # no green circle
+    "Is the red circle above the red circle?",
+    "Which is larger, (A) the red circle or (B) the red square? Answer with the letter.",  # no clear margin
+    "Which is larger, (A) the red circle or (B) the blue circle?",  # the instruction cut off
+    "",
+    None,
+])
+def test_near_misses_have_no_true_answer(question):
+    # the red square is 1.45 times the red circle's area: no clear margin (1.5) between them
+    scene = scene_of(("circle", "red", 30, 30, 30), ("square", "red", 120, 30, 32), ("circle", "blue", 40, 150, 60))
+    assert data.true_answer(question, scene) is None
+
+
+def test_question_category_needs_the_grammar_not_the_scene():
+    assert data.question_category("What colour is the triangle?") == "colour"
+    assert data.question_category("How many more circles than squares are there?") == "arithmetic"
+    assert data.question_category("Is the red circle below the blue square?") == "spatial"
+    assert data.question_category("How many pink shapes are there?") is None
+    assert data.question_category("What is in the image?") is None
+
+
+def test_scene_questions_asks_only_the_given_categories():
+    rng = np.random.default_rng(1)
+    asked = {q["category"] for seed in range(50)
+             for q in data.scene_questions(data.make_scene(seed, **EASY_WORLD), rng, ("counting", "colour"))}
+    assert asked == {"counting", "colour"}
+
+
+def test_grid_scenes_put_one_shape_in_each_used_cell_of_the_chosen_colours():
+    for seed in range(60):
+        scene = data.make_scene(seed, **EASY_WORLD)
+        assert 2 <= len(scene.shapes) <= 6
+        assert {s.colour for s in scene.shapes} <= set(EASY_WORLD["colours"])
+        cells = set()
+        for s in scene.shapes:
+            x0, y0, x1, y1 = data._bbox(s)
+            assert x0 // 28 == x1 // 28 and y0 // 28 == y1 // 28, "a shape crosses a 28-pixel patch border"
+            cells.add((x0 // 28, y0 // 28))
+        assert len(cells) == len(scene.shapes)
+        blobs = pixel_blobs(data.render(scene))  # drawn as the scene says, each its own blob
+        assert Counter((b["colour"], b["kind"]) for b in blobs) == Counter((s.colour, s.kind) for s in scene.shapes)
+
+
+def test_shapes_folder_stores_each_scene_and_the_image_reader_skips_that_file(tmp_path):
+    paths = data.write_shapes_folder(tmp_path, 5, seed=3, **EASY_WORLD)
+    assert (tmp_path / data.SCENES_FILE).is_file()
+    assert data.find_images(tmp_path) == paths and data.readable_images(tmp_path) == (paths, [])
+    scenes = data.load_scenes(tmp_path)
+    assert list(scenes) == [p.name for p in paths]
+    for path in paths:
+        assert np.array_equal(np.asarray(data.render(scenes[path.name])), np.asarray(data.load_image(path)))
+    assert [scenes[p.name] for p in paths] == [data.make_scene(s, **EASY_WORLD) for s in data._image_seeds(5, 3)]
+    with pytest.raises(data.DataError, match="scenes.jsonl"):
+        data.load_scenes(tmp_path / "elsewhere")
+
+
+def test_grade_candidates_against_a_hand_made_scene():
+    scene = data.Scene(112, 112, (255, 255, 255), [data.Shape("circle", "red", 20, 20, 14),
+                                                   data.Shape("square", "red", 80, 20, 20),
+                                                   data.Shape("triangle", "blue", 50, 80, 20)])
+
+    def record(question, silver, kept, image="a.png"):
+        return {"image": image, "question": question, "valid": question is not None, "silver": silver, "kept": kept}
+    records = [record("How many red shapes are there?", "2", True),     # answerable, silver right
+               record("What colour is the triangle?", "red", True),     # answerable, silver wrong
+               record("Why is the sky blue?", "1", True),               # not the grammar: no true answer
+               record("How many red shapes are there?", "3", False),    # not kept: not in the accuracy
+               record(None, None, False),                               # invalid: not asked
+               record("How many red shapes are there?", "2", True, image="unknown.png")]  # no scene
+    grades = data.grade_candidates(records, {"a.png": scene})
+    assert [r.get("true_answer") for r in records] == ["2", "blue", None, "2", None, None]
+    assert [r.get("answerable") for r in records] == [True, True, False, True, False, None]
+    assert records[0]["category"] == "counting" and records[1]["category"] == "colour"
+    assert grades == {"answerable_frac": 3 / 4, "silver_accuracy": 1 / 3,
+                      "categories": {"counting": 2, "colour": 1, "other": 1}}
+    assert data.grade_candidates(records[-1:], {"a.png": scene}) == {}  # no scene known: no grades

@@ -19,7 +19,7 @@ import evaluate
 from evaluate import EvalConfig, extract_prediction, inline_choices, make_record, score, wilson_interval
 from model import ModelError, encode_prompts, load_vlm, resolve_device
 from reasoner import reasoner_prompt
-from sampler import sample
+from sampler import prompt_keys, sample
 
 FIXTURES = Path(__file__).parent / "fixtures" / "benchmarks"
 OURS = FIXTURES / "ours" / "questions.jsonl"
@@ -551,11 +551,12 @@ def colour_records(colours):
 
 def fake_answers(shown, responses=lambda question, colour, n, seed: ["\\boxed{1}"] * n):
     """A stand-in for evaluate.answer_batch: records (question, colour of its image, n, seed) in
-    `shown` and answers with responses(question, colour, n, seed)."""
-    def answer_batch(model, tokenizer, image_processor, images, prompts, *, max_new_tokens, n=1, seed=None):
+    `shown` and answers with responses(question, colour, n, seed); seed is the pair's random key
+    (None: greedy)."""
+    def answer_batch(model, tokenizer, image_processor, images, prompts, *, max_new_tokens, n=1, keys=None):
         texts = []
-        for image, prompt in zip(images, prompts, strict=True):
-            question = prompt.split("\n")[0]
+        for i, (image, prompt) in enumerate(zip(images, prompts, strict=True)):
+            question, seed = prompt.split("\n")[0], None if keys is None else int(keys[i])
             shown.append((question, image.getpixel((0, 0)), n, seed))
             texts += responses(question, image.getpixel((0, 0)), n, seed)
         return texts
@@ -601,8 +602,9 @@ def test_pass_at_1_and_maj_at_m_from_canned_answers(monkeypatch):
     monkeypatch.setattr(evaluate, "answer_batch", fake_answers(shown, canned))
     cfg = EvalConfig(model=["x"], batch_size=2, samples=4, quiet=True, eval_seed=1)
     rows = evaluate.answer_benchmark(None, None, None, evaluate.Benchmark("b", records), cfg, "x")
+    keys = prompt_keys(1, "samples", n=3).tolist()  # each question its own stream, whatever its batch
     assert [(q, n, seed) for q, _, n, seed in shown if seed is not None] == [
-        ("How many?", 4, 2 ** 32), ("Which colour?", 4, 2 ** 32), ("Pick one.", 4, 2 ** 32 + 2)]
+        ("How many?", 4, keys[0]), ("Which colour?", 4, keys[1]), ("Pick one.", 4, keys[2])]
     assert [row["sampled_correct"] for row in rows] == [[True, True, False, False], [False, True, False, True],
                                                         [False, True, False, False]]
     assert [row["sampled_extracted"][:2] for row in rows] == [["3", "3"], ["blue", "red"], ["no box", "B"]]
@@ -679,7 +681,8 @@ def test_sampled_answers_come_from_the_sampler_at_temperature_1(tiny):
     model, tok, ip = tiny
     images = [Image.new("RGB", (32, 32), c) for c in (RED, BLUE)]
     prompts = [reasoner_prompt("How many?"), reasoner_prompt("Which colour?")]
-    draw = lambda seed: evaluate.answer_batch(model, tok, ip, images, prompts, max_new_tokens=6, n=3, seed=seed)
+    draw = lambda seed: evaluate.answer_batch(model, tok, ip, images, prompts, max_new_tokens=6, n=3,
+                                              keys=prompt_keys(seed, n=2))
     first = draw(7)
     assert len(first) == 6 and first == draw(7) and first != draw(8)
     assert len(set(first)) > 1  # a random tiny model at temperature 1 does not repeat itself
@@ -687,5 +690,5 @@ def test_sampled_answers_come_from_the_sampler_at_temperature_1(tiny):
     encoded = encode_prompts(tok, ip, images, prompts)
     assert greedy == sample(model, encoded, max_new_tokens=6, temperature=0.0).texts(tok)
     expected = sample(model, encoded, n=3, max_new_tokens=6, temperature=1.0, top_k=0, top_p=1.0,
-                      generator=torch.Generator().manual_seed(7)).texts(tok)
+                      keys=prompt_keys(7, n=2)).texts(tok)
     assert first == expected

@@ -8,7 +8,7 @@ from test_sampler import add_frequent_stops
 import lora
 from fast_decode import StaticDecoder
 from model import completion_logprobs, encode_prompts, load_vlm, next_token_logits, suppressed_mask
-from sampler import CacheDecoder, sample
+from sampler import CacheDecoder, prompt_keys, sample
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -57,16 +57,18 @@ def test_bf16_steps_over_float32_weights_as_on_a_gpu(tiny):
 def test_static_sampling_with_stops_and_late_finish_checks(tiny):
     model, tok, ip = tiny
     prompts = encode_prompts(tok, ip, random_images(4), PROMPTS)
-    first = sample(model, prompts, n=4, max_new_tokens=20, generator=torch.Generator().manual_seed(0))
+    first = sample(model, prompts, n=4, max_new_tokens=20, keys=prompt_keys(0, n=3))
     add_frequent_stops(model, first, k=40)
-    out = sample(model, prompts, n=4, max_new_tokens=20, generator=torch.Generator().manual_seed(1),
-                 decoder="static")
+    out = sample(model, prompts, n=4, max_new_tokens=20, keys=prompt_keys(1, n=3), decoder="static")
     lengths = out.mask.sum(1)
     assert lengths.min() < lengths.max() and out.ids.shape[1] == lengths.max()
     recomputed = completion_logprobs(model, prompts.repeat(4), out.ids, out.mask)
     assert (recomputed - out.logprobs).abs().max() <= 1e-4
     pad = model.generation_config.pad_token_id
     assert (out.ids[out.mask == 0] == pad).all()
+    # The keys, not the decoder, choose the tokens: the reference path draws the same ones.
+    reference = sample(model, prompts, n=4, max_new_tokens=20, keys=prompt_keys(1, n=3), decoder="hf")
+    assert torch.equal(reference.ids, out.ids) and torch.equal(reference.mask, out.mask)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -9,12 +9,12 @@ from conftest import PROMPTS, random_images
 
 from grpo import Rollouts, batch_totals, policy_loss, rollout_logprobs, update
 from model import completion_logprobs, encode_prompts
-from sampler import sample
+from sampler import prompt_keys, sample
 
 
 def rollout_batch(model, tok, ip, G=4):
     prompts = encode_prompts(tok, ip, random_images(0), PROMPTS)
-    out = sample(model, prompts, n=G, max_new_tokens=12, generator=torch.Generator().manual_seed(0))
+    out = sample(model, prompts, n=G, max_new_tokens=12, keys=prompt_keys(0, n=len(prompts)))
     rewards = torch.tensor([float(i % 3 == 0) + 0.1 * i for i in range(len(prompts) * G)])
     return Rollouts(prompts.repeat(G), out.ids, out.mask, rewards, group_size=G, max_new_tokens=12)
 

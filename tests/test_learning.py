@@ -16,7 +16,7 @@ from PIL import Image
 from conftest import completions
 from grpo import Rollouts, make_optimizer, update
 from model import completion_logprobs, encode_prompts, load_vlm
-from sampler import sample
+from sampler import prompt_keys, sample
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (230, 210, 30)}
 NAMES = list(COLOURS)
@@ -61,11 +61,11 @@ def train(negate_advantages):
     held_out = colour_batch(np.random.default_rng(123), 64)
     curve = [accuracy(model, tok, ip, *held_out)]
     optimizer = make_optimizer(model, lr=LR, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(0)
     for step in range(GRPO_STEPS):
         colours, images = colour_batch(rng, IMAGES_PER_STEP)
         prompts = encode_prompts(tok, ip, images, [QUESTION] * IMAGES_PER_STEP)
-        out = sample(model, prompts, n=G, max_new_tokens=4, temperature=1.0, generator=generator)
+        out = sample(model, prompts, n=G, max_new_tokens=4, temperature=1.0,
+                     keys=prompt_keys(0, step, n=IMAGES_PER_STEP))
         texts = out.texts(tok)
         rewards = torch.tensor([float(t.strip() == colours[i // G]) for i, t in enumerate(texts)])
         rollouts = Rollouts(prompts.repeat(G), out.ids, out.mask, rewards, group_size=G, max_new_tokens=4)

@@ -17,13 +17,13 @@ from fast_decode import StaticDecoder
 from lora import (LoRALinear, TARGETS, adapters, add_lora, count_parameters, load_lora_state_dict,
                   lora_state_dict, merge_lora, set_past, shared_copy, updates)
 from model import completion_logprobs, encode_prompts, load_vlm
-from sampler import sample
+from sampler import prompt_keys, sample
 
 
 def completions(model, tok, ip, n=1, seed=0):
     """Prompts (each repeated n times) and n sampled completions of each: ids, mask [3n, T]."""
     prompts = encode_prompts(tok, ip, random_images(seed), PROMPTS)
-    out = sample(model, prompts, n=n, max_new_tokens=8, generator=torch.Generator().manual_seed(seed))
+    out = sample(model, prompts, n=n, max_new_tokens=8, keys=prompt_keys(seed, n=len(prompts)))
     return prompts.repeat(n), out.ids, out.mask
 
 

@@ -11,7 +11,7 @@ from conftest import PROMPTS, completions, random_images
 
 import model as M
 from model import ModelError, completion_logprobs, encode_prompts, load_vlm, token_batches
-from sampler import sample
+from sampler import prompt_keys, sample
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,7 +110,7 @@ def hf_logprobs(model, prompts, ids, mask, temperature):
 def test_completion_logprobs_match_hf_forward_and_chunking_changes_nothing(tiny):
     model, tok, ip = tiny
     prompts = encode_prompts(tok, ip, random_images(3), PROMPTS)
-    out = sample(model, prompts, n=1, max_new_tokens=10, generator=torch.Generator().manual_seed(0))
+    out = sample(model, prompts, n=1, max_new_tokens=10, keys=prompt_keys(0, n=len(prompts)))
     mask = out.mask.clone()
     mask[0, 6:] = 0  # a row that ended early
     ids = out.ids.masked_fill(~mask.bool(), model.generation_config.pad_token_id)

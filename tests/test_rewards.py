@@ -514,6 +514,8 @@ def test_format_ok_is_the_public_codes_check(text, expected):
     (r"<think>..</think> \boxed{4}", "3", 0.0, 0.1),            # wrong, well formed
     (r"<think>..</think> 3", "3", 0.0, 0.0),                    # no box: no answer
     (r"<think>..</think> \boxed{B} \boxed{C}", "C) red", 1.0, 1.0),  # last box counts
+    # the public code drops the spaces around '/' before it reads the answer; the paper's reward does not
+    (r"<think>..</think> \boxed{km / h}", "km/h", 0.0, 1.0),
 ])
 def test_reasoner_reward(response, label, paper, code):
     assert reasoner_reward(response, label, "paper") == pytest.approx(paper)

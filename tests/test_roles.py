@@ -9,9 +9,10 @@ import questioner
 import reasoner
 from model import Processors
 from rewards import parse_question
-from sampler import SamplingSettings
+from sampler import SamplingSettings, prompt_keys
 
 SHORT = SamplingSettings(max_new_tokens=6)
+KEYS = prompt_keys(0, n=16)  # random streams for the calls whose sampler is canned
 
 
 class Canned:
@@ -50,7 +51,7 @@ def test_curation_band_and_silver_labels_hand_computed(tiny, monkeypatch):
         return Canned([r for group in answers for r in boxed(group)])
     monkeypatch.setattr(reasoner, "sample_in_batches", sampler)
     records = reasoner.curate(model, Processors(tok, ip), random_images(0, [(56, 56)] * 7), texts, parsed, m=4,
-                              settings=SHORT, count_empty=False, tau_low=0.25, tau_high=0.75, generator=None,
+                              settings=SHORT, count_empty=False, tau_low=0.25, tau_high=0.75, keys=KEYS,
                               batch_tokens=1)
     assert calls == [(6, 4)], "the six valid candidates, m = 4 votes each"
     assert [(r["silver"], r["confidence"], r["kept"]) for r in records] == [
@@ -61,7 +62,7 @@ def test_curation_band_and_silver_labels_hand_computed(tiny, monkeypatch):
     # Counting answers without a box as votes for "None": [None] * 3 + ["7"] has "None" at c = 0.75.
     monkeypatch.setattr(reasoner, "sample_in_batches", lambda *args, **kw: Canned(boxed(answers[3])))
     vote = reasoner.ask_and_vote(model, Processors(tok, ip), random_images(0, [(56, 56)]), ["Q?"], m=4,
-                                 settings=SHORT, count_empty=True, generator=None, batch_tokens=1)[0]
+                                 settings=SHORT, count_empty=True, keys=KEYS, batch_tokens=1)[0]
     assert (vote["confidence"], reasoner.in_band(vote["silver"], vote["confidence"], 0.25, 0.75)) == (0.75, False)
 
 
@@ -100,7 +101,7 @@ def test_questioner_reward_from_the_reasoners_answers_hand_computed(tiny, monkey
     settings = questioner.QuestionerRewardSettings(m=4, uncertainty_scale=mode, combine=mode, count_empty=count_empty)
     rewards, details = questioner.score_questions(model, Processors(tok, ip), images, parsed, texts, [0, 0, 0, 0],
                                                   reward=settings, answer_settings=SHORT,
-                                                  generator=torch.Generator().manual_seed(0), batch_tokens=10**9)
+                                                  keys=KEYS, batch_tokens=10**9)
     assert asked == [([texts[0][10:-11], texts[2][10:-11], texts[3][10:-11]], 4)], "only valid questions, m times"
     assert [d["answers"] for d in details] == [CANNED_ANSWERS[0], [], CANNED_ANSWERS[1], CANNED_ANSWERS[2]]
     assert [d["confidence"] for d in details] == pytest.approx(confidence)
@@ -118,7 +119,7 @@ def test_reasoner_rollouts_score_each_row_against_its_own_questions_label(tiny, 
              "\\boxed{4}", "<think>c</think>\\boxed{3}", "no box"]                        # question two: "4"
     monkeypatch.setattr(reasoner, "sample_in_batches", lambda model, prompts, max_tokens, n, **settings: Canned(texts))
     rollouts, episodes = reasoner.rollouts(model, Processors(tok, ip), images, ["Q one?", "Q two?"], ["3", "4"],
-                                           G=3, settings=SHORT, generator=None, batch_tokens=1, reward_mode=mode)
+                                           G=3, settings=SHORT, keys=KEYS, batch_tokens=1, reward_mode=mode)
     assert rollouts.rewards.tolist() == pytest.approx(expected)
     assert [(e["question"], e["silver"]) for e in episodes] == [("Q one?", "3"), ("Q two?", "4")]
     logged = [a for e in episodes for a in e["answers"]]
@@ -134,12 +135,12 @@ def test_rollouts_line_up_rows_with_groups(tiny):
     images = random_images(1, [(56, 56), (64, 80)])
     rollouts, episodes = reasoner.rollouts(model, Processors(tok, ip), images, ["Q one?", "Q two?"], ["3", "4"],
                                            G=3, settings=SHORT, reward_mode="paper",
-                                           generator=torch.Generator().manual_seed(0), batch_tokens=1)
+                                           keys=prompt_keys(0, n=2), batch_tokens=1)
     assert len(rollouts) == 6 == sum(len(e["answers"]) for e in episodes) and rollouts.rewards.shape == (6,)
     q_rollouts, details = questioner.rollouts(model, model, Processors(tok, ip), images, G=2, fmt="paper",
                                               question_settings=SHORT, answer_settings=SHORT,
                                               reward=questioner.QuestionerRewardSettings(m=2),
-                                              generator=torch.Generator().manual_seed(0), batch_tokens=1)
+                                              keys=prompt_keys(1, n=2), vote_keys=prompt_keys(2, n=4), batch_tokens=1)
     assert len(q_rollouts) == 4 == len(details) and [d["group"] for d in details] == [0, 0, 1, 1]
     assert q_rollouts.advantages().shape == (4,)
 
@@ -154,11 +155,11 @@ def test_curation_counting_empty_drops_empty_boxes_while_the_reward_counts_them(
     processors, images = Processors(tok, ip), random_images(0, [(56, 56)])
     texts, parsed = ["<question>Q?</question>"], [{"question": "Q?"}]
     record = reasoner.curate(model, processors, images, texts, parsed, m=5, settings=SHORT, count_empty=True,
-                             tau_low=0.3, tau_high=0.8, generator=None, batch_tokens=1)[0]
+                             tau_low=0.3, tau_high=0.8, keys=KEYS, batch_tokens=1)[0]
     assert record["silver"] == "7" and record["confidence"] == pytest.approx(2 / 3) and record["kept"]
     reward = questioner.QuestionerRewardSettings(m=5, count_empty=True)
     _, episodes = questioner.score_questions(model, processors, images, parsed, texts, [0], reward=reward,
-                                             answer_settings=SHORT, generator=None, batch_tokens=1)
+                                             answer_settings=SHORT, keys=KEYS, batch_tokens=1)
     assert episodes[0]["silver"] == "7" and episodes[0]["confidence"] == pytest.approx(2 / 5)
 
 
@@ -172,7 +173,7 @@ def rewards_at_full_uncertainty(tiny, monkeypatch, texts, **settings):
     rewards, _ = questioner.score_questions(
         model, Processors(tok, ip), random_images(0, [(56, 56)] * len(texts)), [parse_question(t) for t in texts],
         texts, [0] * len(texts), reward=questioner.QuestionerRewardSettings(m=4, **settings), answer_settings=SHORT,
-        generator=None, batch_tokens=1)
+        keys=KEYS, batch_tokens=1)
     return rewards
 
 

@@ -23,7 +23,7 @@ import runfolder
 import selfplay
 from conftest import completions
 from data import DataError, write_shapes_folder
-from model import completion_logprobs, encode_prompts, load_vlm
+from model import completion_logprobs, encode_prompts, load_processors, load_vlm
 from questioner import QUESTIONER_PROMPTS
 from reasoner import reasoner_prompt
 
@@ -275,6 +275,8 @@ def test_cli_errors_are_one_line_and_leave_nothing_behind(tmp_path, monkeypatch,
     finished = fake_run(tmp_path / "finished", iteration=3)
     a_file = tmp_path / "notes.txt"
     a_file.write_text("mine")
+    weightless = tmp_path / "weightless"  # a tokenizer and an image processor, but no weights
+    load_processors("tiny").save_pretrained(weightless)
     users = tmp_path / "users"  # a folder of the user's own files
     users.mkdir()
     (users / "thesis.tex").write_text("mine")
@@ -286,14 +288,16 @@ def test_cli_errors_are_one_line_and_leave_nothing_behind(tmp_path, monkeypatch,
              (["--resume", str(odd_state)], "does not know: micro_step"),
              (["--resume", str(no_config)], "has no config.json"),
              (["--resume", str(finished), "--lr", "1e-6"], "drop --lr"),  # 1e-6 is the default lr
-             (["--resume", str(finished), "--iterations", "1"], "already finished 2 iterations"),
+             (["--resume", str(finished), "--iterations", "1"], "already begun 2 iterations"),
              (images + ["--tau-low", "0.8", "--tau-high", "0.3"], "--tau-low 0.8 is above --tau-high 0.3"),
              (images + ["--output", str(a_file)], "is a file"),
              (images + ["--output", str(users)], "other files in it"),
              (images + ["--device", "gpu"], "unknown device"),
              (images[:2] + ["--model", str(tmp_path / "no_model")], "does not exist"),
              (images + ["--seed", "-1"], "must be 0 or more"),
-             (images + ["--lr", "-1e-5"], "must be more than 0")]
+             (images + ["--lr", "-1e-5"], "must be more than 0"),
+             (images + ["--min-pixels", "262144"], "--min-pixels 262144 is above --max-pixels 12544"),  # tiny's own
+             (images[:2] + ["--model", str(weightless)], "could not load")]  # found once the run has begun
     if not torch.cuda.is_available():
         cases.append((images + ["--device", "cuda"], "no CUDA GPU"))
     for args, needle in cases:
@@ -308,18 +312,9 @@ def test_cli_errors_are_one_line_and_leave_nothing_behind(tmp_path, monkeypatch,
     assert a_file.read_text() == "mine" and os.listdir(users) == ["thesis.tex"]
     assert selfplay.main(["--resume", str(finished)]) == 0
     assert "has finished its 2 iterations" in capsys.readouterr().out
-
-
-def test_a_run_resumes_only_on_the_kind_of_device_it_samples_on(tmp_path):
-    cfg = selfplay.Config(model="tiny", output=str(tmp_path))
-    run = runfolder.Run(cfg, tmp_path, runfolder.State(), torch.device("cpu"))
-    run.save_state()
-    state = runfolder.State(**json.loads((tmp_path / "state.json").read_text()))
-    assert state.device == "cpu"
-    assert runfolder.Run(cfg, tmp_path, state, torch.device("cpu")).generator.get_state().tolist() == state.sampling_rng
-    on_a_gpu = dataclasses.replace(state, device="cuda", sampling_rng=[0] * 16)  # a CUDA generator's state
-    with pytest.raises(DataError, match="cannot resume on cpu: this run samples on cuda.*--device cuda"):
-        runfolder.Run(cfg, tmp_path, on_a_gpu, torch.device("cpu"))
+    assert selfplay.main(["--resume", str(finished), "--print-config", "--threads", "1"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["resume"] == str(finished) and printed["threads"] == 1 and printed["iterations"] == 2
 
 
 @pytest.mark.slow
