@@ -5,22 +5,29 @@ The page shows, top to bottom:
 - a header: run name, model, iterations done, and the last thing the run logged (or that it finished);
 - a summary table, one row per iteration: mean Questioner reward, the share of valid questions
   the Questioner wrote while training, valid candidate questions, questions kept by curation, mean
-  majority-vote confidence, mean Reasoner reward (plus any numbers the loop wrote in "summary" lines);
+  majority-vote confidence, mean Reasoner reward, and for shapes-world runs (whose curation is graded
+  against each scene's truth) the silver labels' accuracy, the share of answerable questions and the
+  categories the Questioner wrote (plus any numbers the loop wrote in "summary" lines);
 - curves as inline SVG: reward, KL and completion length of both roles against their training
-  step, the kept fraction and mean confidence per iteration, and the confidence histogram of the
-  last curation;
+  step, the kept fraction and mean confidence per iteration, the confidence histogram of the
+  last curation, and (graded runs) the silver labels' accuracy per iteration;
 - a gallery per iteration: each image once as a thumbnail with the questions written about it,
-  their silver answer, confidence and a kept/dropped badge; the Reasoner's m sampled answers and
-  full responses open with a click;
+  their silver answer (and true answer, when graded), confidence and a kept/dropped badge; the
+  Reasoner's m sampled answers and full responses open with a click;
+- the training episodes: per iteration and role, one collapsed block per step (its first and last
+  steps) with the step's questions, the Reasoner's answers and the rewards;
 - the images the run skipped as unreadable, and the run's config.
 
 It reads only the run folder, so it runs on a copy of one anywhere; of the project it uses only
-data.py, to show each image as the model saw it. The training loop rewrites it after every phase,
-so every input may be missing or half written (a killed run leaves a truncated last metrics line);
-the page is written to a temp file and moved into place, so a reader never sees half a page.
+data.py, to show each image as the model saw it, and rewards.py's answer equivalence, to mark a
+silver label that is not the true answer as curation's grading counted it. The training loop
+rewrites it after every phase, so every input may be missing or half written (a killed run leaves a
+truncated last metrics line); the page is written to a temp file and moved into place, so a reader
+never sees half a page.
 
 Left out: JavaScript (the only interaction is <details>), external files of any kind (images are
-base64 JPEG thumbnails, styles are inline), per-token views, and comparisons between runs.
+base64 JPEG thumbnails, each written once in the page's style and shown by class wherever the image
+appears; styles are inline), per-token views, and comparisons between runs.
 
     python report.py runs/<name>      # writes runs/<name>/report.html and prints its path
 """
@@ -39,12 +46,20 @@ from collections import Counter
 from pathlib import Path
 
 from data import load_image
+from rewards import answers_equivalent
 
 THUMB_SIDE = 160  # px, longest side of a gallery thumbnail
 THUMB_QUALITY = 80  # JPEG quality: small enough that a gallery of 24 images stays well under 1 MB
 GALLERY_IMAGES = 24  # images shown per iteration; the rest are counted, not shown
+# The episode logs grow by a batch every training step (20 steps x 2 roles per iteration by default,
+# each Reasoner row with G whole responses): shown whole, they would make the page tens of MB. The
+# first steps show where a role started and the last where it ended; the logs keep everything.
+EPISODE_STEPS_FIRST, EPISODE_STEPS_LAST = 3, 3  # steps shown per iteration and role
+EPISODE_ROWS = 24  # questions shown per step
+PREVIEW_CHARS = 240  # characters of a response or raw output shown in a table cell; the rest a click away
 TRAINING_PHASES = ("questioner", "reasoner")
-COLORS = {"questioner": "#2563eb", "reasoner": "#dc2626", "kept fraction": "#059669", "mean confidence": "#d97706"}
+COLORS = {"questioner": "#2563eb", "reasoner": "#dc2626", "kept fraction": "#059669", "mean confidence": "#d97706",
+          "silver accuracy": "#7c3aed", "answerable share": "#0891b2"}
 
 # -----------------------------------------------------------------------------
 # reading the run folder (every file optional, every field optional)
@@ -317,7 +332,27 @@ def header(run_dir, config, state, metrics, folders, summaries) -> str:
 
 
 # Fields of selfplay.py's summary lines that the fixed columns of the table already show.
-SHOWN_IN_SUMMARY = {"questioner_reward", "valid_rate", "n_kept", "kept_frac", "confidence_mean", "reasoner_reward"}
+SHOWN_IN_SUMMARY = {"questioner_reward", "valid_rate", "n_kept", "kept_frac", "confidence_mean", "reasoner_reward",
+                    "silver_accuracy"}
+
+
+def silver_accuracy(k, curation, summaries):
+    """Iteration k's share of kept questions whose silver label is the true answer: the curation
+    line's, else the summary's copy; None for runs whose images have no known scene."""
+    value = number(curation.get(k, {}).get("silver_accuracy"))
+    return value if value is not None else number(summaries.get(k, {}).get("silver_accuracy"))
+
+
+def category_breakdown(categories) -> str:
+    """{'counting': 8, 'colour': 7, 'other': 5} -> 'counting 40%, colour 35%, other 25%', most first."""
+    if not isinstance(categories, dict):
+        return "–"
+    counts = {name: count for name, count in categories.items() if number(count) is not None and count > 0}
+    total = sum(counts.values())
+    if not total:
+        return "–"
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], str(item[0])))
+    return ", ".join(f"{esc(name)} {100 * count / total:.0f}%" for name, count in ranked)
 
 
 def summary_table(iterations, metrics, questions, summaries) -> str:
@@ -330,8 +365,10 @@ def summary_table(iterations, metrics, questions, summaries) -> str:
                                if key not in ("phase", "iteration") and key not in SHOWN_IN_SUMMARY))
     # Two validity numbers, of two sets of questions: those the Questioner wrote in its GRPO steps
     # (valid_rate of its step lines), and the candidates it then wrote for curation.
+    # Silver-label accuracy, answerable share and categories: curation's grades against the scenes
+    # of a shapes-world run (data.grade_candidates), "–" for images without a known truth.
     head = ["iteration", "questioner reward", "valid in Questioner training", "valid candidates", "kept",
-            "mean confidence", "reasoner reward"] + extra
+            "mean confidence", "reasoner reward", "silver-label accuracy", "answerable", "question categories"] + extra
     rows = []
     for k in iterations:
         reward = {phase: mean(line.get("reward_mean") for line in steps[phase] if line["iteration"] == k)
@@ -344,9 +381,11 @@ def summary_table(iterations, metrics, questions, summaries) -> str:
         if cur:
             kept = f"{fmt(cur.get('n_kept'))} / {fmt(cur.get('n_candidates'))} ({percent(cur.get('kept_frac'))})"
         cells = [str(k), fmt(reward["questioner"]), percent(valid_rate), valid, kept, fmt(cur.get("confidence_mean")),
-                 fmt(reward["reasoner"])]
+                 fmt(reward["reasoner"]), percent(silver_accuracy(k, curation, summaries)),
+                 percent(cur.get("answerable_frac")), category_breakdown(cur.get("categories"))]
         cells += [fmt(summaries.get(k, {}).get(key)) for key in extra]
-        rows.append("<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
+        classes = {len(head) - len(extra) - 1: ' class="categories"'}  # the one cell that may wrap
+        rows.append("<tr>" + "".join(f"<td{classes.get(i, '')}>{cell}</td>" for i, cell in enumerate(cells)) + "</tr>")
     return ('<h2 id="summary">Summary</h2>\n<table id="summary-table">\n<tr>'
             + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>\n" + "\n".join(rows) + "\n</table>")
 
@@ -364,6 +403,16 @@ def charts(metrics, config) -> str:
     curation = lines_by_iteration(metrics, "curation")
     per_iteration = {"kept fraction": [(k, line.get("kept_frac")) for k, line in sorted(curation.items())],
                      "mean confidence": [(k, line.get("confidence_mean")) for k, line in sorted(curation.items())]}
+    # Graded runs only (shapes-world scenes): the paper's diagnostic, its silver labels 72 -> 65 -> 61%
+    # right over three iterations as the Questioner's questions grow harder.
+    summaries = lines_by_iteration(metrics, "summary")
+    graded = {"silver accuracy": [(k, silver_accuracy(k, curation, summaries))
+                                  for k in sorted(set(curation) | set(summaries))],
+              "answerable share": [(k, line.get("answerable_frac")) for k, line in sorted(curation.items())]}
+    grades = ""
+    if any(number(y) is not None for points in graded.values() for _, y in points):
+        grades = line_chart("Silver labels against the scenes' truth", graded, "iteration", "fraction",
+                            integer_x=True, y_include=(0, 1))
     with_hist = [k for k, line in sorted(curation.items())
                  if isinstance(line.get("confidence_hist"), list) and line["confidence_hist"]]
     if with_hist:
@@ -379,20 +428,43 @@ def charts(metrics, config) -> str:
         line_chart("Completion length", per_step("completion_len"), x_label, "tokens", integer_x=True),
         line_chart("Curation per iteration", per_iteration, "iteration", "fraction", integer_x=True, y_include=(0, 1)),
         hist,
+        grades,
         "</div>",
     ])
 
 # -----------------------------------------------------------------------------
 # gallery
 
-def thumbnail_uri(path, cache):
+class Thumbnails:
     """
-    A data URI of a JPEG thumbnail of the image at path, or None when it can't be read.
-    cache maps path -> URI for one report: an image asked about by 8 questions is encoded once.
+    The page's images, each read and encoded once and its data URI written once, as a CSS rule
+    (.img-<n>) in the page's style that every place showing the image refers to. A run shows the same
+    image in curation, in Questioner steps and in Reasoner steps: an <img> with its own data URI in
+    each place would repeat some kB of base64 every time.
     """
-    if path not in cache:
-        cache[path] = encode_thumbnail(path)
-    return cache[path]
+
+    def __init__(self):
+        self.classes = {}  # path -> CSS class, or None when the image can't be read
+        self.uris = []  # the data URI of img-<n>
+
+    def element(self, path, small=False) -> str:
+        """The image at path as a thumbnail, or a placeholder saying it is missing or unreadable."""
+        path = str(path) if path else ""
+        size = " small" if small else ""
+        if path and path not in self.classes:
+            uri = encode_thumbnail(path)
+            self.classes[path] = None if uri is None else f"img-{len(self.uris)}"
+            if uri is not None:
+                self.uris.append(uri)
+        if self.classes.get(path):
+            return (f'<div class="thumb{size} {self.classes[path]}" role="img" aria-label="{esc(Path(path).name)}" '
+                    f'title="{esc(path)}"></div>')
+        problem = "image unreadable" if path and Path(path).exists() else "image not found"
+        return f'<div class="thumb{size} missing" title="{esc(path)}">{problem}</div>'
+
+    def style(self) -> str:
+        """The CSS rules of every image shown, one per distinct image."""
+        return "\n".join(f'.img-{i} {{ background-image: url("{uri}"); }}' for i, uri in enumerate(self.uris))
 
 
 def encode_thumbnail(path):
@@ -414,6 +486,22 @@ def answer_tally(answers) -> str:
     return " · ".join(f"{esc(answer)} ×{count}" for answer, count in counts.most_common())
 
 
+def truth(q) -> str:
+    """A graded candidate's true answer, for after its silver label, with a badge when the label is
+    wrong (as curation's grading counts it: an unanswerable question's label is wrong); "" when the
+    candidate was not graded (no known scene) or is no valid question."""
+    if "true_answer" not in q or q.get("question") is None or q.get("valid") is False:
+        return ""
+    true = q.get("true_answer")
+    if true is None:
+        text = " · true answer: <i>none (the scene does not settle it)</i>"
+    else:
+        text = f" · true answer: <b>{esc(true)}</b>"
+    if true is None or not answers_equivalent(q.get("silver"), true):
+        text += ' <span class="badge wrong">wrong silver label</span>'
+    return text
+
+
 def question_item(q) -> str:
     """One candidate: badge, question, silver answer and confidence, then the details behind clicks."""
     answers = q.get("answers") if isinstance(q.get("answers"), list) else []
@@ -426,7 +514,7 @@ def question_item(q) -> str:
         text = esc(q["question"])
     silver = "(none)" if q.get("silver") is None else q["silver"]
     parts = [f'<li>{badge} <span class="question">{text}</span>',
-             f'<div class="meta">silver: <b>{esc(silver)}</b> · confidence {fmt(q.get("confidence"))}</div>']
+             f'<div class="meta">silver: <b>{esc(silver)}</b>{truth(q)} · confidence {fmt(q.get("confidence"))}</div>']
     if responses or answers:
         items = []
         for i in range(max(len(answers), len(responses))):
@@ -442,22 +530,17 @@ def question_item(q) -> str:
     return "\n".join(parts)
 
 
-def image_card(path, candidates, cache) -> str:
+def image_card(path, candidates, thumbs) -> str:
     """One image: its thumbnail (or a placeholder) beside the questions written about it."""
-    uri = thumbnail_uri(path, cache) if path else None
+    thumb = thumbs.element(path)
     name = Path(path).name if path else "(no image path)"
-    if uri:
-        thumb = f'<img class="thumb" src="{uri}" alt="{esc(name)}" title="{esc(path)}">'
-    else:
-        problem = "image unreadable" if path and Path(path).exists() else "image not found"
-        thumb = f'<div class="thumb missing" title="{esc(path)}">{problem}</div>'
     n_kept = sum(bool(q.get("kept")) for q in candidates)
     return (f'<div class="card">\n<div class="side">{thumb}<div class="name">{esc(name)}</div>'
             f'<div class="meta">{n_kept} of {len(candidates)} kept</div></div>\n'
             f'<ul class="questions">\n' + "\n".join(question_item(q) for q in candidates) + "\n</ul>\n</div>")
 
 
-def gallery(k, candidates, cache) -> str:
+def gallery(k, candidates, thumbs) -> str:
     """The candidates of iteration k grouped by image, at most GALLERY_IMAGES images."""
     title = f'<h3 id="iter-{k}">Iteration {k}</h3>'
     if not candidates:
@@ -470,13 +553,126 @@ def gallery(k, candidates, cache) -> str:
     n_kept = sum(bool(q.get("kept")) for q in candidates)
     counts = f'{plural(len(candidates), "candidate question")} about {plural(len(by_image), "image")}, {n_kept} kept.'
     parts = [title, f'<p class="meta">{counts}</p>']
-    parts += [image_card(path, qs, cache) for path, qs in shown]
+    parts += [image_card(path, qs, thumbs) for path, qs in shown]
     left_out = len(by_image) - len(shown)
     if left_out:
         n_questions = sum(len(qs) for _, qs in list(by_image.items())[GALLERY_IMAGES:])
         parts.append(f'<p class="meta">{plural(left_out, "more image")} ({plural(n_questions, "question")}) not shown; '
                      f'all are in iter_{k}/questions.jsonl.</p>')
     return "\n".join(parts)
+
+
+# -----------------------------------------------------------------------------
+# training episodes
+
+def clipped(text, limit=PREVIEW_CHARS) -> str:
+    """Model text for a table cell: its first `limit` characters, the whole of it a click away."""
+    text = "" if text is None else str(text)
+    if len(text) <= limit:
+        return f'<span class="text">{esc(text)}</span>'
+    return (f'<span class="text">{esc(text[:limit])}…</span>'
+            f'<details><summary>all {len(text):,} characters</summary><pre>{esc(text)}</pre></details>')
+
+
+def episode_answers(row) -> list[dict]:
+    """A Reasoner episode's G answers, those that are records."""
+    answers = row.get("answers")
+    return [a for a in answers if isinstance(a, dict)] if isinstance(answers, list) else []
+
+
+def step_rewards(role, rows) -> list:
+    """Every reward of a step: a Questioner's per question, a Reasoner's per answer (as the step's
+    reward_mean in metrics.jsonl averages them)."""
+    if role == "questioner":
+        return [row.get("reward") for row in rows]
+    return [answer.get("reward") for row in rows for answer in episode_answers(row)]
+
+
+def questioner_cells(row) -> list[str]:
+    """question | the Reasoner's answers | silver, confidence | uncertainty | diversity | reward"""
+    answers = row.get("answers") if isinstance(row.get("answers"), list) else []
+    if row.get("question") is None or row.get("valid") is False:
+        question = f'<span class="badge invalid">invalid</span> {clipped(row.get("raw"))}'
+    else:
+        question = f'<span class="question">{esc(row["question"])}</span>'
+    silver = "(none)" if row.get("silver") is None else row["silver"]
+    return [question, answer_tally(answers) or "–", f'<b>{esc(silver)}</b> · {fmt(row.get("confidence"))}',
+            fmt(row.get("uncertainty")), fmt(row.get("diversity")), fmt(row.get("reward"))]
+
+
+def reasoner_cells(row) -> list[str]:
+    """question and silver label | the G responses, each with its answer, reward and length"""
+    silver = "(none)" if row.get("silver") is None else row["silver"]
+    question = (f'<span class="question">{esc(row.get("question"))}</span>'
+                f'<div class="meta">silver: <b>{esc(silver)}</b></div>')
+    items = []
+    for answer in episode_answers(row):
+        extracted = "(none)" if answer.get("answer") is None else answer["answer"]
+        items.append(f'<li><span class="meta">answer <b>{esc(extracted)}</b> · reward {fmt(answer.get("reward"))} · '
+                     f'{fmt(answer.get("length"))} tokens</span><br>{clipped(answer.get("response"))}</li>')
+    return [question, f'<ol class="responses">{"".join(items)}</ol>' if items else "–"]
+
+
+EPISODE_COLUMNS = {"questioner": ["image", "question", "Reasoner's answers", "silver · confidence", "uncertainty",
+                                  "diversity", "reward"],
+                   "reasoner": ["image", "question", "responses: answer, reward, length"]}
+
+
+def episode_step(k, role, step, rows, thumbs) -> str:
+    """One training step, collapsed: its mean reward and question count, then at most EPISODE_ROWS
+    rows; consecutive rows about one image (a Questioner's G questions) share its thumbnail."""
+    cells = questioner_cells if role == "questioner" else reasoner_cells
+    shown = rows[:EPISODE_ROWS]
+    body = []
+    for i, row in enumerate(shown):
+        image = row.get("image")
+        thumb = ""
+        if i == 0 or image != shown[i - 1].get("image"):
+            span = next((j for j in range(i + 1, len(shown)) if shown[j].get("image") != image), len(shown)) - i
+            thumb = f'<td rowspan="{span}">{thumbs.element(image, small=True)}</td>'
+        body.append("<tr>" + thumb + "".join(f"<td>{cell}</td>" for cell in cells(row)) + "</tr>")
+    summary = (f"step {step}: mean reward {fmt(mean(step_rewards(role, rows)))}, "
+               f"{plural(len(rows), 'question')}")
+    parts = [f'<details class="step" id="episodes-{k}-{role}-step-{step}"><summary>{summary}</summary>',
+             '<table class="episodes"><tr>' + "".join(f"<th>{esc(h)}</th>" for h in EPISODE_COLUMNS[role]) + "</tr>",
+             *body, "</table>"]
+    if len(rows) > len(shown):
+        parts.append(f'<p class="meta">{plural(len(rows) - len(shown), "more question")} of this step not shown; '
+                     f'all are in iter_{k}/{role}_episodes.jsonl.</p>')
+    parts.append("</details>")
+    return "\n".join(parts)
+
+
+def episode_role(k, role, episodes, thumbs) -> str:
+    """One role's steps of iteration k: the first EPISODE_STEPS_FIRST and last EPISODE_STEPS_LAST,
+    with a line saying which steps between them are left out."""
+    by_step = {}
+    for row in episodes:
+        if is_int(row.get("step")):
+            by_step.setdefault(row["step"], []).append(row)
+    steps = sorted(by_step)
+    title = f'<h4>{role.capitalize()}</h4>'
+    if not steps:
+        return title + f'\n<p class="empty">No {role.capitalize()} steps logged.</p>'
+    n_rows = sum(len(rows) for rows in by_step.values())
+    parts = [title, f'<p class="meta">{plural(len(steps), "step")}, {plural(n_rows, "question")}.</p>']
+    first, last = steps[:EPISODE_STEPS_FIRST], steps[max(EPISODE_STEPS_FIRST, len(steps) - EPISODE_STEPS_LAST):]
+    parts += [episode_step(k, role, step, by_step[step], thumbs) for step in first]
+    left_out = steps[len(first):len(steps) - len(last)]
+    if left_out:
+        which = f"step {left_out[0]}" if len(left_out) == 1 else f"steps {left_out[0]}–{left_out[-1]}"
+        parts.append(f'<p class="meta">{plural(len(left_out), "step")} not shown ({which}); '
+                     f'all are in iter_{k}/{role}_episodes.jsonl.</p>')
+    parts += [episode_step(k, role, step, by_step[step], thumbs) for step in last]
+    return "\n".join(parts)
+
+
+def episodes_section(k, episodes, thumbs) -> str:
+    """Iteration k's training episodes, per role; episodes: {role: rows of iter_k/<role>_episodes.jsonl}."""
+    title = f'<h3 id="episodes-{k}">Iteration {k}</h3>'
+    if not any(episodes.values()):
+        return title + '\n<p class="empty">No training episodes yet.</p>'
+    return "\n".join([title] + [episode_role(k, role, episodes[role], thumbs) for role in TRAINING_PHASES])
 
 
 def skipped_section(run_dir) -> str:
@@ -533,14 +729,23 @@ svg { width: 100%; height: auto; font-size: 12px; fill: #374151; }
 svg .grid { stroke: #e5e7eb; } svg .axis { stroke: #6b7280; } svg .label { font-size: 13px; }
 .card { display: flex; gap: 1rem; border: 1px solid #e5e7eb; border-radius: 6px; padding: 0.7rem; margin: 0.7rem 0; }
 .side { flex: 0 0 164px; }
-.thumb { max-width: 160px; max-height: 160px; display: block; border: 1px solid #e5e7eb; border-radius: 3px; }
-.missing { width: 160px; height: 100px; background: #f3f4f6; color: #9ca3af; display: flex;
+.thumb { width: 160px; height: 160px; display: block; background-position: center; background-size: contain;
+         background-repeat: no-repeat; }
+.thumb.small { width: 96px; height: 96px; }
+.missing { height: 100px; background-color: #f3f4f6; color: #9ca3af; display: flex; text-align: center;
            align-items: center; justify-content: center; font-size: 0.85rem; }
+.thumb.small.missing { height: 60px; }
 .name { font-size: 0.8rem; word-break: break-all; margin-top: 0.3rem; }
 .questions { list-style: none; padding: 0; margin: 0; flex: 1; min-width: 0; }
 .questions > li { border-bottom: 1px solid #f3f4f6; padding: 0.4rem 0; }
 .badge { display: inline-block; font-size: 0.75rem; padding: 0 0.4rem; border-radius: 3px; color: white; }
 .kept { background: #059669; } .dropped { background: #9ca3af; } .invalid { background: #dc2626; }
+.wrong { background: #b45309; }
+#summary-table td.categories { white-space: normal; min-width: 14rem; }
+table.episodes { width: 100%; table-layout: auto; } table.episodes td { font-size: 0.85rem; }
+.text { white-space: pre-wrap; word-break: break-word; }
+.responses { margin: 0; padding-left: 1.3rem; } .responses li { margin-bottom: 0.4rem; }
+details.step { border: 1px solid #e5e7eb; border-radius: 6px; padding: 0.3rem 0.6rem; margin: 0.4rem 0; }
 details { margin: 0.2rem 0; font-size: 0.9rem; } summary { cursor: pointer; color: #4b5563; }
 pre { white-space: pre-wrap; word-break: break-word; background: #f9fafb; padding: 0.4rem;
       max-height: 16rem; overflow: auto; font-size: 0.8rem; margin: 0.2rem 0 0.5rem; }
@@ -559,15 +764,19 @@ def render(run_dir) -> str:
     summaries = lines_by_iteration(metrics, "summary")
     logged = {line["iteration"] for line in metrics if is_int(line.get("iteration"))}
     iterations = sorted(set(folders) | logged)
-    cache = {}
-    galleries = [gallery(k, questions.get(k, []), cache) for k in iterations]
+    thumbs = Thumbnails()
+    galleries = [gallery(k, questions.get(k, []), thumbs) for k in iterations]
+    episodes = [episodes_section(k, {role: read_jsonl(folders[k] / f"{role}_episodes.jsonl") if k in folders else []
+                                     for role in TRAINING_PHASES}, thumbs) for k in iterations]
     nav = " ".join(f'<a href="#{target}">{label}</a>' for target, label in
-                   [("summary", "Summary"), ("curves", "Curves"), ("gallery", "Questions"), ("config", "Config")])
+                   [("summary", "Summary"), ("curves", "Curves"), ("gallery", "Questions"),
+                    ("episodes", "Training episodes"), ("config", "Config")])
     return "\n".join([
         "<!DOCTYPE html>",
         '<html lang="en">',
         f'<head><meta charset="utf-8"><title>{esc(run_dir.resolve().name)} · visplay report</title>',
-        f"<style>{STYLE}</style></head>",
+        f"<style>{STYLE}</style>",
+        f"<style>\n{thumbs.style()}\n</style></head>",
         "<body>",
         header(run_dir, config, state, metrics, folders, summaries),
         f"<nav>{nav}</nav>",
@@ -575,6 +784,11 @@ def render(run_dir) -> str:
         charts(metrics, config),
         '<h2 id="gallery">Questions</h2>',
         *(galleries or ['<p class="empty">No iterations yet.</p>']),
+        '<h2 id="episodes">Training episodes</h2>',
+        f'<p class="meta">Per iteration and role, the first {EPISODE_STEPS_FIRST} and last {EPISODE_STEPS_LAST} '
+        f'training steps, at most {EPISODE_ROWS} questions each; iter_&lt;k&gt;/&lt;role&gt;_episodes.jsonl '
+        'has every one.</p>' if episodes else "",
+        *(episodes or ['<p class="empty">No iterations yet.</p>']),
         skipped_section(run_dir),
         config_section(config),
         "</body>",

@@ -20,6 +20,7 @@ import report
 HOSTILE = '<script>alert(1)</script> & "quotes"'
 VOID_TAGS = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 N_CHARTS = 5  # reward, KL, completion length, curation per iteration, confidence histogram
+# (and a sixth, the silver labels against the truth, for graded runs only)
 
 
 class StrictChecker(HTMLParser):
@@ -80,15 +81,33 @@ def assert_self_contained(page, checker):
             assert value.startswith("#"), f"<{tag} href={value}>"
 
 
+def thumbnail_rules(page) -> dict:
+    """{CSS class: data URI} of the page's images, from the style in its head; each class defined once."""
+    head = page.split("</head>", 1)[0]
+    rules = re.findall(r'\.(img-\d+) \{ background-image: url\("(data:image/jpeg;base64,[^"]+)"\); \}', head)
+    assert len(rules) == len(dict(rules)) == head.count("data:") == page.count("data:"), "an image written twice"
+    return dict(rules)
+
+
+def uses_of(page, css):
+    """How many thumbnails on the page show the image of CSS class css."""
+    return len(re.findall(rf'<div class="thumb(?: small)? {css}" role="img"', page))
+
+
 def write_jsonl(path, records, tail=""):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records) + tail, encoding="utf-8")
 
 
-def candidate(image, question, kept, silver="3", confidence=0.5, answers=("3", "3", "4", None)):
+def candidate(image, question, kept, silver="3", confidence=0.5, answers=("3", "3", "4", None), **grades):
     return {"image": str(image), "question": question, "raw": f"<think>hmm</think><question>{question}</question>",
             "answers": list(answers), "responses": [f"so the answer is \\boxed{{{a}}}" for a in answers],
-            "silver": silver, "confidence": confidence, "kept": kept, "valid": question is not None}
+            "silver": silver, "confidence": confidence, "kept": kept, "valid": question is not None, **grades}
+
+
+def graded(true_answer, category):
+    """The fields data.grade_candidates adds to a candidate of a shapes-world image."""
+    return {"true_answer": true_answer, "answerable": true_answer is not None, "category": category}
 
 
 def step_line(phase, iteration, step, reward, **extra):
@@ -99,7 +118,8 @@ def step_line(phase, iteration, step, reward, **extra):
 @pytest.fixture
 def run(tmp_path):
     """A two-iteration run: metrics of every phase (a null, a step logged twice, a truncated last line), hostile text,
-    one real image asked about three times in iteration 1, one image that no longer exists, one that isn't an image."""
+    one real image asked about three times in iteration 1, one image that no longer exists, one that isn't an image;
+    iteration 1's curation graded against the truth (as a shapes-world run's), iteration 2's not."""
     run_dir = tmp_path / "demo-run"
     run_dir.mkdir()
     (run_dir / "config.json").write_text(json.dumps({"model": "tiny", "iterations": 2, "note": HOSTILE,
@@ -112,10 +132,12 @@ def run(tmp_path):
     metrics = [
         step_line("questioner", 1, 1, 0.2, valid_rate=0.5), step_line("questioner", 1, 2, 0.4, valid_rate=1.0),
         {"phase": "curation", "iteration": 1, "n_candidates": 5, "n_kept": 2, "kept_frac": 0.4,
-         "confidence_mean": 0.55, "confidence_hist": [1, 0, 0, 0, 0, 2, 0, 0, 0, 2]},
+         "confidence_mean": 0.55, "confidence_hist": [1, 0, 0, 0, 0, 2, 0, 0, 0, 2],
+         # as grade_candidates computes them from the records below: 3 of 4 valid answerable, 1 of 2 kept right
+         "answerable_frac": 0.75, "silver_accuracy": 0.5, "categories": {"counting": 2, "other": 1, "colour": 1}},
         step_line("reasoner", 1, 1, 0.5), step_line("reasoner", 1, 2, 99.0),
         step_line("reasoner", 1, 2, 0.7),  # the run was resumed and logged step 2 again
-        {"phase": "summary", "iteration": 1, "silver_accuracy": 0.72, "valid_rate": 0.75},
+        {"phase": "summary", "iteration": 1, "silver_accuracy": 0.5, "valid_rate": 0.75, "new_number": 7},
         {"phase": "some_future_phase", "iteration": 1, "x": 1},
         step_line("questioner", 2, 1, None, valid_rate=None),
         step_line("questioner", 2, 2, 0.9),
@@ -125,11 +147,13 @@ def run(tmp_path):
     ]
     write_jsonl(run_dir / "metrics.jsonl", metrics, tail='{"phase": "reasoner", "iteration": 2, "st')
     write_jsonl(run_dir / "iter_1" / "questions.jsonl", [
-        candidate(real, "How many cats?", kept=True),
-        candidate(real, HOSTILE, kept=True, silver=HOSTILE, answers=(HOSTILE, HOSTILE, "x", "y")),
-        candidate(real, None, kept=False, silver=None, confidence=0.0, answers=()),
-        candidate(missing, "What colour is the sky?", kept=False, confidence=1.0),
-        candidate(tmp_path / "broken.jpg", "Is this a photo?", kept=False, confidence=1.0),
+        candidate(real, "How many cats?", kept=True, **graded("3.0", "counting")),  # right: 3 = 3.0
+        candidate(real, HOSTILE, kept=True, silver=HOSTILE, answers=(HOSTILE, HOSTILE, "x", "y"),
+                  **graded("2", "counting")),  # wrong
+        candidate(real, None, kept=False, silver=None, confidence=0.0, answers=(), **graded(None, None)),
+        candidate(missing, "What colour is the sky?", kept=False, confidence=1.0,
+                  **graded(None, "colour")),  # unanswerable: its label counts as wrong
+        candidate(tmp_path / "broken.jpg", "Is this a photo?", kept=False, confidence=1.0, **graded("3", "other")),
     ])
     write_jsonl(run_dir / "iter_2" / "questions.jsonl", [
         candidate(missing, "Is it raining?", kept=True, silver="yes"),
@@ -147,7 +171,7 @@ def test_full_run_page_is_valid_self_contained_and_complete(run):
     page = path.read_text(encoding="utf-8")
     checker = check_html(page)
     assert_self_contained(page, checker)
-    assert page.count("<svg") == N_CHARTS and page.count("</svg>") == N_CHARTS
+    assert page.count("<svg") == N_CHARTS + 1 and page.count("</svg>") == N_CHARTS + 1  # graded: + silver labels
     assert "Confidence of the candidates, curation of iteration 2" in page  # the last curation's histogram
     assert "demo-run" in page and "tiny" in page
     assert "iterations done: 1" in page  # iteration 2 has no saved Reasoner yet
@@ -160,16 +184,21 @@ def test_summary_table_numbers(run):
     page = report.write_report(run).read_text(encoding="utf-8")
     rows = check_html(page).tables["summary-table"]
     head, by_iteration = rows[0], {row[0]: dict(zip(rows[0], row)) for row in rows[1:]}
-    assert head[:7] == ["iteration", "questioner reward", "valid in Questioner training", "valid candidates", "kept",
-                        "mean confidence", "reasoner reward"]
-    assert "silver_accuracy" in head  # from the summary line
-    assert "valid_rate" not in head  # the summary's copy of the column before it is not shown twice
+    assert head[:10] == ["iteration", "questioner reward", "valid in Questioner training", "valid candidates", "kept",
+                         "mean confidence", "reasoner reward", "silver-label accuracy", "answerable",
+                         "question categories"]
+    assert "new_number" in head  # from the summary line
+    # the summary's copies of columns before it are not shown twice
+    assert "valid_rate" not in head and "silver_accuracy" not in head
     assert set(by_iteration) == {"1", "2"}
     one, two = by_iteration["1"], by_iteration["2"]
     assert one["questioner reward"] == "0.3" and one["reasoner reward"] == "0.6"  # a step logged twice counts once
     assert one["valid candidates"] == "4 / 5" and one["kept"] == "2 / 5 (40%)" and one["mean confidence"] == "0.55"
     assert one["valid in Questioner training"] == "75%" and two["valid in Questioner training"] == "–"
-    assert one["silver_accuracy"] == "0.72" and two["silver_accuracy"] == "–"
+    assert one["new_number"] == "7" and two["new_number"] == "–"
+    assert one["silver-label accuracy"] == "50%" and one["answerable"] == "75%"
+    assert one["question categories"] == "counting 50%, colour 25%, other 25%"  # most first, then by name
+    assert two["silver-label accuracy"] == two["answerable"] == two["question categories"] == "–"  # not graded
     assert two["questioner reward"] == "0.9"  # the null reward is skipped, not counted as 0
     assert two["reasoner reward"] == "0.8"  # the truncated last line is ignored
 
@@ -197,7 +226,8 @@ def test_image_embedded_once_and_missing_image_placeholder(run, monkeypatch):
     assert len(opened) == len(set(opened)) == 2, "an image was opened twice"  # the missing one is not opened
     assert page.count("image not found") == 2  # gone<b>.png, once in each iteration's gallery
     assert page.count("image unreadable") == 1  # broken.jpg exists but is no image
-    [uri] = [value for tag, name, value in check_html(page).attrs if tag == "img" and name == "src"]
+    [(css, uri)] = thumbnail_rules(page).items()
+    assert uses_of(page, css) == 1  # one card in the gallery of iteration 1
     thumb = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
     assert thumb.format == "JPEG" and max(thumb.size) == report.THUMB_SIDE and thumb.size == (160, 64)
 
@@ -370,3 +400,157 @@ def test_histogram_band_covers_exactly_the_kept_bins():
     # bars are inset 2 px into their bins: bins 2 and 3 (c in [0.25, 0.75]) are the band
     assert band[0] == pytest.approx(bars[1][0] - 2, abs=0.15)
     assert band[0] + band[1] == pytest.approx(bars[2][0] + bars[2][1] + 2, abs=0.15)
+
+# -----------------------------------------------------------------------------
+# training episodes (iter_<k>/{questioner,reasoner}_episodes.jsonl) and graded curation
+
+LONG = "x" * 1000 + " so the answer is \\boxed{END}"
+
+
+def q_episode(step, image, i, question="What is it?", **extra):
+    """A Questioner episode with reward (i % 4) / 4 + step / 100."""
+    return {"step": step, "image": str(image), "raw": f"<question>{question}</question>", "question": question,
+            "valid": question is not None, "answers": ["3", "3", "4", None], "silver": "3", "confidence": 0.5,
+            "uncertainty": 1.0, "diversity": 0.0, "reward": (i % 4) / 4 + step / 100, **extra}
+
+
+def r_episode(step, image, question, rewards, responses=None):
+    responses = responses or [f"so the answer is \\boxed{{{r}}}" for r in rewards]
+    return {"step": step, "image": str(image), "question": question, "silver": "1",
+            "answers": [{"response": t, "answer": str(r), "reward": r, "length": 10 + j}
+                        for j, (t, r) in enumerate(zip(responses, rewards))]}
+
+
+def q_rewards(step, n):
+    return [(i % 4) / 4 + step / 100 for i in range(n)]
+
+
+@pytest.fixture
+def episodes(run):
+    """The run with episode logs: iteration 1 has 8 Questioner steps (step 1 with 30 questions, more
+    than a step shows), 2 Reasoner steps; iteration 2 has 2 Questioner steps and no Reasoner step yet.
+    Images: cat.png (also in curation), dog.png (only here), gone<b>.png (missing)."""
+    tmp = run.parent
+    cat, dog, missing = tmp / "cat.png", tmp / "dog.png", tmp / "gone<b>.png"
+    Image.new("RGB", (64, 64), (30, 200, 30)).save(dog)
+    rows = []
+    for step in range(1, 9):
+        n = 30 if step == 1 else 4
+        images = [cat, cat, dog, dog] + [dog] * (n - 4)
+        rows += [q_episode(step, images[i], i) for i in range(n)]
+    rows[1] = q_episode(1, cat, 1, question=None, raw=HOSTILE + " no tags")  # invalid: its raw output shown
+    rows[2]["question"] = HOSTILE
+    write_jsonl(run / "iter_1" / "questioner_episodes.jsonl", rows)
+    write_jsonl(run / "iter_1" / "reasoner_episodes.jsonl", [
+        r_episode(1, cat, "How many cats?", [1.0, 0.0], responses=[LONG, HOSTILE]),
+        r_episode(1, missing, "Is it raining?", [0.0, 0.0]),
+        r_episode(2, dog, "How many dogs?", [1.0, 1.0]),
+    ])
+    write_jsonl(run / "iter_2" / "questioner_episodes.jsonl",
+                [q_episode(step, missing, i) for step in (1, 2) for i in range(4)], tail='{"step": 3, "ima')
+    return run
+
+
+def step_blocks(page):
+    """{(iteration, role, step): (summary, html of the block)} of every per-step <details>."""
+    blocks = re.findall(r'<details class="step" id="episodes-(\d+)-(\w+)-step-(\d+)"><summary>([^<]*)</summary>'
+                        r'(.*?)\n</details>\n(?=<details class="step"|<p|<h|$)', page, re.S)
+    return {(int(k), role, int(step)): (summary, body) for k, role, step, summary, body in blocks}
+
+
+def test_episode_steps_with_their_counts_and_mean_rewards(episodes):
+    page = report.write_report(episodes).read_text(encoding="utf-8")
+    check_html(page)
+    blocks = step_blocks(page)
+    assert sorted(blocks) == ([(1, "questioner", s) for s in (1, 2, 3, 6, 7, 8)]
+                              + [(1, "reasoner", 1), (1, "reasoner", 2), (2, "questioner", 1), (2, "questioner", 2)])
+    # (8·0 + 8·.25 + 7·.5 + 7·.75) / 30 + .01
+    assert blocks[1, "questioner", 1][0] == "step 1: mean reward 0.368, 30 questions"
+    assert blocks[1, "questioner", 2][0] == "step 2: mean reward 0.395, 4 questions"
+    for s in (3, 6, 7, 8):
+        rewards = q_rewards(s, 4)
+        assert blocks[1, "questioner", s][0] == f"step {s}: mean reward {report.fmt(sum(rewards) / 4)}, 4 questions"
+    assert blocks[1, "reasoner", 1][0] == "step 1: mean reward 0.25, 2 questions"  # over the 4 answers
+    assert blocks[1, "reasoner", 2][0] == "step 2: mean reward 1, 1 question"
+    assert blocks[2, "questioner", 2][0] == "step 2: mean reward 0.395, 4 questions"  # the truncated line is skipped
+    # rows: one per question; a Questioner's questions about one image share its thumbnail
+    body = blocks[1, "questioner", 2][1]
+    assert body.count("<tr>") == 1 + 4 and body.count('rowspan="2"') == 2
+    assert blocks[1, "reasoner", 1][1].count("<tr>") == 1 + 2
+    assert "No Reasoner steps logged." in page  # iteration 2
+    assert "8 steps, 58 questions." in page and "2 steps, 3 questions." in page  # iteration 1: 30 + 7·4; 2 + 1
+
+
+def test_episode_steps_and_rows_are_capped(episodes, monkeypatch):
+    page = report.write_report(episodes).read_text(encoding="utf-8")
+    body = step_blocks(page)[1, "questioner", 1][1]
+    assert body.count("<tr>") == 1 + report.EPISODE_ROWS == 25
+    assert "6 more questions of this step not shown; all are in iter_1/questioner_episodes.jsonl." in body
+    assert "2 steps not shown (steps 4–5); all are in iter_1/questioner_episodes.jsonl." in page
+    assert "more questions" not in step_blocks(page)[1, "questioner", 2][1]
+    assert "not shown (step" not in page.split('id="episodes-2"')[1]  # iteration 2: 2 steps, all shown
+
+    monkeypatch.setattr(report, "EPISODE_STEPS_FIRST", 1)
+    monkeypatch.setattr(report, "EPISODE_STEPS_LAST", 0)
+    page = report.write_report(episodes).read_text(encoding="utf-8")
+    check_html(page)
+    assert [key for key in step_blocks(page) if key[:2] == (1, "questioner")] == [(1, "questioner", 1)]
+    assert "7 steps not shown (steps 2–8)" in page and "1 step not shown (step 2)" in page  # iteration 2
+
+
+def test_episode_text_is_escaped_and_long_responses_clipped(episodes):
+    page = report.write_report(episodes).read_text(encoding="utf-8")
+    checker = check_html(page)
+    assert_self_contained(page, checker)
+    assert "<script" not in page and "alert(1)</script>" not in page
+    blocks = step_blocks(page)
+    escaped = "&lt;script&gt;alert(1)&lt;/script&gt; &amp; &quot;quotes&quot;"
+    q1, r1 = blocks[1, "questioner", 1][1], blocks[1, "reasoner", 1][1]
+    assert f'<span class="badge invalid">invalid</span> <span class="text">{escaped} no tags</span>' in q1
+    assert f'<span class="question">{escaped}</span>' in q1  # a valid hostile question
+    assert f'<span class="text">{escaped}</span>' in r1  # a hostile response
+    # a long response: its first PREVIEW_CHARS characters, the whole of it one click away
+    assert f'<span class="text">{"x" * report.PREVIEW_CHARS}…</span>' in r1
+    assert f"<summary>all {len(LONG):,} characters</summary><pre>{LONG}</pre>" in r1
+    assert r1.count("END") == 1
+    assert "answer <b>1.0</b> · reward 1 · 10 tokens" in r1 and "answer <b>0.0</b> · reward 0 · 11 tokens" in r1
+
+
+def test_episode_images_embedded_once(episodes, monkeypatch):
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda path, *a, **k: opened.append(str(path)) or real_open(path, *a, **k))
+    page = report.write_report(episodes).read_text(encoding="utf-8")
+    rules = thumbnail_rules(page)
+    assert len(rules) == 2  # cat.png and dog.png, each written once however often shown
+    assert len(opened) == len(set(opened)) == 3, "an image was read twice"  # cat, dog and broken.jpg
+    cat, dog = sorted(rules, key=lambda css: -uses_of(page, css))
+    # cat: its curation card, steps 1, 2, 3, 6, 7, 8 (two questions each, one thumbnail) and Reasoner step 1
+    assert uses_of(page, cat) == 1 + 6 + 1
+    assert uses_of(page, dog) == 6 + 1  # one run of rows per Questioner step, Reasoner step 2
+    # missing image: 2 curation cards, Reasoner step 1, iteration 2's two steps
+    assert page.count("image not found") == 2 + 1 + 2
+
+
+def test_curation_gallery_shows_true_answers_and_wrong_labels(run):
+    page = report.write_report(run).read_text(encoding="utf-8")
+    check_html(page)
+    gallery_1 = page.split('<h3 id="iter-1">')[1].split('<h3 id="iter-2">')[0]
+    assert "silver: <b>3</b> · true answer: <b>3.0</b> · confidence" in gallery_1  # right: no mark
+    assert gallery_1.count("wrong silver label") == 2  # the hostile label, the unanswerable question
+    assert "true answer: <i>none (the scene does not settle it)</i>" in gallery_1
+    assert gallery_1.count("true answer") == 4  # the invalid candidate has none
+    assert "true answer" not in page.split('<h3 id="iter-2">')[1]  # iteration 2 was not graded
+
+
+def test_silver_accuracy_chart_and_summary_fallback(run):
+    page = report.write_report(run).read_text(encoding="utf-8")
+    assert "Silver labels against the scenes&#x27; truth" in page
+    metrics = [line for line in report.read_jsonl(run / "metrics.jsonl")
+               if line.get("phase") != "summary" and not (line.get("phase") == "curation" and line["iteration"] == 1)]
+    write_jsonl(run / "metrics.jsonl", metrics)
+    page = report.write_report(run).read_text(encoding="utf-8")
+    assert "Silver labels against" not in page and page.count("<svg") == N_CHARTS  # ungraded: no such chart
+    assert report.silver_accuracy(1, {}, {1: {"silver_accuracy": 0.72}}) == 0.72  # from the summary line
+    assert report.silver_accuracy(1, {1: {"silver_accuracy": 0.6}}, {1: {"silver_accuracy": 0.72}}) == 0.6
+    assert report.category_breakdown({"a": 1, "b": 0, "c": None}) == "a 100%" and report.category_breakdown({}) == "–"
