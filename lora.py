@@ -228,9 +228,3 @@ def load_lora_state_dict(model, state):
     with torch.no_grad():
         for k, p in own.items():
             p.copy_(state[k])
-
-
-def count_parameters(model):
-    """(trainable, total) numbers of parameters; tied weights count once."""
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)

@@ -14,10 +14,16 @@ from safetensors import safe_open
 import grpo
 from conftest import PROMPTS, random_images
 from fast_decode import StaticDecoder
-from lora import (LoRALinear, TARGETS, adapters, add_lora, count_parameters, load_lora_state_dict,
+from lora import (LoRALinear, TARGETS, adapters, add_lora, load_lora_state_dict,
                   lora_state_dict, merge_lora, set_past, shared_copy, updates)
 from model import completion_logprobs, encode_prompts, load_vlm
 from sampler import prompt_keys, sample
+
+
+def count_parameters(model):
+    """(trainable, total) numbers of parameters; tied weights count once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
 def completions(model, tok, ip, n=1, seed=0):
