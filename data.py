@@ -506,6 +506,15 @@ def question_shapes(question: str, scene: Scene) -> list[list[Shape]] | None:
     return None if read is None or read[1] is None else read[2]
 
 
+def counted(question: str) -> tuple[str | None, str | None] | None:
+    """What a counting question counts, as (colour, kind), either None for any: "How many red shapes
+    are there?" -> ("red", None), "How many circles are there?" -> (None, "circle"); None if the
+    text is not a counting question of scene_questions' templates."""
+    if question_category(question) != "counting":
+        return None
+    return _phrase(_TEMPLATES[2][1].fullmatch(question.strip())[1])
+
+
 def _read_question(question, shapes):
     """question -> (category, answer | None, groups of shapes), or None if it fits no template.
     With shapes None only the category is worked out."""

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+import distributed as dist
 from model import completion_logprobs, token_batches
 
 # exp of a large log-ratio overflows to inf, and inf at a clipped or padded position turns into a
@@ -138,17 +139,18 @@ def aggregate(token_values: Tensor, mask: Tensor, mode: str = "seq-mean-token-me
     return per_seq.sum() / n_seqs
 
 
-def batch_totals(mask: Tensor) -> dict:
+def batch_totals(mask: Tensor, combine=None) -> dict:
     """The full batch's normalisers for `policy_loss`: N_seq, N_tok and T_max of mask [B, T].
 
     Compute once on the whole rollout batch, then pass to every micro-batch:
     `policy_loss(..., **batch_totals(full_mask))`. Counts are at least 1, so an empty batch gives
-    loss 0 rather than 0 / 0.
+    loss 0 rather than 0 / 0. combine: when other processes hold the batch's other rows, the
+    function that sums the counts [2] over them (distributed.total).
     """
     mask = mask.bool()
-    return dict(n_seqs_total=max(int(mask.any(dim=1).sum()), 1),
-                n_tokens_total=max(int(mask.sum()), 1),
-                max_len=mask.shape[1])
+    counts = torch.stack([mask.any(dim=1).sum(), mask.sum()])  # [2]: N_seq, N_tok
+    n_seqs, n_tokens = (counts if combine is None else combine(counts)).tolist()
+    return dict(n_seqs_total=max(n_seqs, 1), n_tokens_total=max(n_tokens, 1), max_len=mask.shape[1])
 
 
 def policy_loss(logp: Tensor, old_logp: Tensor, ref_logp, advantages: Tensor, mask: Tensor,
@@ -308,9 +310,19 @@ def rollout_logprobs(model, rollouts, micro_batch_tokens, temperature):
     return logp
 
 
+def split_minibatches(positions, n_rows, n):
+    """The rows of n mini-batches, consecutive slices of a batch of n_rows rows (tensor_split).
+    positions: [b] long, where each row held here sits in the batch (arange(n_rows) when all are
+    here; distributed.Share.rows for a process's share) -> n index tensors into those b rows: this
+    process's rows of each mini-batch, possibly none."""
+    ends = torch.tensor([len(s) for s in torch.arange(n_rows).tensor_split(n)]).cumsum(0)  # [n]
+    which = torch.searchsorted(ends, positions, right=True)  # [b]: the mini-batch of each row
+    return [torch.nonzero(which == i).flatten() for i in range(n)]
+
+
 def update(policy, optimizer, rollouts, advantages, ref_logp=None, *, temperature=1.0, micro_batch_tokens=32768,
            minibatches=1, epochs=1, clip_low=0.2, clip_high=0.3, dual_clip=3.0, kl_coef=0.01,
-           aggregation="seq-mean-token-mean", max_grad_norm=1.0):
+           aggregation="seq-mean-token-mean", max_grad_norm=1.0, positions=None):
     """GRPO on one rollout batch: `epochs` passes, each over `minibatches` optimizer steps.
 
     advantages: [B], one per completion. ref_logp: [B, T], the rollouts' log-probs under the frozen
@@ -326,11 +338,18 @@ def update(policy, optimizer, rollouts, advantages, ref_logp=None, *, temperatur
     mini-batch's own totals, so the gradient equals the gradient of the mini-batch in one piece
     (equation (21)). Then the gradient norm is clipped and the optimizer steps (equation (22)).
 
+    With several processes (distributed.py) `rollouts` is this process's share of the batch and
+    positions [B] long says where its rows sit in the whole batch (None: the whole batch is here).
+    The mini-batches are then the whole batch's, each process taking its own rows of each; the
+    totals of (21), the gradients (before the clip) and the metrics are summed over the processes.
+
     Returns the metrics of `policy_loss` averaged over the optimizer steps (maxima: the max), plus
     grad_norm (before clipping) and n_steps.
     """
     device = policy.device
-    minibatches = min(minibatches, len(rollouts))  # a batch of few kept questions cannot fill more
+    positions = torch.arange(len(rollouts)) if positions is None else positions
+    n_rows = int(dist.total(torch.tensor(len(rollouts))))  # the whole batch's
+    minibatches = min(minibatches, n_rows)  # a batch of few kept questions cannot fill more
     # With one optimizer step per batch the policy has not moved when the loss is taken: old = the
     # current log-probs, detached, and a whole forward pass over the batch is saved.
     on_policy = epochs * minibatches == 1
@@ -341,8 +360,8 @@ def update(policy, optimizer, rollouts, advantages, ref_logp=None, *, temperatur
     history = []
     policy.train()  # HF applies activation checkpointing in train mode only; Qwen has no dropout
     for _ in range(epochs):
-        for minibatch in torch.arange(len(rollouts)).tensor_split(minibatches):
-            totals = batch_totals(rollouts.mask[minibatch])
+        for minibatch in split_minibatches(positions, n_rows, minibatches):
+            totals = batch_totals(rollouts.mask[minibatch], combine=dist.total)
             totals["max_len"] = rollouts.max_new_tokens  # Dr.GRPO's constant, not this batch's longest
             step = {}
             for rows in token_batches(minibatch, prompt_lengths, lengths, micro_batch_tokens):
@@ -358,9 +377,11 @@ def update(policy, optimizer, rollouts, advantages, ref_logp=None, *, temperatur
                 loss.backward()
                 for k, v in metrics.items():
                     step[k] = max(step.get(k, v), v) if k.endswith("_max") else step.get(k, 0.0) + v
+            dist.sum_gradients(policy.parameters())  # then every process clips the same, global, norm
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            step = dist.sum_metrics(step)
             step["grad_norm"] = float(grad_norm)
             history.append(step)
     policy.eval()

@@ -23,6 +23,7 @@ from types import SimpleNamespace
 import torch
 from safetensors.torch import load_file, save_file
 
+import distributed as dist
 import grpo
 import lora
 from data import DataError
@@ -141,11 +142,11 @@ def save_role(cfg, model, processors, folder):
     processors.save_pretrained(folder)
 
 
-def rollout_metrics(rollouts):
-    """What a rollout batch says about the policy: reward mean and spread, the share of groups whose
-    rewards are all equal (advantage 0: they teach nothing), completion lengths."""
-    rewards = rollouts.rewards.view(-1, rollouts.group_size)
-    lengths = rollouts.mask.sum(1).float()
+def rollout_metrics(rewards, lengths):
+    """What a rollout batch says about the policy, from its rewards and completion lengths, [n_groups,
+    G] each: reward mean and spread, the share of groups whose rewards are all equal (advantage 0:
+    they teach nothing), completion lengths."""
+    lengths = lengths.float()
     return {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
             "zero_var_frac": float((rewards.std(1) == 0).float().mean()) if rewards.shape[1] > 1 else 1.0,
             "completion_len": float(lengths.mean()), "completion_tokens": int(lengths.sum())}
@@ -173,17 +174,23 @@ class Trainee:
             self.optimizer.load_state_dict(torch.load(Path(checkpoint) / "optimizer.pt", weights_only=True,
                                                       map_location=device))
 
-    def grpo_step(self, rollouts, reference):
+    def grpo_step(self, rollouts, reference, share=None):
         """GRPO on one rollout batch (grpo.update, METHOD.md (14)-(22)), the KL term against
-        `reference`. Returns the rollouts' metrics and the update's."""
-        cfg = self.cfg
-        update = grpo.update(self.model, self.optimizer, rollouts, rollouts.advantages(cfg.advantage_scale),
+        `reference`; or, with several processes, on this process's share of it (`share`, a
+        distributed.Share of the batch's groups; None: the whole batch is here). Returns the whole
+        batch's rollout metrics and the update's."""
+        cfg, G = self.cfg, rollouts.group_size
+        share = share or dist.Share(range(len(rollouts) // G))
+        rewards = share.gather(rollouts.rewards.view(-1, G))  # [n_groups, G], every process's groups
+        advantages = share.take(grpo.group_advantages(rewards, cfg.advantage_scale)).flatten()  # [B], this share's
+        update = grpo.update(self.model, self.optimizer, rollouts, advantages,
                              reference_logprobs(cfg, self.model, reference, rollouts),
                              temperature=cfg.temperature, micro_batch_tokens=cfg.micro_batch_tokens,
                              minibatches=cfg.minibatches, epochs=cfg.epochs, clip_low=cfg.clip_low,
                              clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, kl_coef=cfg.kl_coef,
-                             aggregation=cfg.aggregation, max_grad_norm=cfg.max_grad_norm)
-        return {**rollout_metrics(rollouts), **update}
+                             aggregation=cfg.aggregation, max_grad_norm=cfg.max_grad_norm,
+                             positions=share.rows(G))
+        return {**rollout_metrics(rewards, share.gather(rollouts.mask.sum(1).view(-1, G))), **update}
 
     def save_checkpoint(self, folder):
         """What a resume needs: the weights (with LoRA only the adapters) and AdamW's state."""

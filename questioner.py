@@ -60,8 +60,9 @@ class QuestionerRewardSettings:
 
 def write_questions(model, processors, images, *, n, settings, fmt, keys, batch_tokens):
     """n questions per image, as many images per sampler call as fit in a KV cache of `batch_tokens`
-    tokens; keys: LongTensor [len(images)], each image's random stream (sampler.prompt_keys). Returns (prompts: PromptBatch of the images, samples: Samples with len(images) * n rows
-    in image-major order, texts: list of str, parsed: list of dict | None, rewards.parse_question)."""
+    tokens; keys: LongTensor [len(images)], each image's random stream (sampler.prompt_keys).
+    Returns (prompts: PromptBatch of the images, samples: Samples with len(images) * n rows in
+    image-major order, texts: list of str, parsed: list of dict | None, rewards.parse_question)."""
     prompts = processors.encode(images, [QUESTIONER_PROMPTS[fmt]] * len(images))
     out = sample_in_batches(model, prompts.to(model.device), batch_tokens, n=n, keys=keys, **vars(settings))
     texts = out.texts(processors.tokenizer)
@@ -86,14 +87,21 @@ def diversity_texts(parsed, texts, invalid="raw"):
     return [p["question"] if p else (t if invalid == "raw" else "") for p, t in zip(parsed, texts, strict=True)]
 
 
+def whole(f, items):
+    """f over the whole batch's items, in one process (see distributed.Share.apply)."""
+    return f(items)
+
+
 def score_questions(reasoner_model, processors, question_images, parsed, texts, group_ids, *, reward,
-                    answer_settings, keys, batch_tokens):
+                    answer_settings, keys, batch_tokens, over_batch=whole):
     """The Questioner's reward for each output (METHOD.md, equations (4)-(10)).
 
     question_images: the image of each output; parsed: parse_question results (None = invalid);
     texts: the raw outputs (see diversity_texts); group_ids: the image group of each output;
-    keys: LongTensor [len(parsed)], the random stream of the Reasoner's votes on each output. Returns (rewards: list[float], episodes: one dict per output with the Reasoner's answers and the
-    reward's parts, for the logs).
+    keys: LongTensor [len(parsed)], the random stream of the Reasoner's votes on each output.
+    over_batch(f, items): f applied to the whole batch's items, with several processes every
+    process's (the batch-scope diversity clusters them all). Returns (rewards: list[float],
+    episodes: one dict per output with the Reasoner's answers and the reward's parts, for the logs).
     """
     valid = [p is not None for p in parsed]
     asked = [i for i, ok in enumerate(valid) if ok]
@@ -106,10 +114,12 @@ def score_questions(reasoner_model, processors, question_images, parsed, texts, 
     for i, vote in zip(asked, votes):  # the answers, not the whole responses: the log stays readable
         episodes[i].update(answers=vote["answers"], silver=vote["silver"], confidence=vote["confidence"],
                            uncertainty=uncertainty_reward(vote["confidence"], reward.uncertainty_scale))
-    diversity = diversity_penalty(diversity_texts(parsed, texts, reward.diversity_invalid), group_ids,
-                                  scope=reward.diversity_scope, weight=reward.diversity_weight,
-                                  threshold=reward.diversity_threshold,
-                                  symmetric={"symmetric": True, "one-sided": False}[reward.diversity_bleu])
+    def penalty(questions):  # an image's G questions are all here; the batch's may not be
+        return diversity_penalty(questions, group_ids, scope=reward.diversity_scope, weight=reward.diversity_weight,
+                                 threshold=reward.diversity_threshold,
+                                 symmetric={"symmetric": True, "one-sided": False}[reward.diversity_bleu])
+    questions = diversity_texts(parsed, texts, reward.diversity_invalid)
+    diversity = penalty(questions) if reward.diversity_scope == "group" else over_batch(penalty, questions)
     rewards = questioner_reward([e["uncertainty"] for e in episodes], diversity, valid, combine=reward.combine)
     for e, div, r in zip(episodes, diversity, rewards):
         e.update(diversity=div, reward=r)
@@ -117,10 +127,11 @@ def score_questions(reasoner_model, processors, question_images, parsed, texts, 
 
 
 def rollouts(questioner_model, reasoner_model, processors, images, *, G, fmt, question_settings, answer_settings,
-             reward, keys, vote_keys, batch_tokens):
+             reward, keys, vote_keys, batch_tokens, over_batch=whole):
     """G questions per image from the Questioner, rewarded with the frozen Reasoner; each sampler
     call fills a KV cache of at most `batch_tokens` tokens. keys: LongTensor [len(images)], the
-    random stream of each image's questions; vote_keys [len(images) * G], of the votes on each.
+    random stream of each image's questions; vote_keys [len(images) * G], of the votes on each;
+    over_batch: see score_questions.
 
     Returns (Rollouts of len(images) * G rows, episodes: one dict per question, see score_questions;
     "group" is the index of its image in `images`).
@@ -131,6 +142,6 @@ def rollouts(questioner_model, reasoner_model, processors, images, *, G, fmt, qu
     group_ids = [i // G for i in range(len(texts))]
     rewards, episodes = score_questions(reasoner_model, processors, [images[g] for g in group_ids], parsed, texts,
                                         group_ids, reward=reward, answer_settings=answer_settings,
-                                        keys=vote_keys, batch_tokens=batch_tokens)
+                                        keys=vote_keys, batch_tokens=batch_tokens, over_batch=over_batch)
     return Rollouts(prompts.repeat(G), out.ids.cpu(), out.mask.cpu(), torch.tensor(rewards), group_size=G,
                     max_new_tokens=question_settings.max_new_tokens), episodes

@@ -11,8 +11,12 @@ run killed at any moment resumes from its last finished step: appended logs are 
 lines state.json counted, half-written temp files and the checkpoint state.json no longer points to
 are removed, and the image sampler's generator continues from its saved state (every sampler call
 draws from streams keyed by the seed, the phase and the step: sampler.prompt_keys), so the resumed
-run ends bitwise equal to an uninterrupted one (on CPU), on another device too. Ctrl-C stops after the step in progress (a second
-one stops at once, losing that step).
+run ends bitwise equal to an uninterrupted one (on CPU), on another device too. Ctrl-C stops after
+the step in progress (a second one stops at once, losing that step).
+
+With several processes (distributed.py) every process keeps the run's state in memory, the same
+everywhere, and rank 0 alone writes the folder; the others wait for it at the end of each phase,
+before they read what it wrote (curation's questions, the roles), and when a run starts or resumes.
 
 Nothing here knows the method: selfplay.py calls `Run.phase` for each phase of an iteration and
 `Run.end_step` after each training step; the rest is bookkeeping.
@@ -32,6 +36,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import distributed as dist
 from data import SCENES_FILE, DataError, load_image, load_scenes, write_atomic
 from report import write_report
 
@@ -78,7 +83,8 @@ STOP_REQUESTED = []
 
 
 def check_stop():
-    if STOP_REQUESTED:
+    # Asked of every process at the same points: all stop after the same step, whichever saw Ctrl-C.
+    if dist.any_process(bool(STOP_REQUESTED)):
         raise Stop
 
 
@@ -112,6 +118,7 @@ class Run:
 
     def __init__(self, cfg, folder, state, device):
         self.cfg, self.dir, self.state, self.device = cfg, Path(folder), state, device
+        self.writer = dist.rank() == 0  # with several processes, rank 0 alone writes the folder
         self.image_rng = np.random.default_rng(cfg.seed)
         if state.image_rng:
             self.image_rng.bit_generator.state = state.image_rng
@@ -133,22 +140,25 @@ class Run:
         else:
             self.save_state(phase=PHASES[PHASES.index(name) + 1], step=0, checkpoint="")
         self.remove_old_checkpoints()
-        # Wall time and peak memory of each phase as run (a resumed phase: from first_step on). Kept
-        # apart from metrics.jsonl, which must be identical for a resumed and an uninterrupted run.
-        append_jsonl(self.dir / "phase_times.jsonl", [{
-            "iteration": k, "phase": name, "from_step": first_step, "seconds": time.perf_counter() - start,
-            "peak_mem_gb": peak_memory_gb(self.device)}])
-        try:
-            write_report(self.dir)
-        except Exception as err:  # the report is a view of the run's files: never a reason to stop training
-            print(f"warning: report.html not updated ({type(err).__name__}: {err}); "
-                  f"`python report.py {self.dir}` rebuilds it", file=sys.stderr)
-        check_stop()  # a Ctrl-C during curation or a summary lands here, after its state is saved
+        if self.writer:
+            # Wall time and peak memory of each phase as run (a resumed phase: from first_step on). Kept
+            # apart from metrics.jsonl, which must be identical for a resumed and an uninterrupted run.
+            append_jsonl(self.dir / "phase_times.jsonl", [{
+                "iteration": k, "phase": name, "from_step": first_step, "seconds": time.perf_counter() - start,
+                "peak_mem_gb": peak_memory_gb(self.device)}])
+            try:
+                write_report(self.dir)
+            except Exception as err:  # the report is a view of the run's files: never a reason to stop training
+                print(f"warning: report.html not updated ({type(err).__name__}: {err}); "
+                      f"`python report.py {self.dir}` rebuilds it", file=sys.stderr)
+        # A Ctrl-C during curation or a summary lands here, after its state is saved. (Asked of every
+        # process, it is also where the others wait for rank 0's files of the phase.)
+        check_stop()
 
     def progress(self, items, what, done=0):
         """items with a progress bar (self.bar, for the phase's postfix)."""
-        self.bar = tqdm(items, desc=f"iter {self.state.iteration} {what}", disable=self.cfg.quiet, initial=done,
-                        total=done + len(items))
+        self.bar = tqdm(items, desc=f"iter {self.state.iteration} {what}", disable=self.cfg.quiet or not self.writer,
+                        initial=done, total=done + len(items))
         return self.bar
 
     def steps(self, role, n_steps):
@@ -171,7 +181,8 @@ class Run:
         self.log(record)
         self.log_episodes(role, [dict(e, step=step) for e in episodes])
         folder = self.dir / "resume" / f"{role}_{self.state.iteration}_{step}"
-        save_folder_atomic(folder, write_checkpoint)
+        if self.writer:
+            save_folder_atomic(folder, write_checkpoint)
         self.save_state(step=step, checkpoint=str(folder.relative_to(self.dir)))
         self.remove_old_checkpoints()
         self.bar.set_postfix(reward=f"{record['reward_mean']:.3f}")
@@ -190,13 +201,16 @@ class Run:
 
     def save_role(self, role, write):
         """The role as it ends this iteration's phase: write(folder) into iter_k/role, atomically."""
-        save_folder_atomic(self.role_dir(self.state.iteration, role), write)
+        if self.writer:
+            save_folder_atomic(self.role_dir(self.state.iteration, role), write)
 
     # --- files
 
     def append(self, path, records):
         """Appends to one of LOGS, counting its lines for the next save_state."""
-        append_jsonl(path, records)
+        if self.writer:
+            path.parent.mkdir(exist_ok=True)
+            append_jsonl(path, records)
         name = str(path.relative_to(self.dir))
         self.state.lines[name] = self.state.lines.get(name, 0) + len(records)
 
@@ -208,14 +222,14 @@ class Run:
 
     def save_questions(self, records):
         """Curation's candidates, all at once (curation has no steps to resume from)."""
-        self.iteration_dir().mkdir(exist_ok=True)
-        write_atomic(self.iteration_dir() / "questions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        if self.writer:
+            self.iteration_dir().mkdir(exist_ok=True)
+            write_atomic(self.iteration_dir() / "questions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
 
     def questions(self):
         return [json.loads(line) for line in open(self.iteration_dir() / "questions.jsonl")]
 
     def log_episodes(self, role, rows):
-        self.iteration_dir().mkdir(exist_ok=True)
         self.append(self.iteration_dir() / f"{role}_episodes.jsonl", rows)
 
     def iteration_dir(self):
@@ -225,7 +239,8 @@ class Run:
         for k, v in changes.items():
             setattr(self.state, k, v)
         self.state.image_rng = self.image_rng.bit_generator.state
-        write_json(self.dir / "state.json", dataclasses.asdict(self.state))
+        if self.writer:
+            write_json(self.dir / "state.json", dataclasses.asdict(self.state))
 
     def logs(self):
         return sorted(path for pattern in LOGS for path in self.dir.glob(pattern))
@@ -245,6 +260,8 @@ class Run:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
     def remove_old_checkpoints(self):
+        if not self.writer:
+            return
         current = self.dir / self.state.checkpoint if self.state.checkpoint else None
         for path in (self.dir / "resume").glob("*"):
             if path != current:
@@ -293,8 +310,8 @@ def check_output(folder):
 def new_run(cfg, device, paths):
     """The run folder with config.json, images.txt and the first state.json, made whole in a temp
     folder and renamed into place: a kill leaves either no run or one that resumes."""
-    folder = Path(cfg.output or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
-    check_output(folder)
+    folder = Path(cfg.output or dist.from_rank0(f"runs/{time.strftime('%Y%m%d-%H%M%S')}"))
+    check_output(folder)  # in every process, before rank 0 writes: all stop, or none
     cfg = dataclasses.replace(cfg, output=str(folder))
 
     def write(tmp):
@@ -302,7 +319,7 @@ def new_run(cfg, device, paths):
         run = Run(cfg, tmp, State(), device)
         check_images(run, paths)
         run.save_state()
-    save_folder_atomic(folder, write)  # (rename(2) replaces an empty folder)
+    dist.on_rank0(lambda: save_folder_atomic(folder, write))  # (rename(2) replaces an empty folder)
     return cfg, Run(cfg, folder, State(**json.loads((folder / "state.json").read_text())), device)
 
 
@@ -322,15 +339,18 @@ def resumed_run(cfg, device, paths):
                         f"{begun} or more")
     run = Run(cfg, folder, state, device)
     check_images(run, paths)
-    run.tidy()
-    write_json(folder / "config.json", dataclasses.asdict(dataclasses.replace(cfg, resume="", print_config=False)))
+
+    def tidy():
+        run.tidy()
+        write_json(folder / "config.json", dataclasses.asdict(dataclasses.replace(cfg, resume="", print_config=False)))
+    dist.on_rank0(tidy)
     return cfg, run
 
 
 def discard_if_unstarted(run):
     """Removes a run folder that this command made and nothing ran in (a model whose weights do not
     load, say), so the corrected command is not refused for it."""
-    if dataclasses.astuple(run.state)[:4] == (1, PHASES[0], 0, {}):
+    if run.writer and dataclasses.astuple(run.state)[:4] == (1, PHASES[0], 0, {}):
         shutil.rmtree(run.dir, ignore_errors=True)
 
 
@@ -340,7 +360,8 @@ def check_images(run, paths):
     listed = "".join(f"{os.path.relpath(p, run.cfg.images)}\n" for p in paths)
     path = run.dir / IMAGE_LIST
     if not path.exists():
-        write_atomic(path, listed)
+        if run.writer:
+            write_atomic(path, listed)
     elif path.read_text() != listed:
         before, now = set(path.read_text().splitlines()), set(listed.splitlines())
         raise DataError(f"cannot resume: the readable images under '{run.cfg.images}' are not those the run "
@@ -349,7 +370,8 @@ def check_images(run, paths):
 
 
 def record_skipped(run, skipped):
-    write_atomic(run.dir / "skipped_images.txt", "".join(f"{p}\t{why}\n" for p, why in skipped))
+    if run.writer:
+        write_atomic(run.dir / "skipped_images.txt", "".join(f"{p}\t{why}\n" for p, why in skipped))
     if skipped and not run.cfg.quiet:
         print(f"skipped {len(skipped)} unreadable image(s), listed in {run.dir / 'skipped_images.txt'}")
 

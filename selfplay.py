@@ -17,14 +17,15 @@ The KL term (18)-(19) of each phase pulls the role toward its weights at the sta
 iteration (`kl_reference = "iteration"`, Q_{k-1} or R_{k-1}) or toward the base model ("base").
 
 This file is the loop; the run folder (state, atomic files, resume, Ctrl-C) is runfolder.py, the
-roles' weights (full fine-tuning or LoRA, AdamW, frozen models, the GRPO step) policies.py.
+roles' weights (full fine-tuning or LoRA, AdamW, frozen models, the GRPO step) policies.py, the
+shares of torchrun's processes (their number does not change the result) distributed.py.
 Everything lands in the run folder: config.json, metrics.jsonl, iter_k/questions.jsonl (every
 curation candidate), iter_k/{questioner,reasoner}_episodes.jsonl (every training rollout),
 iter_k/{questioner,reasoner}/ (save_pretrained), state.json and report.html. A killed run resumes
 from its last finished step and ends bitwise equal to an uninterrupted one on CPU.
 
-Left out: multi-GPU, the validation benchmark during training (run evaluate.py on the
-checkpoints), and learning-rate schedules (the lr is constant, (22)).
+Left out: the validation benchmark during training (run evaluate.py on the checkpoints), and
+learning-rate schedules (the lr is constant, (22)).
 """
 
 import json
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 import transformers
 
+import distributed as dist
 import grpo
 import questioner
 import reasoner
@@ -45,7 +47,6 @@ from policies import (Trainee, frozen_models, resolve_pixel_bounds, role_weights
                       save_role)
 from runfolder import (Images, Stop, discard_if_unstarted, new_run, record_skipped, resolve_config, resumed_run,
                        stop_after_step_on_ctrl_c)
-from sampler import prompt_keys
 
 
 @dataclass
@@ -65,10 +66,8 @@ class Config:
     print_config: bool = option("print the settings as JSON and exit (bench.py reads them)", "run", default=False)
     # loop
     iterations: int = option("self-play iterations K", "loop", valid=AT_LEAST_1, default=3)
-    questioner_steps: int = option("GRPO steps of the Questioner per iteration", "loop", valid=NON_NEGATIVE,
-                                   default=20)
-    reasoner_steps: int = option("GRPO steps of the Reasoner per iteration", "loop", valid=NON_NEGATIVE,
-                                 default=20)
+    questioner_steps: int = option("GRPO steps of the Questioner per iteration", "loop", valid=NON_NEGATIVE, default=20)
+    reasoner_steps: int = option("GRPO steps of the Reasoner per iteration", "loop", valid=NON_NEGATIVE, default=20)
     group_size: int = option("G: samples per prompt in both roles' rollouts", "loop", valid=AT_LEAST_2, default=8)
     min_pixels: int = option("images are resized to at least this many pixels (0: the model's own bound; the "
                              "paper's is 262144)", "loop", valid=NON_NEGATIVE, default=0)
@@ -175,16 +174,17 @@ def questioner_phase(cfg, run, images):
         diversity_bleu=cfg.diversity_bleu, diversity_invalid=cfg.diversity_invalid)
     settings = sampling_settings(cfg)
     for step in run.steps("questioner", cfg.questioner_steps):
-        chosen = run.choose(len(images), cfg.images_per_step)
+        share = dist.Share(run.choose(len(images), cfg.images_per_step))  # this process's images: share.mine
         rollouts, episodes = questioner.rollouts(
-            trainee.model, frozen_reasoner, trainee.processors, [images[i] for i in chosen], G=cfg.group_size,
+            trainee.model, frozen_reasoner, trainee.processors, [images[i] for i in share.mine], G=cfg.group_size,
             fmt=cfg.question_format, question_settings=settings.question, answer_settings=settings.vote,
-            reward=reward, keys=prompt_keys(cfg.seed, "questions", k, step, n=len(chosen)),
-            vote_keys=prompt_keys(cfg.seed, "votes", k, step, n=len(chosen) * cfg.group_size),
-            batch_tokens=cfg.sampling_batch_tokens)
+            reward=reward, keys=share.keys(cfg.seed, "questions", k, step), batch_tokens=cfg.sampling_batch_tokens,
+            vote_keys=share.keys(cfg.seed, "votes", k, step, per=cfg.group_size),
+            over_batch=lambda f, questions: share.apply(f, questions, per=cfg.group_size))
         for e in episodes:
-            e["image"] = images.paths[chosen[e.pop("group")]]
-        metrics = trainee.grpo_step(rollouts, reference)
+            e["image"] = images.paths[share.mine[e.pop("group")]]
+        episodes = share.gather(episodes, per=cfg.group_size)
+        metrics = trainee.grpo_step(rollouts, reference, share)
         metrics["valid_rate"] = float(np.mean([e["valid"] for e in episodes]))
         metrics["confidence_mean"] = float(np.mean([e["confidence"] for e in episodes if e["valid"]] or [0.0]))
         run.end_step("questioner", step, metrics, episodes, trainee.save_checkpoint)
@@ -199,14 +199,12 @@ def curation_phase(cfg, run, images):
     writer = sampling_role(cfg, run.device, str(run.role_dir(k, "questioner")))
     voter = sampling_role(cfg, run.device, run.role_source(k, "reasoner"), beside=writer)
     processors = load_processors(cfg.model, cfg.min_pixels, cfg.max_pixels)
-    pool = run.choose(len(images), cfg.curation_images)
-    settings, N = sampling_settings(cfg), cfg.candidates_per_image
-    # Every image and every candidate has its own random stream, whatever batch it is sampled in.
-    keys = prompt_keys(cfg.seed, "candidates", k, n=len(pool))
-    vote_keys = prompt_keys(cfg.seed, "candidate votes", k, n=len(pool) * N)
-    records = []
-    for start in run.progress(range(0, len(pool), cfg.images_per_step), "curation"):
-        batch = pool[start:start + cfg.images_per_step]
+    share = dist.Share(run.choose(len(images), cfg.curation_images))  # the pool; this process's images: share.mine
+    settings, N, records = sampling_settings(cfg), cfg.candidates_per_image, []
+    # Every image and every candidate has its own random stream, whatever batch or process it is sampled in.
+    keys, vote_keys = share.keys(cfg.seed, "candidates", k), share.keys(cfg.seed, "candidate votes", k, per=N)
+    for start in run.progress(range(0, len(share.mine), cfg.images_per_step), "curation"):
+        batch = share.mine[start:start + cfg.images_per_step]
         shown = [images[i] for i in batch]  # decoded once, asked about N times
         _, _, texts, parsed = questioner.write_questions(
             writer, processors, shown, n=N, settings=settings.candidate, fmt=cfg.question_format,
@@ -219,6 +217,7 @@ def curation_phase(cfg, run, images):
                                 batch_tokens=cfg.sampling_batch_tokens)
         records += [{"image": images.paths[batch[o]], "image_index": batch[o], **v} for o, v in zip(owner, votes)]
         run.bar.set_postfix(kept=sum(r["kept"] for r in records), of=len(records))
+    records = share.gather(records, per=N)
     if cfg.silver_labels == "random":
         for r in (r for r in records if r["kept"]):
             r["silver"] = str(run.image_rng.choice([a for a in r["answers"] if a]))
@@ -253,15 +252,16 @@ def reasoner_phase(cfg, run, images):
     reference, _ = frozen_models(cfg, trainee.model, start)
     settings = sampling_settings(cfg)
     for step in run.steps("reasoner", cfg.reasoner_steps):
-        chosen = [kept[i] for i in run.choose(len(kept), cfg.questions_per_step)]
+        share = dist.Share([kept[i] for i in run.choose(len(kept), cfg.questions_per_step)])
         rollouts, episodes = reasoner.rollouts(
-            trainee.model, trainee.processors, [images[r["image_index"]] for r in chosen],
-            [r["question"] for r in chosen], [r["silver"] for r in chosen], G=cfg.group_size,
-            settings=settings.answer, reward_mode=cfg.reasoner_reward,
-            keys=prompt_keys(cfg.seed, "answers", k, step, n=len(chosen)), batch_tokens=cfg.sampling_batch_tokens)
-        for e, r in zip(episodes, chosen):
+            trainee.model, trainee.processors, [images[r["image_index"]] for r in share.mine],
+            [r["question"] for r in share.mine], [r["silver"] for r in share.mine], G=cfg.group_size,
+            settings=settings.answer, reward_mode=cfg.reasoner_reward, keys=share.keys(cfg.seed, "answers", k, step),
+            batch_tokens=cfg.sampling_batch_tokens)
+        for e, r in zip(episodes, share.mine):
             e["image"] = r["image"]
-        run.end_step("reasoner", step, trainee.grpo_step(rollouts, reference), episodes, trainee.save_checkpoint)
+        metrics = trainee.grpo_step(rollouts, reference, share)
+        run.end_step("reasoner", step, metrics, share.gather(episodes), trainee.save_checkpoint)
     run.save_role("reasoner", trainee.save_role)
 
 
@@ -282,9 +282,8 @@ def summarise(cfg, run):
                "confidence_mean": curation.get("confidence_mean"), "silver_accuracy": curation.get("silver_accuracy"),
                "reasoner_reward": mean_of("reasoner", "reward_mean")}
     run.log(summary)
-    shown = " ".join(f"{key}={value:.3f}" if isinstance(value, float) else f"{key}={value}"
-                     for key, value in summary.items() if key != "phase")
-    print(f"[summary] {shown}")
+    print("[summary] " + " ".join(f"{key}={value:.3f}" if isinstance(value, float) else f"{key}={value}"
+                                  for key, value in summary.items() if key != "phase"))
 
 
 # -----------------------------------------------------------------------------
@@ -325,7 +324,7 @@ def main(argv=None):
             return 0
         if not cfg.images:
             raise DataError("--images is required (or --resume a run folder)")
-        device = resolve_device(cfg.device)
+        device = dist.init(resolve_device(cfg.device), min(cfg.images_per_step, cfg.questions_per_step))
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         paths, skipped = readable_images(cfg.images, max_pixels=cfg.max_pixels)

@@ -535,3 +535,23 @@ def test_grade_candidates_against_a_hand_made_scene():
     assert grades == {"answerable_frac": 3 / 4, "silver_accuracy": 1 / 3,
                       "categories": {"counting": 2, "colour": 1, "other": 1}}
     assert data.grade_candidates(records[-1:], {"a.png": scene}) == {}  # no scene known: no grades
+
+
+def test_counted_says_what_a_counting_question_counts():
+    assert data.counted("How many red shapes are there?") == ("red", None)
+    assert data.counted(" How many circles are there?") == (None, "circle")
+    assert data.counted("How many blue triangles are there?") == ("blue", "triangle")
+    assert data.counted("How many circles and squares are there in total?") is None
+    assert data.counted("What colour is the circle?") is None
+    assert data.counted("How many pink shapes are there?") is None
+
+
+@pytest.mark.parametrize("world", [dict(EASY_WORLD, grid=2, max_shapes=4), {}])
+def test_distinct_scenes_never_repeat_a_colour_and_kind(world):
+    repeats = 0
+    for seed in range(100):
+        names = [(s.colour, s.kind) for s in data.make_scene(seed, **world, distinct=True).shapes]
+        assert len(set(names)) == len(names)
+        plain = [(s.colour, s.kind) for s in data.make_scene(seed, **world).shapes]
+        repeats += len(set(plain)) < len(plain)
+    assert repeats > 10  # without the knob they do repeat

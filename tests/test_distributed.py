@@ -1,0 +1,237 @@
+"""Several processes (distributed.py, CPU and gloo): shares that line up with GRPO's mini-batches,
+and two processes that give what one gives, for the GRPO update and for a whole selfplay.py run,
+killed and resumed included."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as tdist
+import torch.multiprocessing as mp
+from conftest import PROMPTS, random_images
+from safetensors.torch import load_file
+from test_selfplay import REPO, comparable, format_model, image_folder, small_run_flags  # noqa: F401 (a fixture)
+
+import distributed as dist
+import grpo
+import policies
+import selfplay
+from sampler import prompt_keys, sample
+
+
+def test_shares_cover_the_batch_and_line_up_with_the_minibatches():
+    """Each process's shares are whole prompts, the shares of W processes are the batch, and its
+    rows of each mini-batch are those of the whole batch's mini-batch that it holds."""
+    for W in (1, 2, 3, 4):
+        for n in range(1, 8):
+            for G in (1, 3):
+                shares = [dist.Share(list(range(100, 100 + n)), process=r, processes=W) for r in range(W)]
+                assert sorted(x for s in shares for x in s.mine) == list(range(100, 100 + n))
+                for M in range(1, n * G + 1):
+                    whole = torch.arange(n * G).tensor_split(M)
+                    pieces = [[] for _ in range(M)]
+                    for s in shares:
+                        rows = s.rows(G)
+                        assert rows.tolist() == [p * G + j for p in s.prompts for j in range(G)]
+                        for j, local in enumerate(grpo.split_minibatches(rows, n * G, M)):
+                            pieces[j] += rows[local].tolist()
+                    assert [sorted(p) for p in pieces] == [w.tolist() for w in whole], (W, n, G, M)
+    share = dist.Share(["a", "b", "c", "d", "e"], process=1, processes=2)
+    assert share.mine == ["b", "d"] and share.take(list(range(10)), per=2) == [2, 3, 6, 7]
+    assert torch.equal(share.keys(7, "site", per=2), prompt_keys(7, "site", n=10)[[2, 3, 6, 7]])
+
+
+# -----------------------------------------------------------------------------
+# The GRPO update: 2 processes against 1
+
+G = 4
+CASES = {  # Trainee settings: two mini-batches and more; unequal micro-batch counts (a row each); LoRA
+    "token-mean": dict(aggregation="token-mean", minibatches=2, micro_batch_tokens=1, max_grad_norm=1e9),
+    "seq-mean, groups across mini-batches, clipped": dict(minibatches=5, micro_batch_tokens=200, max_grad_norm=0.05),
+    "lora, batch-scaled advantages": dict(lora_rank=4, minibatches=2, micro_batch_tokens=1, max_grad_norm=1e9,
+                                          advantage_scale="batch"),
+}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def grpo_steps(rank, world, port, out):
+    """Each case's GRPO step (SGD, lr 1) on this process's share of one rollout batch, sampled here
+    with the batch's keys; saves the parameter change, the metrics and the samples to out/rank.pt."""
+    torch.set_num_threads(1)
+    if world > 1:
+        tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    results = {}
+    for name, settings in CASES.items():
+        cfg = policies.resolve_pixel_bounds(selfplay.Config(model="tiny", kl_coef=0.1, gradient_checkpointing=False,
+                                                            **settings))
+        trainee = policies.Trainee(cfg, "tiny", torch.device("cpu"))
+        trainee.optimizer = torch.optim.SGD([p for p in trainee.model.parameters() if p.requires_grad], lr=1.0)
+        reference, _ = policies.frozen_models(cfg, trainee.model, "tiny")
+        if reference is not trainee.model:  # a reference away from the policy: the KL term has a gradient
+            with torch.no_grad():
+                for i, p in enumerate(reference.parameters()):
+                    p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+        share = dist.Share(list(range(len(PROMPTS))))
+        prompts = trainee.processors.encode([random_images(0)[i] for i in share.mine], [PROMPTS[i] for i in share.mine])
+        out_samples = sample(trainee.model, prompts, n=G, max_new_tokens=12, keys=share.keys(0, "test"))
+        rewards = share.take(torch.tensor([float(i % 3 == 0) + 0.1 * i for i in range(len(PROMPTS) * G)]), per=G)
+        rollouts = grpo.Rollouts(prompts.repeat(G), out_samples.ids, out_samples.mask, rewards, group_size=G,
+                                 max_new_tokens=12)
+        before = [p.detach().clone() for p in trainee.model.parameters()]
+        metrics = trainee.grpo_step(rollouts, reference, share)
+        delta = torch.cat([(p.detach() - b).flatten() for p, b in zip(trainee.model.parameters(), before)])
+        results[name] = dict(delta=delta, metrics=metrics, rows=share.rows(G), ids=out_samples.ids,
+                             mask=out_samples.mask)
+    torch.save(results, Path(out) / f"{rank}.pt")
+    if world > 1:
+        tdist.destroy_process_group()
+
+
+def test_two_processes_give_the_one_process_grpo_step(tmp_path):
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    threads = torch.get_num_threads()
+    grpo_steps(0, 1, None, tmp_path / "one")
+    torch.set_num_threads(threads)
+    mp.spawn(grpo_steps, args=(2, free_port(), str(tmp_path / "two")), nprocs=2)
+    one = torch.load(tmp_path / "one" / "0.pt")
+    two = [torch.load(tmp_path / "two" / f"{r}.pt") for r in (0, 1)]
+    for name in CASES:
+        expected, (a, b) = one[name], (two[0][name], two[1][name])
+        assert torch.equal(a["delta"], b["delta"]), "the copies stay equal"
+        assert expected["delta"].abs().max() > 1e-3, name
+        # Rounding only: one process with other micro-batches moves as far from itself (5e-6 in the LoRA
+        # case, whose second SGD step at lr 1 starts from weights the first moved by up to 0.7).
+        assert (a["delta"] - expected["delta"]).abs().max() < 1e-5 * max(expected["delta"].abs().max(), 0.1), name
+        assert a["metrics"].keys() == expected["metrics"].keys() and a["metrics"] == b["metrics"]
+        for key, value in expected["metrics"].items():
+            assert a["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-7), (name, key)
+        assert a["metrics"]["n_steps"] == expected["metrics"]["n_steps"] == CASES[name]["minibatches"]
+        for part in (a, b):  # each process sampled its prompts as one process did
+            T = part["ids"].shape[1]
+            assert torch.equal(part["mask"], expected["mask"][part["rows"], :T])
+            assert not expected["mask"][part["rows"], T:].any()
+            assert torch.equal(part["ids"] * part["mask"], expected["ids"][part["rows"], :T] * part["mask"])
+    clipped = one["seq-mean, groups across mini-batches, clipped"]["metrics"]
+    assert clipped["grad_norm"] > CASES["seq-mean, groups across mini-batches, clipped"]["max_grad_norm"]
+
+
+# -----------------------------------------------------------------------------
+# Whole runs: torchrun with 2 processes against python with 1
+
+def run_flags(images, model, output):
+    """The tiny run of test_selfplay, with the batch-wide settings that need gathers."""
+    return small_run_flags(images, model, output) + ["--diversity-scope", "batch", "--advantage-scale", "batch"]
+
+
+def launch(args, processes):
+    """selfplay.py, by torchrun with `processes` processes or by python alone, one thread each."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
+                "--master-addr", "127.0.0.1", "--master-port", str(free_port())] if processes > 1
+               else [sys.executable]) + [str(REPO / "selfplay.py"), *args]
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def kill_all(torchrun):
+    """SIGKILL to torchrun's workers (it starts each in a session of its own: a kill of torchrun
+    alone leaves them running) and to torchrun."""
+    workers = [int(pid) for task in Path(f"/proc/{torchrun.pid}/task").iterdir()
+               for pid in (task / "children").read_text().split()]
+    assert len(workers) == 2
+    for pid in [*workers, torchrun.pid]:
+        os.kill(pid, signal.SIGKILL)
+
+
+def finish(proc):
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log
+    return log
+
+
+def roles(folder):
+    return {(k, role): load_file(folder / f"iter_{k}" / role / "model.safetensors")
+            for k in (1, 2) for role in ("questioner", "reasoner")}
+
+
+def assert_same_run(a, b, exact):
+    """Two run folders with the same questions, answers and logs; weights and metrics equal
+    (`exact`), or equal up to float rounding."""
+    for k in (1, 2):
+        for name in ("questions.jsonl", "questioner_episodes.jsonl", "reasoner_episodes.jsonl"):
+            assert (a / f"iter_{k}" / name).read_text() == (b / f"iter_{k}" / name).read_text(), (k, name)
+    metrics_a, metrics_b = comparable(a / "metrics.jsonl"), comparable(b / "metrics.jsonl")
+    assert [m.keys() for m in metrics_a] == [m.keys() for m in metrics_b]
+    for x, y in zip(metrics_a, metrics_b):
+        for key, value in x.items():
+            close = isinstance(value, float) and not exact
+            assert value == (pytest.approx(y[key], rel=1e-4, abs=1e-6) if close else y[key]), (x, key)
+    for key, weights in roles(a).items():
+        other = roles(b)[key]
+        for n in weights:
+            assert (torch.equal if exact else lambda u, v: torch.allclose(u, v, atol=1e-5))(weights[n], other[n]), key
+
+
+@pytest.fixture(scope="module")
+def two_process_run(format_model, tmp_path_factory):  # noqa: F811 (the fixture imported above)
+    root = tmp_path_factory.mktemp("two_process_run")
+    images, _ = image_folder(root / "images")
+    start = time.perf_counter()
+    finish(launch(run_flags(images, format_model, root / "run"), 2))
+    return images, root / "run", time.perf_counter() - start
+
+
+@pytest.mark.slow
+def test_two_processes_run_what_one_runs(two_process_run, format_model, tmp_path):  # noqa: F811
+    images, two, seconds_two = two_process_run
+    start = time.perf_counter()
+    finish(launch(run_flags(images, format_model, tmp_path / "one"), 1))
+    print(f"\ntiny run: 1 process {time.perf_counter() - start:.1f} s, 2 processes {seconds_two:.1f} s")
+    metrics = comparable(two / "metrics.jsonl")
+    assert any(m["phase"] == "reasoner" for m in metrics), "the Reasoner must train for the test to mean much"
+    assert not list((two / "resume").glob("*")) and json.loads((two / "state.json").read_text())["iteration"] == 3
+    assert_same_run(tmp_path / "one", two, exact=False)
+
+
+@pytest.mark.slow
+def test_two_processes_killed_resume_to_the_same_end(two_process_run, format_model, tmp_path):  # noqa: F811
+    """SIGKILL to every process in the Reasoner phase; resumed with 2 processes the run ends as the
+    uninterrupted one, bit for bit; resumed with 1, the same up to float rounding."""
+    images, whole, _ = two_process_run
+    broken = tmp_path / "broken"
+    victim = launch(run_flags(images, format_model, broken), 2)
+    deadline = time.time() + 300
+    while time.time() < deadline and victim.poll() is None:
+        lines = (broken / "metrics.jsonl").read_text() if (broken / "metrics.jsonl").exists() else ""
+        if '"phase": "reasoner"' in lines:
+            break
+        time.sleep(0.05)
+    assert victim.poll() is None, "the run ended before it could be killed"
+    kill_all(victim)
+    victim.communicate()
+    assert json.loads((broken / "state.json").read_text())["phase"] == "reasoner"
+    shutil.copytree(broken, tmp_path / "broken_one")
+    finish(launch(["--resume", str(broken), "--quiet"], 2))
+    assert_same_run(whole, broken, exact=True)
+    finish(launch(["--resume", str(tmp_path / "broken_one"), "--quiet"], 1))
+    assert_same_run(whole, tmp_path / "broken_one", exact=False)
+
+
+def test_more_processes_than_prompts_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(selfplay.DataError, match="3 processes need --images-per-step"):
+        dist.init(torch.device("cpu"), smallest_batch=2)
+    assert not dist.active()

@@ -1,0 +1,130 @@
+"""pretrain.py: what the warm start teaches, and that its folder is a model every script loads."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import pretrain
+from model import encode_prompts, load_vlm
+from questioner import QUESTIONER_PROMPTS
+from rewards import extract_boxed, parse_question
+
+# a model and a run small enough for a test: a few steps of a 2-layer model
+SMALL = ["--hidden", "32", "--layers", "1", "--vision-hidden", "32", "--vision-layers", "1", "--steps", "3",
+         "--batch", "6", "--warmup", "1", "--eval-questions", "4", "--quiet"]
+
+
+def scene_of(*shapes):
+    return data.Scene(112, 112, data.BACKGROUND, [data.Shape(k, c, x, y, 42) for k, c, x, y in shapes])
+
+
+def test_counting_is_a_checklist_with_a_running_count_other_questions_list_their_shapes():
+    scene = scene_of(("square", "red", 84, 28), ("circle", "red", 28, 84), ("circle", "blue", 84, 84))
+    assert pretrain.reasoning("How many red shapes are there?", scene) == \
+        "<think>red circle yes 1, red square yes 2, red triangle no 2</think> \\boxed{2}"
+    assert pretrain.reasoning("How many circles are there?", scene, colours=("red", "blue")) == \
+        "<think>red circle yes 1, blue circle yes 2</think> \\boxed{2}"
+    assert pretrain.reasoning("How many green triangles are there?", scene) == \
+        "<think>green triangle no 0</think> \\boxed{0}"
+    assert pretrain.reasoning("What colour is the square?", scene) == "<think>red square</think> \\boxed{red}"
+    # a slip says the opposite of the image; the count and the answer follow the chain, not the truth
+    always = pretrain.reasoning("How many red shapes are there?", scene, slip=1.0, rng=np.random.default_rng(0))
+    assert always == "<think>red circle no 0, red square no 0, red triangle yes 1</think> \\boxed{1}"
+
+
+def test_slips_are_as_frequent_as_asked_and_only_in_training_rows():
+    cfg = pretrain.Config(slip=0.1)
+    steps = flipped = 0
+    for image, prompt, target, scene in pretrain.rows(cfg, np.random.default_rng(1), 400):
+        if prompt == QUESTIONER_PROMPTS["paper"]:
+            continue
+        question = prompt.split("\n\n")[0]
+        clean = pretrain.reasoning(question, scene, cfg.colours.split(","))
+        said = [step.split()[2] for step in target.split("<think>")[1].split("</think>")[0].split(", ")]
+        truth = [step.split()[2] for step in clean.split("<think>")[1].split("</think>")[0].split(", ")]
+        steps += len(said)
+        flipped += sum(a != b for a, b in zip(said, truth))
+        assert extract_boxed(target) == target.split("</think>")[0].split()[-1]  # the last count
+    assert 0.07 < flipped / steps < 0.13
+
+
+def test_every_training_row_is_a_role_prompt_with_a_target_true_to_its_scene():
+    cfg = pretrain.Config(slip=0.0, categories="counting,colour")
+    rows = pretrain.rows(cfg, np.random.default_rng(0), 200)
+    asked = {"questioner": 0, "reasoner": 0}
+    for image, prompt, target, scene in rows:
+        assert image.size == (112, 112) and np.array_equal(np.asarray(image), np.asarray(data.render(scene)))
+        if prompt == QUESTIONER_PROMPTS["paper"]:
+            question = parse_question(target)["question"]
+            assert data.true_answer(question, scene) is not None  # it only ever sees answerable questions
+            asked["questioner"] += 1
+        else:
+            question = prompt.split("\n\n")[0]
+            assert prompt == pretrain.reasoner_prompt(question)
+            assert extract_boxed(target) == data.true_answer(question, scene)
+            asked["reasoner"] += 1
+        assert data.question_category(question) in ("counting", "colour")
+    assert 30 <= asked["questioner"] <= 70  # questioner_share 0.25 of 200
+
+
+def test_the_tokenizer_covers_prompts_questions_and_answers_word_by_word():
+    cfg = pretrain.Config()
+    tokenizer = pretrain.build_tokenizer(cfg)
+    for text in pretrain.corpus(cfg)[:300]:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert tokenizer.decode(ids) == text
+        assert len(ids) <= len(text.split()) * 4  # whole words, not bytes
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer("How many red circles are there?")["input_ids"])
+    assert tokens[3:6] == ["Ġred", "Ġcircle", "s"]  # the plural shares the singular's token
+
+
+def weights(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_same_seed_same_weights_and_the_folder_loads_as_a_model(tmp_path, capsys):
+    torch.set_num_threads(1)
+    assert pretrain.main(SMALL + ["--output", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "held-out accuracy (4 questions, greedy)" in out and "images shuffled" in out
+    assert pretrain.main(SMALL + ["--output", str(tmp_path / "b")]) == 0
+    assert pretrain.main(SMALL + ["--output", str(tmp_path / "c"), "--seed", "1"]) == 0
+    a, b, c = (weights(tmp_path / x) for x in "abc")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+    cfg = pretrain.load_config(tmp_path / "a")
+    assert cfg == pretrain.Config(**{**json.loads((tmp_path / "a" / pretrain.CONFIG_FILE).read_text())})
+    assert (cfg.steps, cfg.hidden, cfg.output) == (3, 32, str(tmp_path / "a"))
+    model, tokenizer, processor = load_vlm(str(tmp_path / "a"))
+    assert processor.size == {"shortest_edge": 112 * 112, "longest_edge": 112 * 112}
+    assert tokenizer.padding_side == "left" and tokenizer.chat_template is not None
+    scene = data.make_scene(0, **cfg.world())
+    prompts = encode_prompts(tokenizer, processor, [data.render(scene)], [pretrain.reasoner_prompt("How many circles are there?")])
+    assert int((prompts.input_ids == model.config.image_token_id).sum()) == 16  # 112 x 112: 4 x 4 merged patches
+    assert all(torch.equal(p, a[n]) for n, p in model.state_dict().items() if n in a)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--colours", "red,pink"], "--colours: unknown 'pink'"),
+    (["--categories", "counting,taste"], "--categories: unknown 'taste'"),
+    (["--min-shapes", "5", "--max-shapes", "3"], "--min-shapes 5 is above --max-shapes 3"),
+    (["--grid", "2", "--max-shapes", "5"], "--max-shapes 5 does not fit a 2 x 2 grid"),
+    (["--hidden", "48"], "multiples of 32"),
+])
+def test_settings_that_do_not_fit_are_one_line_errors(argv, needle, tmp_path, capsys):
+    assert pretrain.main(argv + ["--output", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_bad_flag_exits_2_with_one_line(capsys):
+    with pytest.raises(SystemExit) as stop:
+        pretrain.main(["--steps", "0"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and "--steps" in err
