@@ -107,8 +107,8 @@ def test_two_processes_give_the_one_process_grpo_step(tmp_path):
     grpo_steps(0, 1, None, tmp_path / "one")
     torch.set_num_threads(threads)
     mp.spawn(grpo_steps, args=(2, free_port(), str(tmp_path / "two")), nprocs=2)
-    one = torch.load(tmp_path / "one" / "0.pt")
-    two = [torch.load(tmp_path / "two" / f"{r}.pt") for r in (0, 1)]
+    one = torch.load(tmp_path / "one" / "0.pt", weights_only=True)
+    two = [torch.load(tmp_path / "two" / f"{r}.pt", weights_only=True) for r in (0, 1)]
     for name in CASES:
         expected, (a, b) = one[name], (two[0][name], two[1][name])
         assert torch.equal(a["delta"], b["delta"]), "the copies stay equal"
