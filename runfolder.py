@@ -43,7 +43,6 @@ from report import write_report
 PHASES = ("questioner", "curation", "reasoner", "summary")  # one iteration, in order
 LOGS = ("metrics.jsonl", "iter_*/questioner_episodes.jsonl", "iter_*/reasoner_episodes.jsonl")
 IMAGE_LIST = "images.txt"  # the run's readable images, one per line, relative to --images
-RUN_FILES = {"config.json", "state.json"}  # a folder holding these is a run
 
 
 # -----------------------------------------------------------------------------
