@@ -1,6 +1,7 @@
 """More than one process: torchrun starts one per GPU, each holding full copies of the models, and
 this file is all they say to each other (plain torch.distributed). In one process every function
-here gives back what it was given, so the loop reads the same for 1 or N processes.
+here gives back what it was given, so the loop reads the same for 1 or N processes. (With --fsdp
+the role in training is sharded over the processes instead of copied: fsdp.py.)
 
     torchrun --nproc-per-node 8 selfplay.py --images dir/ --output runs/name
 
@@ -106,6 +107,15 @@ def any_process(flag):
     value = torch.tensor([float(flag)], device=_device())
     tdist.all_reduce(value, op=tdist.ReduceOp.MAX)
     return bool(value.item())
+
+
+def most(n):
+    """The largest of the processes' ints n (every process gets the same answer)."""
+    if not active():
+        return n
+    value = torch.tensor([n], device=_device())
+    tdist.all_reduce(value, op=tdist.ReduceOp.MAX)
+    return int(value.item())
 
 
 def total(tensor):

@@ -48,6 +48,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+import transformers
 from PIL import Image
 from tqdm import tqdm
 
@@ -824,6 +825,8 @@ def main(argv=None):
     """The command line: returns the exit code (0 done, 2 a user mistake, said in one line on stderr)."""
     cfg = parse_args(argv)
     cfg = replace(cfg, output=cfg.output or f"runs/eval/{time.strftime('%Y%m%d-%H%M%S')}")
+    if cfg.quiet:
+        transformers.utils.logging.disable_progress_bar()  # loading weights draws one per model
     try:
         results = evaluate(cfg)
     except (ModelError, DataError) as err:

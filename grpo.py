@@ -34,11 +34,13 @@ in the equations: log-ratios are clamped to ±20 before exp, as EasyR1 does, for
 """
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
 
 import distributed as dist
+import fsdp
 from model import completion_logprobs, token_batches
 
 # exp of a large log-ratio overflows to inf, and inf at a clipped or padded position turns into a
@@ -297,16 +299,33 @@ def _micro_batch(rollouts, rows):
     return rollouts.prompts.select(rows.tolist()), rollouts.ids[rows, :T], rollouts.mask[rows, :T]
 
 
+def _logprobs(model, rollouts, rows, temperature):
+    """[len(rows), T] log-probs of the rows' completions (`_micro_batch`) and their mask, on the
+    model's device. A model sharded by fsdp.shard scores through its own method, which gathers its
+    weights."""
+    device = model.device
+    prompts, ids, mask = (x.to(device) for x in _micro_batch(rollouts, rows))
+    score = getattr(model, "completion_logprobs", partial(completion_logprobs, model))
+    with autocast(device):
+        return score(prompts, ids, mask, temperature), mask
+
+
+# What a process passes through a sharded model when it has fewer micro-batches than another
+# (fsdp.py): its first row, with weight 0.
+PADDING_ROWS = torch.zeros(1, dtype=torch.long)
+
+
 @torch.no_grad()
 def rollout_logprobs(model, rollouts, micro_batch_tokens, temperature):
     """[B, T] log-probs of every completion under `model`, computed micro-batch by micro-batch."""
-    device = model.device
     logp = torch.zeros(rollouts.ids.shape, dtype=torch.float32)
-    for rows in token_batches(torch.arange(len(rollouts)), *row_lengths(rollouts), micro_batch_tokens):
-        prompts, ids, mask = _micro_batch(rollouts, rows)
-        with autocast(device):
-            values = completion_logprobs(model, prompts.to(device), ids.to(device), mask.to(device), temperature)
-        logp[rows, :ids.shape[1]] = values.float().cpu()
+    micro_batches = token_batches(torch.arange(len(rollouts)), *row_lengths(rollouts), micro_batch_tokens)
+    padding = fsdp.missing_passes(model, len(micro_batches))  # a collective: asked before the passes
+    for rows in micro_batches:
+        values, _ = _logprobs(model, rollouts, rows, temperature)
+        logp[rows, :values.shape[1]] = values.float().cpu()
+    for _ in range(padding):
+        _logprobs(model, rollouts, PADDING_ROWS, temperature)
     return logp
 
 
@@ -342,6 +361,7 @@ def update(policy, optimizer, rollouts, advantages, ref_logp=None, *, temperatur
     positions [B] long says where its rows sit in the whole batch (None: the whole batch is here).
     The mini-batches are then the whole batch's, each process taking its own rows of each; the
     totals of (21), the gradients (before the clip) and the metrics are summed over the processes.
+    A policy sharded with --fsdp (fsdp.py) makes as many passes in every process.
 
     Returns the metrics of `policy_loss` averaged over the optimizer steps (maxima: the max), plus
     grad_norm (before clipping) and n_steps.
@@ -364,20 +384,24 @@ def update(policy, optimizer, rollouts, advantages, ref_logp=None, *, temperatur
             totals = batch_totals(rollouts.mask[minibatch], combine=dist.total)
             totals["max_len"] = rollouts.max_new_tokens  # Dr.GRPO's constant, not this batch's longest
             step = {}
-            for rows in token_batches(minibatch, prompt_lengths, lengths, micro_batch_tokens):
-                prompts, ids, mask = _micro_batch(rollouts, rows)
-                T = ids.shape[1]
-                with autocast(device):
-                    logp = completion_logprobs(policy, prompts.to(device), ids.to(device), mask.to(device), temperature)
+            micro_batches = token_batches(minibatch, prompt_lengths, lengths, micro_batch_tokens)
+            padding = fsdp.missing_passes(policy, len(micro_batches))
+            for rows in micro_batches:
+                logp, mask = _logprobs(policy, rollouts, rows, temperature)
+                T = mask.shape[1]
                 loss, metrics = policy_loss(
                     logp, logp.detach() if on_policy else old_logp[rows, :T].to(device),
                     None if ref_logp is None else ref_logp[rows, :T].to(device),
-                    advantages[rows].to(device), mask.to(device), clip_low=clip_low, clip_high=clip_high,
+                    advantages[rows].to(device), mask, clip_low=clip_low, clip_high=clip_high,
                     dual_clip=dual_clip, kl_coef=kl_coef, aggregation=aggregation, **totals)
                 loss.backward()
                 for k, v in metrics.items():
                     step[k] = max(step.get(k, v), v) if k.endswith("_max") else step.get(k, 0.0) + v
-            dist.sum_gradients(policy.parameters())  # then every process clips the same, global, norm
+            for _ in range(padding):
+                logp, _ = _logprobs(policy, rollouts, PADDING_ROWS, temperature)
+                (0 * logp.sum()).backward()
+            if not fsdp.sharded(policy):  # a sharded model's are summed by FSDP's backward passes
+                dist.sum_gradients(policy.parameters())  # then every process clips the same, global, norm
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

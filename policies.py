@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import distributed as dist
+import fsdp
 import grpo
 import lora
 from data import DataError
@@ -132,13 +133,17 @@ def frozen_models(cfg, policy, start, reasoner_source=None):
     return reference, frozen(reasoner_source) if reasoner_source else None
 
 
-def save_role(cfg, model, processors, folder):
+def save_role(cfg, model, processors, folder, weights=None):
     """A checkpoint loadable by plain transformers (safetensors); with LoRA the adapters merged in
-    (in float32: a small update would round away in bf16), and the role's updates beside it."""
+    (in float32: a small update would round away in bf16), and the role's updates beside it.
+    weights: the state dict to write, when the model's own is sharded (fsdp.whole_weights). Folder
+    None: another process writes (runfolder.Run.save_folder)."""
+    if folder is None:
+        return
     if cfg.lora_rank > 0:
         save_file(lora.updates(model), Path(folder) / LORA_UPDATES)
         model = lora.merge_lora(model.float())
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, state_dict=weights)
     processors.save_pretrained(folder)
 
 
@@ -154,25 +159,37 @@ def rollout_metrics(rewards, lengths):
 
 class Trainee:
     """The role in training: its weights (`role_weights` at `source`), Processors and AdamW, resumed
-    from `checkpoint` (a folder `save_checkpoint` wrote) when given."""
+    from `checkpoint` (a folder `save_checkpoint` wrote) when given. With --fsdp and several
+    processes, the model is sharded over them (fsdp.py) and `sampler_model` is a whole copy of it,
+    refreshed after each GRPO step; otherwise `sampler_model` is the model itself."""
 
     def __init__(self, cfg, source, device, checkpoint=None):
         self.cfg = cfg
         use_lora = cfg.lora_rank > 0
+        self.sharded = cfg.fsdp and dist.world_size() > 1
         # A full fine-tuning checkpoint is a whole model; a LoRA one holds only the adapters.
         self.model, self.processors = role_weights(cfg, str(checkpoint) if checkpoint and not use_lora else source,
                                                    device)
         if cfg.freeze_vision:
             self.model.model.visual.requires_grad_(False)
+        # The sampler never runs a sharded model (fsdp.py): it gets a whole copy, in the frozen models' dtype.
+        self.sampler_model = (fsdp.sampling_copy(self.model, grpo.weights_dtype(device, trainable=False))
+                              if self.sharded else self.model)
         if cfg.gradient_checkpointing:
             self.model.activation_checkpointing_enable()
+        if self.sharded:
+            fsdp.shard(self.model)
         self.optimizer = grpo.make_optimizer(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay)
         if checkpoint:
             if use_lora:
                 lora.load_lora_state_dict(self.model, torch.load(Path(checkpoint) / "lora.pt", weights_only=True,
                                                                  map_location=device))
-            self.optimizer.load_state_dict(torch.load(Path(checkpoint) / "optimizer.pt", weights_only=True,
-                                                      map_location=device))
+            if self.sharded:  # every process reads the whole state (mapped, not loaded) and keeps its shards
+                fsdp.load_optimizer_state(self.optimizer, torch.load(Path(checkpoint) / "optimizer.pt",
+                                                                     weights_only=True, map_location="cpu", mmap=True))
+            else:
+                self.optimizer.load_state_dict(torch.load(Path(checkpoint) / "optimizer.pt", weights_only=True,
+                                                          map_location=device))
 
     def grpo_step(self, rollouts, reference, share=None):
         """GRPO on one rollout batch (grpo.update, METHOD.md (14)-(22)), the KL term against
@@ -190,19 +207,32 @@ class Trainee:
                              clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, kl_coef=cfg.kl_coef,
                              aggregation=cfg.aggregation, max_grad_norm=cfg.max_grad_norm,
                              positions=share.rows(G))
+        if self.sharded:
+            fsdp.copy_weights(self.model, self.sampler_model)
         return {**rollout_metrics(rewards, share.gather(rollouts.mask.sum(1).view(-1, G))), **update}
 
     def save_checkpoint(self, folder):
-        """What a resume needs: the weights (with LoRA only the adapters) and AdamW's state."""
+        """What a resume needs: the weights (with LoRA only the adapters) and AdamW's state. Called
+        in every process, with folder None but in rank 0 (runfolder.Run.save_folder): sharded, every
+        process gathers the weights and the optimizer's state, and rank 0 writes them whole, the
+        files of an unsharded run."""
+        if self.sharded:
+            weights, optimizer = fsdp.whole_weights(self.model), fsdp.whole_optimizer_state(self.optimizer)
+        else:
+            weights, optimizer = None, self.optimizer.state_dict()
+        if folder is None:
+            return
         if self.cfg.lora_rank > 0:
             torch.save(lora.lora_state_dict(self.model), Path(folder) / "lora.pt")
         else:
-            self.model.save_pretrained(folder)
+            self.model.save_pretrained(folder, state_dict=weights)
             self.processors.save_pretrained(folder)
-        torch.save(self.optimizer.state_dict(), Path(folder) / "optimizer.pt")
+        torch.save(optimizer, Path(folder) / "optimizer.pt")
 
     def save_role(self, folder):
-        save_role(self.cfg, self.model, self.processors, folder)
+        """save_role of the model, in every process as save_checkpoint."""
+        weights = fsdp.whole_weights(self.model) if self.sharded else None
+        save_role(self.cfg, self.model, self.processors, folder, weights)
 
 
 def reference_logprobs(cfg, policy, reference, rollouts):

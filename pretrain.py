@@ -6,29 +6,39 @@ learns the shapes world in both roles, so that self-play has a base that sees so
     python selfplay.py --model runs/base ...     # or evaluate.py --model runs/base
 
 Self-play amplifies what the base already does more often right than wrong; it cannot teach a
-model to look. So the base must (1) look at the image, (2) answer by a short sampled perception
-step, so that independent samples make independent mistakes and their majority beats any one of
-them, and (3) write questions of the shapes grammar that have answers. The world is chosen for a
-model of 1.5M parameters and minutes of CPU:
+model to look. So the base must (1) look at the image, (2) know more in the majority of its
+sampled answers than in its greedy one, the gap the vote's silver labels can close, and (3) write
+questions of the shapes grammar that have answers. The world is chosen for a model of 1.5M
+parameters and minutes of CPU:
 - up to four shapes on a 2 x 2 grid, 112 x 112 pixels (16 image tokens, 4 on each shape), four
   colours, no two shapes alike; counting questions only (every one has an answer; --categories
   adds others);
 - the Reasoner's answer is a checklist of what the question can mean, with a running count:
   "How many red shapes are there?" ->
   "<think>red circle no 0, red square yes 1, red triangle yes 2</think> \\boxed{2}";
-  each step is flipped in training with chance --slip, the count following it (see `reasoning`);
+- a hasty habit (--guess, taught in the last --guess-steps steps): 60% of the counting answers are
+  "<think>guess</think> \\boxed{r}", r uniform over 0..4, whatever the image. Greedy decoding
+  takes the likelier first step, mostly the guess (on every held-out question for seeds 0 and 1,
+  on 86 of 500 for seed 2: the learnt share lands near one half, on either side); samples check
+  40% of the time, always on the same (mostly right) count, while guesses scatter over five, so
+  the majority of 8 answers is right 68-80% of the time (RESULTS.md). This stands in
+  for what makes votes beat greedy decoding in large models, a likely but careless first step; it
+  is built into the base, never into the benchmark or the loop, and self-play is not told of it;
 - the Questioner's is "<question>How many red shapes are there?</question>", one of the scene's
   own data.scene_questions, after questioner.QUESTIONER_PROMPTS["paper"].
 
 What it took (measured; each for a stated reason in the code): initial weights of std 0.1 (at
 HF's 0.02 the model never looked at the image), shapes four image tokens wide (one token each, it
-did not look within the budget), "circles" tokenized as "circle" + "s", and the checklist (listing
-the matching shapes, it mostly stopped after the first of two).
+did not look within the budget), "circles" tokenized as "circle" + "s", the checklist (listing
+the matching shapes, it mostly stopped after the first of two), and no slips beside the guesses
+(with 5% of checklist steps flipped, --slip 0.05, the majority of 8 was right 51-53% of the time;
+without, 66%). An earlier base without guesses, whose samples only slipped, had no gap to close
+(greedy 82%, maj@8 82%), and three iterations of self-play did not raise its greedy accuracy.
 
 Output: a save_pretrained folder (weights, tokenizer, image processor with the small pixel bounds,
-pretrain_config.json) that model.load_vlm and every script's --model read. At the end the held-out
-greedy accuracy is printed next to the accuracy with the images shuffled among the questions: the
-gap is what the model takes from the image.
+pretrain_config.json) that model.load_vlm and every script's --model read. At the end, on held-out
+questions: greedy accuracy, the same with the images shuffled among the questions (the gap is what
+the model takes from the image), pass@1 of 8 samples at temperature 1 and their majority's (maj@8).
 
 Left out: a learning-rate search, mixed precision, a GPU path, data beyond the shapes world.
 """
@@ -53,7 +63,7 @@ from model import (QWEN_PRETOKENIZE_REGEX, QWEN_SPECIAL_TOKENS, QWEN_VL_CHAT_TEM
                    _set_generation_config, completion_logprobs, encode_prompts)
 from questioner import QUESTIONER_PROMPTS
 from reasoner import reasoner_prompt
-from rewards import answers_equivalent, extract_boxed
+from rewards import answers_equivalent, extract_boxed, majority_vote
 from sampler import prompt_keys, sample
 from vision_attention import use_windowed_attention
 
@@ -92,8 +102,14 @@ class Config:
     questioner_share: float = option("share of the rows that teach the Questioner", "train", valid=FRACTION,
                                      default=0.25)
     slip: float = option("chance that a step of a training checklist is flipped, its count and answer "
-                         "following it: the perception noise that makes a majority vote beat one answer",
-                         "train", valid=FRACTION, default=0.05)
+                         "following it (sampled noise that a vote outvotes but greedy decoding never makes)",
+                         "train", valid=FRACTION, default=0.0)
+    guess: float = option("chance that a training answer to a counting question is a guess, "
+                          "'<think>guess</think> \\boxed{r}', r uniform over 0..max_shapes: above one "
+                          "half, greedy decoding guesses while most samples check (maj@m >> greedy)", "train",
+                          valid=FRACTION, default=0.6)
+    guess_steps: int = option("guesses are taught in the last guess_steps steps only: the model first learns to "
+                              "look from checklists alone", "train", valid=NON_NEGATIVE, default=150)
     lr: float = option("peak AdamW learning rate (warm-up, then cosine to a tenth)", "train", valid=POSITIVE,
                        default=3e-3)
     warmup: int = option("warm-up steps", "train", valid=NON_NEGATIVE, default=20)
@@ -126,7 +142,7 @@ def check(cfg):
 # -----------------------------------------------------------------------------
 # What the two roles are taught
 
-def reasoning(question, scene, colours=tuple(data.PALETTE), slip=0.0, rng=None):
+def reasoning(question, scene, colours=tuple(data.PALETTE), slip=0.0, guess=0.0, max_shapes=4, rng=None):
     """The Reasoner's target for a question about a scene: a short perception step, then the answer.
 
     Counting goes down a checklist of every colour and kind the question can mean, each with the
@@ -143,11 +159,14 @@ def reasoning(question, scene, colours=tuple(data.PALETTE), slip=0.0, rng=None):
 
     slip: the chance (drawn from rng) that a step says the opposite of the image, the counts and
     the answer following it, as a reasoner's chain follows its own slips. Trained on such chains the
-    model slips about that often at temperature 1 while its most likely step stays right, so
-    samples make independent mistakes that a majority vote outvotes (maj@m > pass@1)."""
+    model slips about that often at temperature 1 while its most likely step stays right.
+    guess: the chance that a counting answer is instead "<think>guess</think> \\boxed{r}", r drawn
+    uniformly from 0..max_shapes, whatever the image (the module's docstring says why)."""
     what = data.counted(question)
     if what is not None:
         colour, kind = what
+        if guess and rng.random() < guess:
+            return f"<think>guess</think> \\boxed{{{rng.integers(max_shapes + 1)}}}"
         total, steps = 0, []
         for c, k in itertools.product([colour] if colour else colours, [kind] if kind else data.KINDS):
             here = sum(s.colour == c and s.kind == k for s in scene.shapes)
@@ -184,7 +203,8 @@ def rows(cfg, rng, n):
         if rng.random() < cfg.questioner_share:
             out.append((image, QUESTIONER_PROMPTS["paper"], question_target(q), scene))
         else:
-            target = reasoning(q, scene, cfg.colours.split(","), slip=cfg.slip, rng=rng)
+            target = reasoning(q, scene, cfg.colours.split(","), slip=cfg.slip, guess=cfg.guess,
+                               max_shapes=cfg.max_shapes, rng=rng)
             out.append((image, reasoner_prompt(q), target, scene))
     return out
 
@@ -314,14 +334,16 @@ def train(cfg, model, tokenizer, processor):
     rng = np.random.default_rng((cfg.seed, 0))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     # the loss on fixed Reasoner rows, and on the same with each row shown another row's image
-    probe = rows(replace(cfg, questioner_share=0.0, slip=0.0), np.random.default_rng((cfg.seed, 2)), 48)
+    probe = rows(replace(cfg, questioner_share=0.0, slip=0.0, guess=0.0), np.random.default_rng((cfg.seed, 2)), 48)
     shuffled_probe = [(probe[(i + 1) % len(probe)][0], *r[1:]) for i, r in enumerate(probe)]
     bar = tqdm(range(cfg.steps), desc="pretrain", disable=cfg.quiet)
     for step in bar:
         model.train()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(cfg, step)
-        loss, tokens = loss_of(model, tokenizer, processor, rows(cfg, rng, cfg.batch))
+        guessing = step >= cfg.steps - cfg.guess_steps  # a habit picked up once the model looks
+        batch = rows(cfg if guessing else replace(cfg, guess=0.0), rng, cfg.batch)
+        loss, tokens = loss_of(model, tokenizer, processor, batch)
         (loss / tokens).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -363,14 +385,17 @@ def accuracy(answered, records):
     return float(np.mean([answers_equivalent(a[0], r["answer"]) for a, r in zip(answered, records)]))
 
 
-def held_out_accuracy(cfg, model, tokenizer, processor):
-    """(greedy accuracy, the same with each question shown the next record's image) on held-out questions."""
+def held_out_accuracy(cfg, model, tokenizer, processor, m=8):
+    """On held-out questions: {greedy accuracy, the same with each question shown the next record's
+    image (shuffled), pass@1 of m samples at temperature 1, their majority's accuracy (maj@m)}."""
     records = held_out(cfg, cfg.eval_questions)
     images = [r["image"] for r in records]
     questions = [r["question"] for r in records]
-    greedy = accuracy(answers(model, tokenizer, processor, images, questions), records)
-    shuffled = accuracy(answers(model, tokenizer, processor, images[1:] + images[:1], questions), records)
-    return greedy, shuffled
+    sampled = answers(model, tokenizer, processor, images, questions, n=m, temperature=1.0, seed=cfg.seed)
+    return {"greedy": accuracy(answers(model, tokenizer, processor, images, questions), records),
+            "shuffled": accuracy(answers(model, tokenizer, processor, images[1:] + images[:1], questions), records),
+            "pass@1": float(np.mean([answers_equivalent(a, r["answer"]) for s, r in zip(sampled, records) for a in s])),
+            f"maj@{m}": accuracy([[majority_vote(s)[0]] for s in sampled], records)}
 
 
 def save(cfg, model, tokenizer, processor):
@@ -412,9 +437,10 @@ def main(argv=None):
     n_params = sum(p.numel() for p in model.parameters())
     print(f"saved {n_params / 1e6:.2f}M parameters to {cfg.output} ({time.perf_counter() - start:.0f} s)")
     if cfg.eval_questions:
-        greedy, shuffled = held_out_accuracy(cfg, model, tokenizer, processor)
-        print(f"held-out accuracy ({cfg.eval_questions} questions, greedy): {greedy:.1%}; "
-              f"with the images shuffled among them: {shuffled:.1%}")
+        scores = held_out_accuracy(cfg, model, tokenizer, processor)
+        print(f"held-out accuracy ({cfg.eval_questions} questions): " +
+              ", ".join(f"{name} {value:.1%}" for name, value in scores.items()) +
+              " (shuffled: greedy with the images shuffled among the questions)")
     return 0
 
 

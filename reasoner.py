@@ -87,6 +87,16 @@ def curate(model, processors, images, texts, parsed, *, m, settings, count_empty
     return records
 
 
+def random_silver_labels(records, rng):
+    """The random-label control (--silver-labels random): each kept record's silver label replaced,
+    in place, by one of its distinct answers drawn uniformly. Uniform over the distinct answers, not
+    over the m votes: a draw weighted by the votes picks the majority most often, so it would still
+    be a vote in expectation. Sorted first: a set's order changes from one process to the next."""
+    for r in records:
+        if r["kept"]:
+            r["silver"] = str(rng.choice(sorted({a for a in r["answers"] if a})))
+
+
 def rollouts(model, processors, images, questions, silver_labels, *, G, settings, reward_mode, keys, batch_tokens):
     """G answers per (image, question, silver label) triple, each rewarded against its label
     (METHOD.md, equation (12)); as many triples per sampler call as fit in a KV cache of

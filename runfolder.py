@@ -180,8 +180,7 @@ class Run:
         self.log(record)
         self.log_episodes(role, [dict(e, step=step) for e in episodes])
         folder = self.dir / "resume" / f"{role}_{self.state.iteration}_{step}"
-        if self.writer:
-            save_folder_atomic(folder, write_checkpoint)
+        self.save_folder(folder, write_checkpoint)
         self.save_state(step=step, checkpoint=str(folder.relative_to(self.dir)))
         self.remove_old_checkpoints()
         self.bar.set_postfix(reward=f"{record['reward_mean']:.3f}")
@@ -200,8 +199,15 @@ class Run:
 
     def save_role(self, role, write):
         """The role as it ends this iteration's phase: write(folder) into iter_k/role, atomically."""
+        self.save_folder(self.role_dir(self.state.iteration, role), write)
+
+    def save_folder(self, folder, write):
+        """write(folder) into `folder`, atomically, in rank 0; write(None) in the other processes,
+        which writes nothing but lets a role sharded over them (--fsdp) be gathered from all."""
         if self.writer:
-            save_folder_atomic(self.role_dir(self.state.iteration, role), write)
+            save_folder_atomic(folder, write)
+        else:
+            write(None)
 
     # --- files
 
@@ -271,18 +277,26 @@ class Run:
 # Starting and resuming
 
 def resolve_config(config_class, cfg, given):
-    """The config to run: the command line's, or for --resume the run's saved one. With --resume
-    only --quiet, --device, --threads and --print-config may be given, and --iterations to run a
-    finished run on for more iterations. (A thread count other than the run's own can change the
-    last bits of its results.)"""
-    if not cfg.resume:
-        return cfg
-    may_change = {"quiet", "device", "threads", "print_config", "iterations"}
+    """The config to run: the command line's, or for --resume the run's saved one (`saved_config`).
+    --fsdp, given or saved, is refused with --lora-rank: it shards a fully fine-tuned role."""
+    cfg = saved_config(config_class, cfg, given) if cfg.resume else cfg
+    if cfg.fsdp and cfg.lora_rank > 0:
+        raise DataError("--fsdp shards the role of full fine-tuning; with --lora-rank only small adapters train "
+                        "and every process holds the frozen base anyway: drop --fsdp")
+    return cfg
+
+
+def saved_config(config_class, cfg, given):
+    """The config of the run cfg.resume, where only --quiet, --device, --threads, --fsdp and
+    --print-config may be given, and --iterations to run a finished run on for more iterations. (A
+    thread count other than the run's own can change the last bits of its results.)"""
+    may_change = {"quiet", "device", "threads", "fsdp", "print_config", "iterations"}
     refused = sorted(given - may_change - {"resume"})
     if refused:
         flags = ", ".join("--" + name.replace("_", "-") for name in refused)
         raise DataError(f"--resume continues with the run's own settings (its config.json): drop {flags} "
-                        "(only --quiet, --device, --threads, --print-config and --iterations may be given)")
+                        "(only --quiet, --device, --threads, --fsdp, --print-config and --iterations may be "
+                        "given)")
     folder = Path(cfg.resume)
     for name in ("state.json", "config.json"):
         if not (folder / name).is_file():

@@ -115,8 +115,8 @@ class Config:
     tau_high: float = option("... and <= tau_high (code: 0.3 / 0.8)", "curation", valid=FRACTION, default=0.75)
     curation_count_empty: bool = option("answers without \\boxed{} vote for 'None' in the confidence (public "
                                         "code; empty boxes are dropped)", "curation", default=False)
-    silver_labels: str = option("'majority': the vote's answer (the method); 'random': one of the m answers at random, "
-                                "the same questions kept (a control: what training on labels no vote chose gives)",
+    silver_labels: str = option("'majority': the vote's answer (the method); 'random': one of the distinct answers "
+                                "at random, the same questions kept (a control: labels no vote chose)",
                                 "curation", choices=("majority", "random"), default="majority")
     on_too_few: str = option("when fewer questions are kept than one Reasoner batch: 'skip' the phase "
                              "(R_k = R_{k-1}) or 'stop'", "curation", choices=("skip", "stop"), default="skip")
@@ -149,6 +149,7 @@ class Config:
                                      default=32768)
     gradient_checkpointing: bool = option("recompute each layer's activations in the backward pass (less memory)",
                                           "grpo", default=True)
+    fsdp: bool = option("shard the trained role over torchrun's processes (full fine-tuning)", "grpo", default=False)
     freeze_vision: bool = option("train the language model only (the paper trains the vision tower too)", "grpo",
                                  default=False)
     lora_rank: int = option("train LoRA adapters of this rank instead of all weights (0: full fine-tuning)",
@@ -176,10 +177,10 @@ def questioner_phase(cfg, run, images):
     for step in run.steps("questioner", cfg.questioner_steps):
         share = dist.Share(run.choose(len(images), cfg.images_per_step))  # this process's images: share.mine
         rollouts, episodes = questioner.rollouts(
-            trainee.model, frozen_reasoner, trainee.processors, [images[i] for i in share.mine], G=cfg.group_size,
+            trainee.sampler_model, frozen_reasoner, trainee.processors, [images[i] for i in share.mine],
             fmt=cfg.question_format, question_settings=settings.question, answer_settings=settings.vote,
             reward=reward, keys=share.keys(cfg.seed, "questions", k, step), batch_tokens=cfg.sampling_batch_tokens,
-            vote_keys=share.keys(cfg.seed, "votes", k, step, per=cfg.group_size),
+            G=cfg.group_size, vote_keys=share.keys(cfg.seed, "votes", k, step, per=cfg.group_size),
             over_batch=lambda f, questions: share.apply(f, questions, per=cfg.group_size))
         for e in episodes:
             e["image"] = images.paths[share.mine[e.pop("group")]]
@@ -219,8 +220,7 @@ def curation_phase(cfg, run, images):
         run.bar.set_postfix(kept=sum(r["kept"] for r in records), of=len(records))
     records = share.gather(records, per=N)
     if cfg.silver_labels == "random":
-        for r in (r for r in records if r["kept"]):
-            r["silver"] = str(run.image_rng.choice([a for a in r["answers"] if a]))
+        reasoner.random_silver_labels(records, run.image_rng)
     grades = grade_candidates(records, images.scenes)  # shapes-world images only: true answers
     run.save_questions(records)
     confidences = [r["confidence"] for r in records if r["valid"]]
@@ -254,7 +254,7 @@ def reasoner_phase(cfg, run, images):
     for step in run.steps("reasoner", cfg.reasoner_steps):
         share = dist.Share([kept[i] for i in run.choose(len(kept), cfg.questions_per_step)])
         rollouts, episodes = reasoner.rollouts(
-            trainee.model, trainee.processors, [images[r["image_index"]] for r in share.mine],
+            trainee.sampler_model, trainee.processors, [images[r["image_index"]] for r in share.mine],
             [r["question"] for r in share.mine], [r["silver"] for r in share.mine], G=cfg.group_size,
             settings=settings.answer, reward_mode=cfg.reasoner_reward, keys=share.keys(cfg.seed, "answers", k, step),
             batch_tokens=cfg.sampling_batch_tokens)

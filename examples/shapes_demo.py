@@ -3,14 +3,16 @@ answer is known, with the controls that tell a real gain from noise.
 
     bash examples/shapes_demo.sh OUT [SEED]        # or: python examples/shapes_demo.py OUT [--seed SEED]
 
-1. pretrain.py: a small Qwen2.5-VL learns the shapes world in both roles (the warm start).
+1. pretrain.py: a small Qwen2.5-VL learns the shapes world in both roles (the warm start). Its
+   Reasoner has a hasty habit: greedy decoding guesses, while most samples check the image and
+   agree, so the majority of its answers knows more than its greedy one (pretrain.py says how).
 2. Unlabeled images of that world for self-play, and a held-out benchmark of questions on scenes
    from another random stream (never trained on, never tuned on).
 3. Three self-play runs from the same base, K iterations each:
    - selfplay: the method;
-   - random_labels: the same loop, each kept question labelled with a random one of the Reasoner's
-     answers instead of the majority (`--silver-labels random`): what training on the same
-     questions without the vote gives;
+   - random_labels: the same loop, each kept question labelled with one of the Reasoner's distinct
+     answers at random instead of the majority (`--silver-labels random`): the same questions and
+     the same answers to choose from, without the vote;
    - frozen_questioner: the Questioner never trained (`--questioner-steps 0`), the paper's ablation.
 4. evaluate.py on the base, the Reasoner of every iteration and the two controls' last Reasoners:
    greedy accuracy, the same questions with the images shuffled (blind), pass@1 at temperature 1
@@ -26,6 +28,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,21 +37,31 @@ sys.path.insert(0, str(REPO))
 import data  # noqa: E402
 import pretrain  # noqa: E402
 
-ITERATIONS = 3
-HELD_OUT = 500  # questions of the benchmark
-TRAIN_IMAGES = 256  # unlabeled images for self-play
-SAMPLES = 8  # m of evaluate.py's maj@m and pass@1
 # Streams of scenes: pretraining draws its own from the seed; these never meet them or each other.
 TRAIN_STREAM, BENCH_STREAM = 10_000, 20_000
-SELFPLAY_FLAGS = [
-    "--iterations", str(ITERATIONS), "--questioner-steps", "4", "--reasoner-steps", "8",
-    "--group-size", "8", "--images-per-step", "8", "--question-max-tokens", "24", "--answer-max-tokens", "48",
-    "--reward-votes", "8", "--curation-images", "48", "--candidates-per-image", "4", "--curation-votes", "8",
-    "--questions-per-step", "8", "--lr", "5e-5", "--kl-coef", "0", "--minibatches", "1",
-    "--micro-batch-tokens", "4096", "--quiet", "--threads", "1",
-]
-CONTROLS = {"selfplay": [], "random_labels": ["--silver-labels", "random"],
-            "frozen_questioner": ["--questioner-steps", "0"]}
+SELFPLAY_FLAGS = (
+    "--questioner-steps", "4", "--reasoner-steps", "8", "--group-size", "8", "--images-per-step", "8",
+    "--question-max-tokens", "24", "--answer-max-tokens", "48", "--reward-votes", "8", "--curation-images", "48",
+    "--candidates-per-image", "4", "--curation-votes", "8", "--questions-per-step", "8", "--lr", "5e-5",
+    "--kl-coef", "0", "--minibatches", "1", "--micro-batch-tokens", "4096", "--quiet", "--threads", "1",
+)
+CONTROLS = {"selfplay": (), "random_labels": ("--silver-labels", "random"),
+            "frozen_questioner": ("--questioner-steps", "0")}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much the demonstration does: FULL, or the slow test's cut-down version."""
+    pretrain: tuple = ()  # pretrain.py flags beyond its defaults
+    iterations: int = 3
+    train_images: int = 256  # unlabeled images for self-play
+    held_out: int = 500  # questions of the benchmark
+    samples: int = 8  # evaluate.py's m for pass@1 and maj@m; 0: greedy only, and no blind baseline
+    runs: tuple = tuple(CONTROLS)
+    every_iteration: bool = True  # evaluate each iteration's Reasoner of the method, not only the last
+
+
+FULL = Plan()
 
 
 def run(args, log):
@@ -57,14 +70,14 @@ def run(args, log):
     with open(log, "w") as f:
         done = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env)
     if done.returncode != 0:
-        sys.exit(f"{args[0]} failed (exit {done.returncode}); see {log}")
+        sys.exit(f"{Path(args[0]).name} failed (exit {done.returncode}); see {log}")
 
 
-def write_benchmark(folder, world, categories, seed):
-    """HELD_OUT questions on fresh scenes as evaluate.py's JSONL, images beside it."""
+def write_benchmark(folder, n, world, categories, seed):
+    """n questions on fresh scenes as evaluate.py's JSONL, images beside it."""
     folder.mkdir(parents=True, exist_ok=True)
     lines = []
-    for r in data.shapes_benchmark(HELD_OUT, seed=seed, categories=categories, **world):
+    for r in data.shapes_benchmark(n, seed=seed, categories=categories, **world):
         r["image"].save(folder / f"{r['id']}.png")
         lines.append(json.dumps({"id": r["id"], "image": f"{r['id']}.png", "question": r["question"],
                                  "answer": r["answer"], "category": r["category"]}) + "\n")
@@ -78,8 +91,45 @@ def silver_accuracy(run_dir):
     return {f"iter_{m['iteration']}": m.get("silver_accuracy") for m in lines if m["phase"] == "curation"}
 
 
-def table(models):
-    rows = ["| model | greedy | 95% interval | blind | pass@1 (T=1) | maj@%d |" % SAMPLES, "|---|---|---|---|---|---|"]
+def demo(out, seed, plan=FULL):
+    """Pretrains, self-plays and evaluates into the folder `out`; returns what demo.json holds."""
+    start = time.perf_counter()
+    print("1/4 pretraining the base model ...", flush=True)
+    run([REPO / "pretrain.py", "--output", out / "base", "--seed", seed, "--quiet", *plan.pretrain],
+        out / "pretrain.log")
+    cfg = pretrain.load_config(out / "base")
+    world, categories = cfg.world(), cfg.categories.split(",")
+
+    print("2/4 writing unlabeled images and the held-out benchmark ...", flush=True)
+    data.write_shapes_folder(out / "images", plan.train_images, seed=TRAIN_STREAM + seed, **world)
+    bench = write_benchmark(out / "bench", plan.held_out, world, categories, seed=BENCH_STREAM + seed)
+
+    print(f"3/4 self-play: {', '.join(plan.runs)} (two at a time) ...", flush=True)
+    with ThreadPoolExecutor(max_workers=2) as pool:  # two cores: two runs of one thread each
+        list(pool.map(lambda name: run([REPO / "selfplay.py", "--model", out / "base", "--images", out / "images",
+                                        "--output", out / name, "--seed", seed, "--iterations", plan.iterations,
+                                        *SELFPLAY_FLAGS, *CONTROLS[name]], out / f"{name}.log"), plan.runs))
+
+    print("4/4 evaluating ...", flush=True)
+    last = f"iter_{plan.iterations}"
+    models = {"base": out / "base"}
+    if plan.every_iteration:
+        models |= {f"iter_{k}": out / "selfplay" / f"iter_{k}" / "reasoner" for k in range(1, plan.iterations)}
+    models |= {last if name == "selfplay" else name: out / name / last / "reasoner" for name in plan.runs}
+    argv = [REPO / "evaluate.py", "--bench", bench, "--output", out / "eval", "--samples", plan.samples,
+            "--max-new-tokens", 48, "--device", "cpu", "--quiet", *([] if plan.samples else ["--no-blind"])]
+    for path in models.values():
+        argv += ["--model", path]
+    run(argv, out / "evaluate.log")
+    results = json.loads((out / "eval" / "results.json").read_text())["benchmarks"]["heldout"]["models"]
+    return {"models": {name: results[str(path)] for name, path in models.items()},
+            "silver_accuracy": silver_accuracy(out / "selfplay"),
+            "controls_silver_accuracy": {name: silver_accuracy(out / name) for name in plan.runs if name != "selfplay"},
+            "seed": seed, "seconds": time.perf_counter() - start}
+
+
+def table(models, m):
+    rows = [f"| model | greedy | 95% interval | blind | pass@1 (T=1) | maj@{m} |", "|---|---|---|---|---|---|"]
     for name, r in models.items():
         low, high = r["wilson95"]
         rows.append(f"| {name} | {r['accuracy']:.1%} | [{low:.1%}, {high:.1%}] | {r['blind']['accuracy']:.1%} | "
@@ -92,50 +142,22 @@ def main(argv=None):
     parser.add_argument("out", help="folder for everything the demo writes")
     parser.add_argument("--seed", type=int, default=0, help="seeds the pretraining, the images and self-play")
     args = parser.parse_args(argv)
-    out, seed = Path(args.out), args.seed
-    if out.exists() and any(out.iterdir()):
-        sys.exit(f"error: '{out}' is not empty: pass a new folder")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        print(f"shapes_demo.py: error: '{out}' exists and is not an empty folder: pass a new one", file=sys.stderr)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    print(f"shapes demo, seed {seed}, into {out}: pretrain a small model, {len(CONTROLS)} self-play runs of "
-          f"{ITERATIONS} iterations (the method and two controls), evaluation on {HELD_OUT} held-out questions. "
-          "About 20 minutes on 2 CPU cores.", flush=True)
-
-    print("1/4 pretraining the base model ...", flush=True)
-    run([REPO / "pretrain.py", "--output", out / "base", "--seed", seed, "--quiet"], out / "pretrain.log")
-    cfg = pretrain.load_config(out / "base")
-    world, categories = cfg.world(), cfg.categories.split(",")
-
-    print("2/4 writing unlabeled images and the held-out benchmark ...", flush=True)
-    data.write_shapes_folder(out / "images", TRAIN_IMAGES, seed=TRAIN_STREAM + seed, **world)
-    bench = write_benchmark(out / "bench", world, categories, seed=BENCH_STREAM + seed)
-
-    print(f"3/4 self-play: {', '.join(CONTROLS)} (two at a time) ...", flush=True)
-    with ThreadPoolExecutor(max_workers=2) as pool:  # two cores: two runs of one thread each
-        list(pool.map(lambda name: run([REPO / "selfplay.py", "--model", out / "base", "--images", out / "images",
-                                        "--output", out / name, "--seed", seed, *SELFPLAY_FLAGS, *CONTROLS[name]],
-                                       out / f"{name}.log"), CONTROLS))
-
-    print("4/4 evaluating ...", flush=True)
-    models = {"base": out / "base", **{f"iter_{k}": out / "selfplay" / f"iter_{k}" / "reasoner"
-                                       for k in range(1, ITERATIONS + 1)},
-              **{name: out / name / f"iter_{ITERATIONS}" / "reasoner" for name in CONTROLS if name != "selfplay"}}
-    argv = [REPO / "evaluate.py", "--bench", f"heldout={bench}", "--output", out / "eval", "--samples", SAMPLES,
-            "--max-new-tokens", 48, "--device", "cpu", "--quiet"]
-    for name, path in models.items():
-        argv += ["--model", f"{path}"]
-    run(argv, out / "evaluate.log")
-    results = json.loads((out / "eval" / "results.json").read_text())["benchmarks"]["heldout"]["models"]
-    demo = {"models": {name: results[str(path)] for name, path in models.items()},
-            "silver_accuracy": silver_accuracy(out / "selfplay"),
-            "controls_silver_accuracy": {name: silver_accuracy(out / name) for name in CONTROLS if name != "selfplay"},
-            "seed": seed, "seconds": time.perf_counter() - start}
-    data.write_atomic(out / "demo.json", json.dumps(demo, indent=2) + "\n")
-    print(table(demo["models"]))
+    print(f"shapes demo, seed {args.seed}, into {out}: pretrain a small model, {len(FULL.runs)} self-play runs of "
+          f"{FULL.iterations} iterations (the method and two controls), evaluation on {FULL.held_out} held-out "
+          "questions. About 20 minutes on 2 CPU cores.", flush=True)
+    result = demo(out, args.seed)
+    data.write_atomic(out / "demo.json", json.dumps(result, indent=2) + "\n")
+    print(table(result["models"], FULL.samples))
     print("silver-label accuracy: " + ", ".join(f"{k} {v:.1%}" if v is not None else f"{k} -"
-                                              for k, v in demo["silver_accuracy"].items()))
-    print(f"done in {demo['seconds'] / 60:.1f} minutes: {out / 'demo.json'}, reports in {out}/*/report.html")
+                                              for k, v in result["silver_accuracy"].items()))
+    print(f"done in {result['seconds'] / 60:.1f} minutes: {out / 'demo.json'}, reports in {out}/*/report.html")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

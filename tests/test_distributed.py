@@ -1,7 +1,9 @@
 """Several processes (distributed.py, CPU and gloo): shares that line up with GRPO's mini-batches,
 and two processes that give what one gives, for the GRPO update and for a whole selfplay.py run,
-killed and resumed included."""
+killed and resumed included; the same with the trained role sharded over them (--fsdp, fsdp.py)."""
 
+import dataclasses
+import datetime
 import json
 import os
 import shutil
@@ -21,6 +23,7 @@ from safetensors.torch import load_file
 from test_selfplay import REPO, comparable, format_model, image_folder, small_run_flags  # noqa: F401 (a fixture)
 
 import distributed as dist
+import fsdp
 import grpo
 import policies
 import selfplay
@@ -59,6 +62,15 @@ CASES = {  # Trainee settings: two mini-batches and more; unequal micro-batch co
     "lora, batch-scaled advantages": dict(lora_rank=4, minibatches=2, micro_batch_tokens=1, max_grad_norm=1e9,
                                           advantage_scale="batch"),
 }
+# --fsdp (a no-op in one process). A row per micro-batch: of a mini-batch's 6 rows one process holds
+# 4, the other 2, so the second adds passes, as it does for the old log-probs (two mini-batches). A
+# frozen vision tower is sharded too, with no gradients to reduce.
+FSDP_CASES = {
+    "fsdp, token-mean, clipped": dict(fsdp=True, aggregation="token-mean", minibatches=2, micro_batch_tokens=1,
+                                      max_grad_norm=0.05),
+    "fsdp, seq-mean, frozen vision tower": dict(fsdp=True, minibatches=2, micro_batch_tokens=1, max_grad_norm=1e9,
+                                                freeze_vision=True),
+}
 
 
 def free_port():
@@ -67,14 +79,16 @@ def free_port():
         return s.getsockname()[1]
 
 
-def grpo_steps(rank, world, port, out):
+def grpo_steps(rank, world, port, out, cases):
     """Each case's GRPO step (SGD, lr 1) on this process's share of one rollout batch, sampled here
     with the batch's keys; saves the parameter change, the metrics and the samples to out/rank.pt."""
     torch.set_num_threads(1)
     if world > 1:
-        tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        # a process left waiting in a collective (a pass another did not make) fails, rather than hangs
+        tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                 timeout=datetime.timedelta(seconds=60))
     results = {}
-    for name, settings in CASES.items():
+    for name, settings in cases.items():
         cfg = policies.resolve_pixel_bounds(selfplay.Config(model="tiny", kl_coef=0.1, gradient_checkpointing=False,
                                                             **settings))
         trainee = policies.Trainee(cfg, "tiny", torch.device("cpu"))
@@ -86,31 +100,39 @@ def grpo_steps(rank, world, port, out):
                     p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
         share = dist.Share(list(range(len(PROMPTS))))
         prompts = trainee.processors.encode([random_images(0)[i] for i in share.mine], [PROMPTS[i] for i in share.mine])
-        out_samples = sample(trainee.model, prompts, n=G, max_new_tokens=12, keys=share.keys(0, "test"))
+        out_samples = sample(trainee.sampler_model, prompts, n=G, max_new_tokens=12, keys=share.keys(0, "test"))
         rewards = share.take(torch.tensor([float(i % 3 == 0) + 0.1 * i for i in range(len(PROMPTS) * G)]), per=G)
-        rollouts = grpo.Rollouts(prompts.repeat(G), out_samples.ids, out_samples.mask, rewards, group_size=G,
+        # Completions cut to lengths 8 to 12, as if they had stopped there, so that the aggregations differ.
+        cut = torch.arange(out_samples.ids.shape[1]) < 12 - share.rows(G)[:, None] % 5
+        rollouts = grpo.Rollouts(prompts.repeat(G), out_samples.ids, out_samples.mask * cut, rewards, group_size=G,
                                  max_new_tokens=12)
-        before = [p.detach().clone() for p in trainee.model.parameters()]
+        # sharded, the whole weights are those of the sampler's copy, which the step refreshes
+        before = [p.detach().clone() for p in trainee.sampler_model.parameters()]
         metrics = trainee.grpo_step(rollouts, reference, share)
-        delta = torch.cat([(p.detach() - b).flatten() for p, b in zip(trainee.model.parameters(), before)])
+        delta = torch.cat([(p.detach() - b).flatten() for p, b in zip(trainee.sampler_model.parameters(), before)])
         results[name] = dict(delta=delta, metrics=metrics, rows=share.rows(G), ids=out_samples.ids,
-                             mask=out_samples.mask)
+                             mask=out_samples.mask, sharded=fsdp.sharded(trainee.model))
     torch.save(results, Path(out) / f"{rank}.pt")
     if world > 1:
         tdist.destroy_process_group()
 
 
-def test_two_processes_give_the_one_process_grpo_step(tmp_path):
+def one_and_two_processes(tmp_path, cases):
+    """grpo_steps' results of the cases in one process and in each of two."""
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
     threads = torch.get_num_threads()
-    grpo_steps(0, 1, None, tmp_path / "one")
+    grpo_steps(0, 1, None, tmp_path / "one", cases)
     torch.set_num_threads(threads)
-    mp.spawn(grpo_steps, args=(2, free_port(), str(tmp_path / "two")), nprocs=2)
+    mp.spawn(grpo_steps, args=(2, free_port(), str(tmp_path / "two"), cases), nprocs=2)
     one = torch.load(tmp_path / "one" / "0.pt", weights_only=True)
-    two = [torch.load(tmp_path / "two" / f"{r}.pt", weights_only=True) for r in (0, 1)]
-    for name in CASES:
+    return one, [torch.load(tmp_path / "two" / f"{r}.pt", weights_only=True) for r in (0, 1)]
+
+
+def assert_same_steps(one, two, cases):
+    for name in cases:
         expected, (a, b) = one[name], (two[0][name], two[1][name])
+        assert a["sharded"] == b["sharded"] == cases[name].get("fsdp", False) and not expected["sharded"], name
         assert torch.equal(a["delta"], b["delta"]), "the copies stay equal"
         assert expected["delta"].abs().max() > 1e-3, name
         # Rounding only: one process with other micro-batches moves as far from itself (5e-6 in the LoRA
@@ -118,15 +140,25 @@ def test_two_processes_give_the_one_process_grpo_step(tmp_path):
         assert (a["delta"] - expected["delta"]).abs().max() < 1e-5 * max(expected["delta"].abs().max(), 0.1), name
         assert a["metrics"].keys() == expected["metrics"].keys() and a["metrics"] == b["metrics"]
         for key, value in expected["metrics"].items():
-            assert a["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-7), (name, key)
-        assert a["metrics"]["n_steps"] == expected["metrics"]["n_steps"] == CASES[name]["minibatches"]
+            # abs: ppo_kl and pg_loss, near 0, come of log-probs near 5, which float32 holds to 5e-7
+            assert a["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (name, key)
+        assert a["metrics"]["n_steps"] == expected["metrics"]["n_steps"] == cases[name]["minibatches"]
         for part in (a, b):  # each process sampled its prompts as one process did
             T = part["ids"].shape[1]
             assert torch.equal(part["mask"], expected["mask"][part["rows"], :T])
             assert not expected["mask"][part["rows"], T:].any()
             assert torch.equal(part["ids"] * part["mask"], expected["ids"][part["rows"], :T] * part["mask"])
-    clipped = one["seq-mean, groups across mini-batches, clipped"]["metrics"]
-    assert clipped["grad_norm"] > CASES["seq-mean, groups across mini-batches, clipped"]["max_grad_norm"]
+        if "clipped" in name:
+            assert expected["metrics"]["grad_norm"] > cases[name]["max_grad_norm"], name
+
+
+def test_two_processes_give_the_one_process_grpo_step(tmp_path):
+    assert_same_steps(*one_and_two_processes(tmp_path, CASES), CASES)
+
+
+def test_fsdp_gives_the_one_process_grpo_step(tmp_path):
+    """Sharded over two processes, the step (weights, gradient norm, metrics) is one process's."""
+    assert_same_steps(*one_and_two_processes(tmp_path, FSDP_CASES), FSDP_CASES)
 
 
 # -----------------------------------------------------------------------------
@@ -160,6 +192,22 @@ def finish(proc):
     log, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, log
     return log
+
+
+def kill_after_the_first_reasoner_step(torchrun, folder):
+    """SIGKILL to every process once the run has saved its first Reasoner step and before the
+    second: resumed, the run starts from that checkpoint (weights and AdamW's state)."""
+    def state():
+        return json.loads((folder / "state.json").read_text()) if (folder / "state.json").exists() else {}
+    deadline = time.time() + 300
+    while time.time() < deadline and torchrun.poll() is None:
+        if state().get("phase") == "reasoner" and state()["step"] >= 1:
+            break
+        time.sleep(0.05)
+    assert torchrun.poll() is None, "the run ended before it could be killed"
+    kill_all(torchrun)
+    torchrun.communicate()
+    assert (state()["phase"], state()["step"]) == ("reasoner", 1), state()
 
 
 def roles(folder):
@@ -212,22 +260,77 @@ def test_two_processes_killed_resume_to_the_same_end(two_process_run, format_mod
     uninterrupted one, bit for bit; resumed with 1, the same up to float rounding."""
     images, whole, _ = two_process_run
     broken = tmp_path / "broken"
-    victim = launch(run_flags(images, format_model, broken), 2)
-    deadline = time.time() + 300
-    while time.time() < deadline and victim.poll() is None:
-        lines = (broken / "metrics.jsonl").read_text() if (broken / "metrics.jsonl").exists() else ""
-        if '"phase": "reasoner"' in lines:
-            break
-        time.sleep(0.05)
-    assert victim.poll() is None, "the run ended before it could be killed"
-    kill_all(victim)
-    victim.communicate()
-    assert json.loads((broken / "state.json").read_text())["phase"] == "reasoner"
+    kill_after_the_first_reasoner_step(launch(run_flags(images, format_model, broken), 2), broken)
     shutil.copytree(broken, tmp_path / "broken_one")
     finish(launch(["--resume", str(broken), "--quiet"], 2))
     assert_same_run(whole, broken, exact=True)
     finish(launch(["--resume", str(tmp_path / "broken_one"), "--quiet"], 1))
     assert_same_run(whole, tmp_path / "broken_one", exact=False)
+
+
+# -----------------------------------------------------------------------------
+# --fsdp runs: torchrun with 2 processes, the trained role sharded, against python with 1
+
+def unclipped_flags(images, model, output):
+    """run_flags without the norm clip. Clipped, the sharded gradient's norm (a sum over the shards)
+    differs from one process's in its last bits, and AdamW makes of such rounding differences up to
+    5e-5 in this run's weights (a near-zero gradient's sign decides a step of lr): past
+    assert_same_run's 1e-5. Unclipped, the weights are one process's, bit for bit. (The clip itself
+    is checked at the GRPO step, test_fsdp_gives_the_one_process_grpo_step.)"""
+    return run_flags(images, model, output) + ["--max-grad-norm", "1e9"]
+
+
+@pytest.fixture(scope="module")
+def unclipped_runs(format_model, tmp_path_factory):  # noqa: F811
+    """The unclipped tiny run by one process, and by two with --fsdp."""
+    root = tmp_path_factory.mktemp("unclipped_runs")
+    images, _ = image_folder(root / "images")
+    finish(launch(unclipped_flags(images, format_model, root / "one"), 1))
+    start = time.perf_counter()
+    finish(launch(unclipped_flags(images, format_model, root / "fsdp") + ["--fsdp"], 2))
+    return images, root / "one", root / "fsdp", time.perf_counter() - start
+
+
+@pytest.mark.slow
+def test_fsdp_runs_what_one_process_runs(unclipped_runs):
+    """The same questions, answers and logs; weights and metrics equal up to float rounding."""
+    _, one, sharded, seconds = unclipped_runs
+    print(f"\ntiny run: 2 processes with --fsdp {seconds:.1f} s")
+    assert json.loads((sharded / "config.json").read_text())["fsdp"] and not list((sharded / "resume").glob("*"))
+    assert json.loads((sharded / "state.json").read_text())["iteration"] == 3
+    assert_same_run(one, sharded, exact=False)
+
+
+@pytest.mark.slow
+def test_fsdp_killed_resumes_to_the_same_end(unclipped_runs, format_model, tmp_path):  # noqa: F811
+    """An --fsdp run killed in the Reasoner phase resumes from its checkpoint (whole tensors, as
+    without --fsdp): with 2 processes, sharded again, to the uninterrupted run's end bit for bit; with
+    1 and --no-fsdp, to the one-process run's end."""
+    images, one, whole, _ = unclipped_runs
+    broken = tmp_path / "broken"
+    kill_after_the_first_reasoner_step(launch(unclipped_flags(images, format_model, broken) + ["--fsdp"], 2), broken)
+    shutil.copytree(broken, tmp_path / "broken_one")
+    finish(launch(["--resume", str(broken), "--quiet"], 2))
+    assert_same_run(whole, broken, exact=True)
+    finish(launch(["--resume", str(tmp_path / "broken_one"), "--quiet", "--no-fsdp"], 1))
+    assert_same_run(one, tmp_path / "broken_one", exact=False)
+
+
+def test_fsdp_with_lora_is_refused(tmp_path, capsys):
+    """--fsdp shards a fully fine-tuned role: with --lora-rank, given or in a resumed run's config,
+    the command stops with one line and writes nothing."""
+    lora_run = tmp_path / "lora_run"  # as far as --resume reads before it starts
+    lora_run.mkdir()
+    config = dataclasses.asdict(selfplay.Config(images=str(tmp_path), model="tiny", lora_rank=4))
+    (lora_run / "config.json").write_text(json.dumps(config))
+    (lora_run / "state.json").write_text("{}")
+    new = ["--images", str(tmp_path), "--model", "tiny", "--output", str(tmp_path / "out"), "--fsdp"]
+    for args in (new + ["--lora-rank", "4"], ["--resume", str(lora_run), "--fsdp"]):
+        assert selfplay.main(args) == 2
+        err = capsys.readouterr().err
+        assert "--fsdp" in err and "--lora-rank" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists() and sorted(os.listdir(lora_run)) == ["config.json", "state.json"]
+    assert json.loads((lora_run / "config.json").read_text()) == config
 
 
 def test_more_processes_than_prompts_is_refused(monkeypatch):

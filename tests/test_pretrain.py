@@ -37,7 +37,7 @@ def test_counting_is_a_checklist_with_a_running_count_other_questions_list_their
 
 
 def test_slips_are_as_frequent_as_asked_and_only_in_training_rows():
-    cfg = pretrain.Config(slip=0.1)
+    cfg = pretrain.Config(slip=0.1, guess=0.0)
     steps = flipped = 0
     for image, prompt, target, scene in pretrain.rows(cfg, np.random.default_rng(1), 400):
         if prompt == QUESTIONER_PROMPTS["paper"]:
@@ -52,8 +52,27 @@ def test_slips_are_as_frequent_as_asked_and_only_in_training_rows():
     assert 0.07 < flipped / steps < 0.13
 
 
+def test_guesses_are_as_frequent_as_asked_uniform_over_the_counts_a_question_allows():
+    cfg = pretrain.Config(guess=0.6, slip=0.0)
+    counting = guesses = 0
+    said = []
+    for image, prompt, target, scene in pretrain.rows(cfg, np.random.default_rng(2), 600):
+        question = prompt.split("\n\n")[0]
+        if prompt == QUESTIONER_PROMPTS["paper"] or data.counted(question) is None:
+            continue
+        counting += 1
+        if target.startswith("<think>guess</think>"):
+            guesses += 1
+            said.append(int(extract_boxed(target)))
+        else:  # the rest are clean checklists, true to the scene
+            assert extract_boxed(target) == data.true_answer(question, scene)
+    assert 0.55 < guesses / counting < 0.65
+    counts = np.bincount(said)  # every count of the world guessed, whatever the image, none much more often
+    assert len(counts) == cfg.max_shapes + 1 and counts.min() > 0.6 * counts.max(), counts
+
+
 def test_every_training_row_is_a_role_prompt_with_a_target_true_to_its_scene():
-    cfg = pretrain.Config(slip=0.0, categories="counting,colour")
+    cfg = pretrain.Config(slip=0.0, guess=0.0, categories="counting,colour")
     rows = pretrain.rows(cfg, np.random.default_rng(0), 200)
     asked = {"questioner": 0, "reasoner": 0}
     for image, prompt, target, scene in rows:
@@ -90,7 +109,7 @@ def test_same_seed_same_weights_and_the_folder_loads_as_a_model(tmp_path, capsys
     torch.set_num_threads(1)
     assert pretrain.main(SMALL + ["--output", str(tmp_path / "a")]) == 0
     out = capsys.readouterr().out
-    assert "held-out accuracy (4 questions, greedy)" in out and "images shuffled" in out
+    assert "held-out accuracy (4 questions): greedy" in out and "shuffled" in out and "maj@8" in out
     assert pretrain.main(SMALL + ["--output", str(tmp_path / "b")]) == 0
     assert pretrain.main(SMALL + ["--output", str(tmp_path / "c"), "--seed", "1"]) == 0
     a, b, c = (weights(tmp_path / x) for x in "abc")
@@ -128,3 +147,22 @@ def test_a_bad_flag_exits_2_with_one_line(capsys):
         pretrain.main(["--steps", "0"])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("\n") == 1 and "--steps" in err
+
+
+def test_the_check_at_the_end_scores_greedy_shuffled_pass1_and_majority(monkeypatch):
+    cfg = pretrain.Config(eval_questions=3)
+    records = pretrain.held_out(cfg, 3)
+    truth = [r["answer"] for r in records]
+    wrong = [str(int(t) + 1) for t in truth]  # counting only: the answers are counts
+
+    def canned(model, tokenizer, processor, images, questions, n=1, temperature=0.0, **settings):
+        if temperature == 0:  # greedy: right on the first question; shown shuffled images, never right
+            if np.array_equal(np.asarray(images[0]), np.asarray(records[1]["image"])):
+                return [[w] for w in wrong]
+            return [[truth[0]], [wrong[1]], [wrong[2]]]
+        # 4 samples: right 3 of 4 times (a right majority), twice (a tie, first seen wins), once
+        return [[truth[0]] * 3 + [wrong[0]], [wrong[1], truth[1], truth[1], wrong[1]], [truth[2]] + [wrong[2]] * 3]
+
+    monkeypatch.setattr(pretrain, "answers", canned)
+    scores = pretrain.held_out_accuracy(cfg, None, None, None, m=4)
+    assert scores == pytest.approx({"greedy": 1 / 3, "shuffled": 0.0, "pass@1": 6 / 12, "maj@4": 1 / 3})

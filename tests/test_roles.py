@@ -1,5 +1,6 @@
 """The glue of the two roles: who answers what, how often, and how the rewards are put together."""
 
+import numpy as np
 import pytest
 import torch
 from conftest import random_images
@@ -210,3 +211,18 @@ def test_diversity_bleu_switch(tiny, monkeypatch):
     assert rewards_at_full_uncertainty(tiny, monkeypatch, in_order, diversity_bleu="one-sided") == [0.0, 0.0]
     assert rewards_at_full_uncertainty(tiny, monkeypatch, swapped, diversity_bleu="one-sided") == pytest.approx(
         [0.5, 0.5])
+
+
+def test_random_silver_labels_are_uniform_over_the_distinct_answers_of_kept_questions():
+    kept = {"answers": ["3", "3", "3", "3", "3", "2", "1", None], "silver": "3", "kept": True}
+    dropped = {"answers": ["4", "4", "4", "5"], "silver": "4", "kept": False}
+    rng = np.random.default_rng(0)
+    drawn = []
+    for _ in range(3000):
+        records = [dict(kept), dict(dropped)]
+        reasoner.random_silver_labels(records, rng)
+        assert records[1] == dropped  # only kept questions are relabelled
+        drawn.append(records[0]["silver"])
+    shares = {a: drawn.count(a) / len(drawn) for a in set(drawn)}
+    # a third each, not 5/7 for the majority as a draw over the votes would give; never the empty answer
+    assert set(shares) == {"1", "2", "3"} and all(abs(s - 1 / 3) < 0.04 for s in shares.values())
