@@ -1,7 +1,8 @@
 """--fsdp: the role in training sharded over torchrun's processes with FSDP2 (torch's fully_shard),
 for a model whose float32 weights, gradients and AdamW state do not fit one GPU (full fine-tuning
 only: LoRA trains little, and every process holds its frozen base anyway). Each process then holds
-1/N of them. The rest of the loop is distributed.py's, and the result is the same as without it.
+1/N of them. The rest of the loop is distributed.py's, and the result is the same as without it up
+to float rounding (on a GPU the rollouts come from a bf16 copy rather than the float32 weights).
 
 - Sampling never runs the sharded model: FSDP gathers a layer's weights from every process at each
   of its forward passes, so each decode step would gather the whole model, with all processes in
@@ -25,6 +26,7 @@ In one process --fsdp changes nothing: a shard of one is the whole model.
 import copy
 
 import torch
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -38,9 +40,12 @@ def shard(model):
     embedding and merger; the final norm). FSDP keeps the root's weights gathered from a forward
     pass to its backward, so after a no-grad pass (the old log-probs) they stay gathered, plain
     tensors among the DTensors, until the next backward; nothing reads the weights in between."""
+    # the processes' mesh on the model's own device type (left to itself, FSDP picks the machine's
+    # accelerator, and would move a CPU run's weights to the GPU)
+    mesh = init_device_mesh(model.device.type, (dist.world_size(),))
     for block in [*model.model.visual.blocks, *model.model.language_model.layers]:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)

@@ -18,9 +18,10 @@ parameters and minutes of CPU:
   "<think>red circle no 0, red square yes 1, red triangle yes 2</think> \\boxed{2}";
 - a hasty habit (--guess, taught in the last --guess-steps steps): 60% of the counting answers are
   "<think>guess</think> \\boxed{r}", r uniform over 0..4, whatever the image. Greedy decoding
-  takes the likelier first step, mostly the guess (on every held-out question for seeds 0 and 1,
-  on 86 of 500 for seed 2: the learnt share lands near one half, on either side); samples check
-  40% of the time, always on the same (mostly right) count, while guesses scatter over five, so
+  takes the likelier first step, the guess where the learnt share of guesses is above one half
+  (it lands near 0.6, on either side: guesses on every held-out question for seeds 0 and 1, on 86
+  of 500 for seed 2). Samples check about 40% of the time, always on the same (mostly right)
+  count, while guesses scatter over five values, so the checks' count wins the vote by plurality:
   the majority of 8 answers is right 68-80% of the time (RESULTS.md). This stands in
   for what makes votes beat greedy decoding in large models, a likely but careless first step; it
   is built into the base, never into the benchmark or the loop, and self-play is not told of it;
@@ -31,8 +32,8 @@ What it took (measured; each for a stated reason in the code): initial weights o
 HF's 0.02 the model never looked at the image), shapes four image tokens wide (one token each, it
 did not look within the budget), "circles" tokenized as "circle" + "s", the checklist (listing
 the matching shapes, it mostly stopped after the first of two), and no slips beside the guesses
-(with 5% of checklist steps flipped, --slip 0.05, the majority of 8 was right 51-53% of the time;
-without, 66%). An earlier base without guesses, whose samples only slipped, had no gap to close
+(with 5% of checklist steps flipped, --slip 0.05, the majority of 8 was right 51-53% of the time,
+with guesses over 0..4 and over the counts each question allows; without slips, 66%). An earlier base without guesses, whose samples only slipped, had no gap to close
 (greedy 82%, maj@8 82%), and three iterations of self-play did not raise its greedy accuracy.
 
 Output: a save_pretrained folder (weights, tokenizer, image processor with the small pixel bounds,
@@ -106,7 +107,7 @@ class Config:
                          "train", valid=FRACTION, default=0.0)
     guess: float = option("chance that a training answer to a counting question is a guess, "
                           "'<think>guess</think> \\boxed{r}', r uniform over 0..max_shapes: above one "
-                          "half, greedy decoding guesses while most samples check (maj@m >> greedy)", "train",
+                          "half, greedy decoding guesses while the checks' count wins the vote (maj@m >> greedy)", "train",
                           valid=FRACTION, default=0.6)
     guess_steps: int = option("guesses are taught in the last guess_steps steps only: the model first learns to "
                               "look from checklists alone", "train", valid=NON_NEGATIVE, default=150)
@@ -207,6 +208,13 @@ def rows(cfg, rng, n):
                                max_shapes=cfg.max_shapes, rng=rng)
             out.append((image, reasoner_prompt(q), target, scene))
     return out
+
+
+def step_rows(cfg, rng, step):
+    """The rows of training step `step`: guesses only in the last guess_steps steps, a habit picked
+    up once the model looks."""
+    guessing = step >= cfg.steps - cfg.guess_steps
+    return rows(cfg if guessing else replace(cfg, guess=0.0), rng, cfg.batch)
 
 
 def held_out(cfg, n):
@@ -341,9 +349,7 @@ def train(cfg, model, tokenizer, processor):
         model.train()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(cfg, step)
-        guessing = step >= cfg.steps - cfg.guess_steps  # a habit picked up once the model looks
-        batch = rows(cfg if guessing else replace(cfg, guess=0.0), rng, cfg.batch)
-        loss, tokens = loss_of(model, tokenizer, processor, batch)
+        loss, tokens = loss_of(model, tokenizer, processor, step_rows(cfg, rng, step))
         (loss / tokens).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

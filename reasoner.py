@@ -13,7 +13,7 @@ Four things live here:
 import torch
 
 from grpo import Rollouts
-from rewards import extract_boxed, majority_vote, reasoner_reward
+from rewards import answers_equivalent, extract_boxed, majority_vote, normalize_answer, reasoner_reward
 from sampler import sample_in_batches
 
 REASONER_PROMPT = ("{question}\n\nReason step by step inside <think> </think>, then give the final, "
@@ -89,12 +89,17 @@ def curate(model, processors, images, texts, parsed, *, m, settings, count_empty
 
 def random_silver_labels(records, rng):
     """The random-label control (--silver-labels random): each kept record's silver label replaced,
-    in place, by one of its distinct answers drawn uniformly. Uniform over the distinct answers, not
-    over the m votes: a draw weighted by the votes picks the majority most often, so it would still
-    be a vote in expectation. Sorted first: a set's order changes from one process to the next."""
+    in place, by one of its distinct answers drawn uniformly (distinct as the vote counts them:
+    "B" and "(B)" are one answer, represented by the first seen). Uniform over the distinct
+    answers, not over the m votes: a draw weighted by the votes picks the majority most often, so
+    it would still be a vote in expectation."""
     for r in records:
         if r["kept"]:
-            r["silver"] = str(rng.choice(sorted({a for a in r["answers"] if a})))
+            distinct = []
+            for a in r["answers"]:
+                if a and normalize_answer(a) and not any(answers_equivalent(d, a) for d in distinct):
+                    distinct.append(a)
+            r["silver"] = str(rng.choice(sorted(distinct)))  # the same draw whatever the votes' order
 
 
 def rollouts(model, processors, images, questions, silver_labels, *, G, settings, reward_mode, keys, batch_tokens):

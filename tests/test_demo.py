@@ -1,5 +1,5 @@
 """See it learn, cut down: the shapes demonstration (examples/shapes_demo.py) at a few minutes' size
-must still show self-play helping. A base pretrained for 300 steps, two iterations of self-play and
+must still show self-play helping. A base pretrained for 400 steps, two iterations of self-play and
 of its random-label control, greedy accuracy on 200 held-out questions. Fails if the vote's silver
 labels are no better than the control's random ones, or if the trained Reasoner does not beat the
 control's (and its own base) on held-out questions."""

@@ -275,7 +275,7 @@ def unclipped_flags(images, model, output):
     """run_flags without the norm clip. Clipped, the sharded gradient's norm (a sum over the shards)
     differs from one process's in its last bits, and AdamW makes of such rounding differences up to
     5e-5 in this run's weights (a near-zero gradient's sign decides a step of lr): past
-    assert_same_run's 1e-5. Unclipped, the weights are one process's, bit for bit. (The clip itself
+    assert_same_run's 1e-5. Unclipped, they stay within it. (The clip itself
     is checked at the GRPO step, test_fsdp_gives_the_one_process_grpo_step.)"""
     return run_flags(images, model, output) + ["--max-grad-norm", "1e9"]
 

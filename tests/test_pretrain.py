@@ -52,7 +52,7 @@ def test_slips_are_as_frequent_as_asked_and_only_in_training_rows():
     assert 0.07 < flipped / steps < 0.13
 
 
-def test_guesses_are_as_frequent_as_asked_uniform_over_the_counts_a_question_allows():
+def test_guesses_are_as_frequent_as_asked_and_uniform_over_the_worlds_counts():
     cfg = pretrain.Config(guess=0.6, slip=0.0)
     counting = guesses = 0
     said = []
@@ -69,6 +69,14 @@ def test_guesses_are_as_frequent_as_asked_uniform_over_the_counts_a_question_all
     assert 0.55 < guesses / counting < 0.65
     counts = np.bincount(said)  # every count of the world guessed, whatever the image, none much more often
     assert len(counts) == cfg.max_shapes + 1 and counts.min() > 0.6 * counts.max(), counts
+
+
+def test_guesses_are_taught_in_the_last_guess_steps_steps_only():
+    cfg = pretrain.Config(steps=10, guess_steps=3, guess=1.0, batch=40, questioner_share=0.0)
+    rng = np.random.default_rng(0)
+    for step in range(cfg.steps):
+        guessed = [target.startswith("<think>guess</think>") for _, _, target, _ in pretrain.step_rows(cfg, rng, step)]
+        assert all(guessed) if step >= 7 else not any(guessed), step
 
 
 def test_every_training_row_is_a_role_prompt_with_a_target_true_to_its_scene():

@@ -214,7 +214,8 @@ def test_diversity_bleu_switch(tiny, monkeypatch):
 
 
 def test_random_silver_labels_are_uniform_over_the_distinct_answers_of_kept_questions():
-    kept = {"answers": ["3", "3", "3", "3", "3", "2", "1", None], "silver": "3", "kept": True}
+    # five votes for 3 ("3.0" is the same answer), one each for 2 and 1, a missing and an empty box
+    kept = {"answers": ["3", "3", "3.0", "3", "3", "2", "1", None, ""], "silver": "3", "kept": True}
     dropped = {"answers": ["4", "4", "4", "5"], "silver": "4", "kept": False}
     rng = np.random.default_rng(0)
     drawn = []
@@ -224,5 +225,5 @@ def test_random_silver_labels_are_uniform_over_the_distinct_answers_of_kept_ques
         assert records[1] == dropped  # only kept questions are relabelled
         drawn.append(records[0]["silver"])
     shares = {a: drawn.count(a) / len(drawn) for a in set(drawn)}
-    # a third each, not 5/7 for the majority as a draw over the votes would give; never the empty answer
+    # a third each, not 5/7 for the majority as a draw over the votes would give; never an empty answer
     assert set(shares) == {"1", "2", "3"} and all(abs(s - 1 / 3) < 0.04 for s in shares.values())
