@@ -184,12 +184,13 @@ class Trainee:
             if use_lora:
                 lora.load_lora_state_dict(self.model, torch.load(Path(checkpoint) / "lora.pt", weights_only=True,
                                                                  map_location=device))
-            if self.sharded:  # every process reads the whole state (mapped, not loaded) and keeps its shards
-                fsdp.load_optimizer_state(self.optimizer, torch.load(Path(checkpoint) / "optimizer.pt",
-                                                                     weights_only=True, map_location="cpu", mmap=True))
+            # sharded, every process reads the whole state (mapped, not loaded) and keeps its shards
+            state = torch.load(Path(checkpoint) / "optimizer.pt", weights_only=True,
+                               map_location="cpu" if self.sharded else device, mmap=self.sharded)
+            if self.sharded:
+                fsdp.load_optimizer_state(self.optimizer, state)
             else:
-                self.optimizer.load_state_dict(torch.load(Path(checkpoint) / "optimizer.pt", weights_only=True,
-                                                          map_location=device))
+                self.optimizer.load_state_dict(state)
 
     def grpo_step(self, rollouts, reference, share=None):
         """GRPO on one rollout batch (grpo.update, METHOD.md (14)-(22)), the KL term against

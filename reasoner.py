@@ -13,7 +13,7 @@ Four things live here:
 import torch
 
 from grpo import Rollouts
-from rewards import answers_equivalent, extract_boxed, majority_vote, normalize_answer, reasoner_reward
+from rewards import answer_classes, extract_boxed, majority_vote, normalize_answer, reasoner_reward
 from sampler import sample_in_batches
 
 REASONER_PROMPT = ("{question}\n\nReason step by step inside <think> </think>, then give the final, "
@@ -95,10 +95,7 @@ def random_silver_labels(records, rng):
     it would still be a vote in expectation."""
     for r in records:
         if r["kept"]:
-            distinct = []
-            for a in r["answers"]:
-                if a and normalize_answer(a) and not any(answers_equivalent(d, a) for d in distinct):
-                    distinct.append(a)
+            distinct = [rep for rep, _ in answer_classes([a for a in r["answers"] if a and normalize_answer(a)])]
             r["silver"] = str(rng.choice(sorted(distinct)))  # the same draw whatever the votes' order
 
 

@@ -172,6 +172,22 @@ def answers_equivalent(a, b, rel_tol=1e-6):
 # -----------------------------------------------------------------------------
 # majority vote and the uncertainty reward
 
+def answer_classes(answers):
+    """[representative, count] of each class of equivalent answers (list[str | None]), in order of
+    first occurrence: an answer joins the first class whose representative (its first-seen answer)
+    is equivalent to it; the missing boxes (None) form one class of their own."""
+    classes = []
+    for answer in answers:
+        for cls in classes:
+            same = cls[0] is None if answer is None else answers_equivalent(cls[0], answer)
+            if same:
+                cls[1] += 1
+                break
+        else:
+            classes.append([answer, 1])
+    return classes
+
+
 def majority_vote(answers, count_empty=False, count_empty_boxes=True):
     """Silver label and confidence of m answers (list[str | None], extracted boxes: None = no box,
     "" or blank = an empty box).
@@ -195,8 +211,7 @@ def majority_vote(answers, count_empty=False, count_empty_boxes=True):
     >>> majority_vote(votes, count_empty=True), majority_vote(votes, True, count_empty_boxes=False)
     (('7', 0.4), ('7', 0.6666666666666666))
     """
-    classes = []  # [representative, count], in order of first occurrence; None = the missing boxes
-    n_votes = 0
+    votes, n_votes = [], 0
     for answer in answers:
         if answer is not None and not normalize_answer(answer):  # an empty box: never a candidate
             if count_empty and count_empty_boxes:
@@ -205,13 +220,8 @@ def majority_vote(answers, count_empty=False, count_empty_boxes=True):
         if answer is None and not count_empty:
             continue
         n_votes += 1
-        for cls in classes:
-            same = cls[0] is None if answer is None else answers_equivalent(cls[0], answer)
-            if same:
-                cls[1] += 1
-                break
-        else:
-            classes.append([answer, 1])
+        votes.append(answer)
+    classes = answer_classes(votes)
     if not classes:
         return None, 0.0
     label, count = max(classes, key=lambda cls: cls[1])  # max keeps the first of equal counts
