@@ -20,8 +20,11 @@ flags were given, for scripts that must refuse some of them whatever their value
 import argparse
 import dataclasses
 import re
+import sys
 import types
 import typing
+
+from tqdm import tqdm
 
 
 # Ranges for `option(valid=...)`: (test, what the error says the value must be).
@@ -103,3 +106,30 @@ def parse_given(config_class, argv=None, description=None):
                             default=argparse.SUPPRESS, **_argument(hints[f.name], help, meta["choices"], meta["valid"]))
     given = vars(parser.parse_args(argv))  # default=SUPPRESS: only the flags given are here
     return config_class(**given), frozenset(given)
+
+
+# -----------------------------------------------------------------------------
+# Progress bars that suit a log file
+
+class _Lines:
+    """A stream for tqdm that writes each refresh as a line of its own: a log file, unlike a terminal,
+    never returns to the start of a line, so redrawn bars would run together into one."""
+
+    def __init__(self, stream):
+        self.stream, self.last = stream, None
+
+    def write(self, text):
+        line = text.strip("\r\n ")
+        if line and line != self.last:  # closing a bar redraws its last state once more
+            self.stream.write(line + "\n")
+            self.last = line
+
+    def flush(self):
+        self.stream.flush()
+
+
+def progress(items=None, **kwargs):
+    """tqdm on stderr; when stderr is not a terminal, a line at the start, one a minute and one at the end."""
+    if sys.stderr.isatty() or kwargs.get("disable"):
+        return tqdm(items, **kwargs)
+    return tqdm(items, file=_Lines(sys.stderr), mininterval=60, ascii=True, **kwargs)

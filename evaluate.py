@@ -52,7 +52,7 @@ import transformers
 from PIL import Image
 from tqdm import tqdm
 
-from cli import AT_LEAST_1, NON_NEGATIVE, option, parse
+from cli import AT_LEAST_1, NON_NEGATIVE, option, parse, progress
 from data import DataError, decode_image, load_image, shapes_benchmark, write_atomic
 from model import ModelError, encode_prompts, load_processors, load_vlm, resolve_device
 from reasoner import reasoner_prompt
@@ -642,7 +642,7 @@ def answer_benchmark(model, tokenizer, image_processor, bench, cfg, label, judge
     shown = [askable[j] for j in derangement([r.image for r in askable], cfg.eval_seed)] if blind else askable
     samples = []
     keys = prompt_keys(cfg.eval_seed, "samples", n=len(askable))  # each question's own stream, whatever its batch
-    bar = tqdm(total=len(askable), desc=f"{label} | {bench.name}" + (" | blind" if blind else ""), unit="q",
+    bar = progress(total=len(askable), desc=f"{label} | {bench.name}" + (" | blind" if blind else ""), unit="q",
                disable=cfg.quiet)
     for start in range(0, len(askable), cfg.batch_size):
         batch, images, rows = [], [], []
@@ -833,8 +833,10 @@ def main(argv=None):
         print(f"evaluate.py: error: {err}", file=sys.stderr)
         return 2
     table = markdown_table(results, cfg.model)
-    write_atomic(Path(cfg.output) / "table.md", table + "\n")
+    out = Path(cfg.output)
+    write_atomic(out / "table.md", table + "\n")
     print(table)
+    print(f"done: {out} (results.json, table.md, samples/)")
     return 0
 
 

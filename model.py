@@ -23,12 +23,16 @@ import functools
 import itertools
 import os
 import re
+import socket
+import urllib.parse
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import try_to_load_from_cache
 from transformers import (
     GenerationConfig,
     PreTrainedTokenizerFast,
@@ -277,6 +281,12 @@ def _from_pretrained(cls, name_or_path, **kwargs):
     if not is_folder and (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") >= 2):
         raise ModelError(f"model folder '{name_or_path}' does not exist; pass a folder with a "
                          "Qwen2.5-VL checkpoint, a hub id, or --model tiny for the built-in offline model")
+    # Without a network, transformers retries the hub for about a minute before it fails (at once only
+    # with HF_HUB_OFFLINE set): say so at once.
+    if not is_folder and not hub_constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(name_or_path, "config.json"), str) and not hub_reachable():
+        raise ModelError(f"'{name_or_path}' is a Hugging Face hub id with no copy cached here, and the hub cannot be "
+                         "reached (offline?): pass a local folder with a Qwen2.5-VL checkpoint, or --model tiny for "
+                         "the built-in offline model")
     try:
         return cls.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError, KeyError) as err:
@@ -284,6 +294,18 @@ def _from_pretrained(cls, name_or_path, **kwargs):
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"could not load '{name_or_path}' as a {where}: {reason}. Pass a local folder "
                          "with a Qwen2.5-VL checkpoint, or --model tiny for the built-in offline model") from None
+
+
+def hub_reachable(timeout=3.0):
+    """Whether the hub's host accepts a connection within `timeout` seconds (through a proxy, assumed so)."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+        return True
+    url = urllib.parse.urlparse(hub_constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 # -----------------------------------------------------------------------------

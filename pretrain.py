@@ -54,12 +54,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 import data
-from cli import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, option, parse
+from cli import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, option, parse, progress
 from model import (QWEN_PRETOKENIZE_REGEX, QWEN_SPECIAL_TOKENS, QWEN_VL_CHAT_TEMPLATE, _config,
                    _set_generation_config, completion_logprobs, encode_prompts)
 from questioner import QUESTIONER_PROMPTS
@@ -344,7 +343,7 @@ def train(cfg, model, tokenizer, processor):
     # the loss on fixed Reasoner rows, and on the same with each row shown another row's image
     probe = rows(replace(cfg, questioner_share=0.0, slip=0.0, guess=0.0), np.random.default_rng((cfg.seed, 2)), 48)
     shuffled_probe = [(probe[(i + 1) % len(probe)][0], *r[1:]) for i, r in enumerate(probe)]
-    bar = tqdm(range(cfg.steps), desc="pretrain", disable=cfg.quiet)
+    bar = progress(range(cfg.steps), desc="pretrain", disable=cfg.quiet)
     for step in bar:
         model.train()
         for group in optimizer.param_groups:

@@ -34,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import distributed as dist
+from cli import progress
 from data import SCENES_FILE, DataError, load_image, load_scenes, write_atomic
 from report import write_report
 
@@ -156,7 +156,7 @@ class Run:
 
     def progress(self, items, what, done=0):
         """items with a progress bar (self.bar, for the phase's postfix)."""
-        self.bar = tqdm(items, desc=f"iter {self.state.iteration} {what}", disable=self.cfg.quiet or not self.writer,
+        self.bar = progress(items, desc=f"iter {self.state.iteration} {what}", disable=self.cfg.quiet or not self.writer,
                         initial=done, total=done + len(items))
         return self.bar
 

@@ -1,7 +1,7 @@
 """See it learn: label-free self-play improving a model we pretrain ourselves, in a world where every
 answer is known, with the controls that tell a real gain from noise.
 
-    bash examples/shapes_demo.sh OUT [SEED]        # or: python examples/shapes_demo.py OUT [--seed SEED]
+    bash examples/shapes_demo.sh OUT [SEED] [--quick]   # or: python examples/shapes_demo.py OUT [--seed SEED] [--quick]
 
 1. pretrain.py: a small Qwen2.5-VL learns the shapes world in both roles (the warm start). Its
    Reasoner has a hasty habit: greedy decoding mostly guesses, while the samples that check the
@@ -52,7 +52,7 @@ CONTROLS = {"selfplay": (), "random_labels": ("--silver-labels", "random"),
 
 @dataclass(frozen=True)
 class Plan:
-    """How much the demonstration does: FULL, or the slow test's cut-down version."""
+    """How much the demonstration does: FULL, or QUICK (--quick, and the slow test)."""
     pretrain: tuple = ()  # pretrain.py flags beyond its defaults
     iterations: int = 3
     train_images: int = 256  # unlabeled images for self-play
@@ -63,6 +63,10 @@ class Plan:
 
 
 FULL = Plan()
+# A few minutes: a shorter pretraining, two iterations of the method and of the random-label
+# control, greedy accuracy on 200 held-out questions (no samples, so no blind, pass@1 or maj@m).
+QUICK = Plan(pretrain=("--steps", "400", "--guess-steps", "100", "--eval-questions", "0"), iterations=2,
+             train_images=128, held_out=200, samples=0, runs=("selfplay", "random_labels"), every_iteration=False)
 
 
 def run(args, log):
@@ -130,11 +134,14 @@ def demo(out, seed, plan=FULL):
 
 
 def table(models, m):
-    rows = [f"| model | greedy | 95% interval | blind | pass@1 (T=1) | maj@{m} |", "|---|---|---|---|---|---|"]
+    """The demo's table; a column the plan did not measure (no samples: no blind, pass@1, maj@m) shows "-"."""
+    def share(result, key):
+        return f"{result[key]['accuracy']:.1%}" if key in result else "-"
+    rows = [f"| model | greedy | 95% interval | blind | pass@1 (T=1) | maj@{m or 'm'} |", "|---|---|---|---|---|---|"]
     for name, r in models.items():
         low, high = r["wilson95"]
-        rows.append(f"| {name} | {r['accuracy']:.1%} | [{low:.1%}, {high:.1%}] | {r['blind']['accuracy']:.1%} | "
-                    f"{r['pass1']['accuracy']:.1%} | {r['maj']['accuracy']:.1%} |")
+        rows.append(f"| {name} | {r['accuracy']:.1%} | [{low:.1%}, {high:.1%}] | {share(r, 'blind')} | "
+                    f"{share(r, 'pass1')} | {share(r, 'maj')} |")
     return "\n".join(rows)
 
 
@@ -142,18 +149,22 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", help="folder for everything the demo writes")
     parser.add_argument("--seed", type=int, default=0, help="seeds the pretraining, the images and self-play")
+    parser.add_argument("--quick", action="store_true", help="the cut-down demonstration: a few minutes, "
+                        "the method and the random-label control only, greedy accuracy on 200 questions")
     args = parser.parse_args(argv)
+    plan = QUICK if args.quick else FULL
     out = Path(args.out).resolve()  # the scripts it runs work from the repo's root
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         print(f"shapes_demo.py: error: '{out}' exists and is not an empty folder: pass a new one", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
-    print(f"shapes demo, seed {args.seed}, into {out}: pretrain a small model, {len(FULL.runs)} self-play runs of "
-          f"{FULL.iterations} iterations (the method and two controls), evaluation on {FULL.held_out} held-out "
-          "questions. About 15 minutes on 2 idle CPU cores.", flush=True)
-    result = demo(out, args.seed)
+    print(f"shapes demo{' (quick)' if args.quick else ''}, seed {args.seed}, into {out}: pretrain a small model, "
+          f"{len(plan.runs)} self-play runs of {plan.iterations} iterations (the method and "
+          f"{len(plan.runs) - 1} control{'s' if len(plan.runs) > 2 else ''}), evaluation on {plan.held_out} held-out "
+          f"questions. About {5 if args.quick else 15} minutes on 2 idle CPU cores.", flush=True)
+    result = demo(out, args.seed, plan)
     data.write_atomic(out / "demo.json", json.dumps(result, indent=2) + "\n")
-    print(table(result["models"], FULL.samples))
+    print(table(result["models"], plan.samples))
     shares = lambda by_iteration: ", ".join("-" if v is None else f"{v:.1%}" for v in by_iteration.values())
     print(f"silver-label accuracy per iteration: the method {shares(result['silver_accuracy'])}; " +
           "; ".join(f"{name} {shares(v)}" for name, v in result["controls_silver_accuracy"].items()))

@@ -72,7 +72,8 @@ def test_main_writes_table_and_json_of_all_figures(tmp_path, capsys):
     mfu = next(r for r in result["rows"] if "MFU" in r["figure"])
     assert mfu["ours"] == pytest.approx(grpo["flops"] / grpo["seconds"] / 1e12, rel=1e-12)
     assert mfu["baseline"] == pytest.approx(grpo["matmul"]["flops_per_s"] / 1e12, rel=1e-12)
-    assert 0 < mfu["ratio"] < 1
+    # No bound on the ratio itself: it is a speed, and under load the matmul rate, measured at
+    # another moment than the step, can come out below the step's rate (a ratio of 6.7 was seen).
     assert grpo["matmul"]["size"] == 64 and grpo["rows"] == 4
 
 

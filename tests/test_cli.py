@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import pytest
 
 import bench
+import cli
 import evaluate
 import selfplay
 from cli import AT_LEAST_1, POSITIVE, PROBABILITY, option, parse, parse_given
@@ -94,3 +95,15 @@ def test_every_default_is_in_its_range(config):
     for f in checked:
         test, what = f.metadata["valid"]
         assert f.default is None or test(f.default), f"{config.__module__}.{f.name} = {f.default} is not {what}"
+
+
+def test_progress_in_a_log_file_is_lines(capsys):
+    """Where stderr is not a terminal (capsys: a log file's case), a bar is whole lines, no carriage
+    returns, the last one the finished count; a bar it disables writes nothing."""
+    assert list(cli.progress(range(5), desc="step")) == list(range(5))
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert "\r" not in err and err.endswith("\n") and 1 <= len(lines) <= 3, err
+    assert lines[0].startswith("step:") and "0/5" in lines[0] and "5/5" in lines[-1]
+    list(cli.progress(range(5), desc="step", disable=True))
+    assert capsys.readouterr().err == ""

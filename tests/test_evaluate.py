@@ -395,7 +395,9 @@ def test_cli_two_tiny_models_on_shapes_and_a_fixture(tmp_path, capsys):
     assert lines[2].startswith("| shapes | ") and lines[2].endswith(" | 0 |")
     assert lines[3].startswith("| questions | ")
     assert lines[3].endswith(" | 1 missing image file, 1 no answer |")
-    assert (tmp_path / "table.md").read_text().strip() == table.strip()
+    *table_lines, done = table.strip().splitlines()
+    assert done == f"done: {tmp_path} (results.json, table.md, samples/)", "it says where it wrote"
+    assert (tmp_path / "table.md").read_text().strip() == "\n".join(table_lines)
 
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["config"]["model"] == ["tiny", "tiny@1"] and results["config"]["max_new_tokens"] == 8
@@ -672,7 +674,8 @@ def test_results_and_table_carry_the_blind_pass1_and_maj_figures(tmp_path, monke
     table = capsys.readouterr().out.splitlines()
     result = json.loads((tmp_path / "plain" / "results.json").read_text())["benchmarks"]["canned"]["models"]["tiny"]
     assert set(result) == {"correct", "scored", "accuracy", "wilson95", "by_category", "seconds"}
-    assert table[2] == f"| canned | 33.3 (1/3) {interval(wilson_interval(1, 3))} | 0 |" and len(table) == 5
+    assert table[2] == f"| canned | 33.3 (1/3) {interval(wilson_interval(1, 3))} | 0 |" and len(table) == 6
+    assert table[5] == f"done: {tmp_path / 'plain'} (results.json, table.md, samples/)"
     assert not (tmp_path / "plain" / "samples" / "tiny" / "blind").exists()
 
 

@@ -1,6 +1,7 @@
 """Loading, prompt encoding and log-probs of model.py."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -190,6 +191,24 @@ def test_unknown_hub_id_fails_with_one_line_offline():
     line = out.stdout.strip()
     assert line.startswith("ERR could not load 'no-such-org/no-such-model' as a Hugging Face hub id")
     assert "--model tiny" in line and "\n" not in line
+
+
+def test_hub_id_without_a_network_fails_at_once(monkeypatch):
+    """A hub id with no cached copy and a hub that does not answer: one line, before transformers'
+    minute of retries. hub_reachable itself against a loopback port that listens and one that does not."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        monkeypatch.setattr(M.hub_constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+        for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+            monkeypatch.delenv(proxy, raising=False)
+        assert M.hub_reachable()
+    assert not M.hub_reachable()  # the same port, closed now
+    monkeypatch.setattr(M.hub_constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(ModelError, match="the hub cannot be reached") as err:
+        load_vlm("no-such-org/no-such-model")
+    assert "--model tiny" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_saved_tiny_checkpoint_reloads_through_from_pretrained(tiny, tmp_path):
