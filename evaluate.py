@@ -643,7 +643,7 @@ def answer_benchmark(model, tokenizer, image_processor, bench, cfg, label, judge
     samples = []
     keys = prompt_keys(cfg.eval_seed, "samples", n=len(askable))  # each question's own stream, whatever its batch
     bar = progress(total=len(askable), desc=f"{label} | {bench.name}" + (" | blind" if blind else ""), unit="q",
-               disable=cfg.quiet)
+                   disable=cfg.quiet)
     for start in range(0, len(askable), cfg.batch_size):
         batch, images, rows = [], [], []
         for row, (record, source) in enumerate(zip(askable[start:start + cfg.batch_size],

@@ -283,7 +283,8 @@ def _from_pretrained(cls, name_or_path, **kwargs):
                          "Qwen2.5-VL checkpoint, a hub id, or --model tiny for the built-in offline model")
     # Without a network, transformers retries the hub for about a minute before it fails (at once only
     # with HF_HUB_OFFLINE set): say so at once.
-    if not is_folder and not hub_constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(name_or_path, "config.json"), str) and not hub_reachable():
+    cached = not is_folder and isinstance(try_to_load_from_cache(name_or_path, "config.json"), str)
+    if not is_folder and not cached and not hub_constants.HF_HUB_OFFLINE and not hub_reachable():
         raise ModelError(f"'{name_or_path}' is a Hugging Face hub id with no copy cached here, and the hub cannot be "
                          "reached (offline?): pass a local folder with a Qwen2.5-VL checkpoint, or --model tiny for "
                          "the built-in offline model")
