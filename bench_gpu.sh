@@ -24,7 +24,7 @@ step() {  # step NAME SECONDS COMMAND...
     grep -v -e "^|---" -e "^----" -e "^USDT" "$out/$name.log" | tail -n 60
 }
 
-bench=("$python" bench.py --model random-3b)
+bench=("$python" tools/bench.py --model random-3b)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$python" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 steps=("$@")

@@ -52,7 +52,7 @@ import transformers
 from PIL import Image
 from tqdm import tqdm
 
-from cli import AT_LEAST_1, NON_NEGATIVE, option, parse, progress
+from machinery.cli import AT_LEAST_1, NON_NEGATIVE, option, parse, progress
 from data import DataError, decode_image, load_image, shapes_benchmark, write_atomic
 from model import ModelError, encode_prompts, load_processors, load_vlm, resolve_device
 from reasoner import reasoner_prompt

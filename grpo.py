@@ -39,8 +39,8 @@ from functools import partial
 import torch
 from torch import Tensor
 
-import distributed as dist
-import fsdp
+from machinery import distributed as dist
+from machinery import fsdp
 from model import completion_logprobs, token_batches
 
 # exp of a large log-ratio overflows to inf, and inf at a clipped or padded position turns into a

@@ -42,7 +42,7 @@ from transformers import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from vision_attention import use_windowed_attention
+from machinery.vision_attention import use_windowed_attention
 
 # Qwen's special tokens, in Qwen's order: they follow the BPE vocabulary, so <|endoftext|> is the
 # first id after it, as in the real tokenizer (151643).

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from fast_decode import StaticDecoder
+from machinery.fast_decode import StaticDecoder
 from model import next_token_logits, prompt_embeddings, suppressed_mask, token_batches
 
 

@@ -36,16 +36,16 @@ import numpy as np
 import torch
 import transformers
 
-import distributed as dist
+from machinery import distributed as dist
 import grpo
 import questioner
 import reasoner
-from cli import AT_LEAST_1, AT_LEAST_2, FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, option, parse_given
+from machinery.cli import AT_LEAST_1, AT_LEAST_2, FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, option, parse_given
 from data import DataError, grade_candidates, readable_images
 from model import ModelError, load_processors, resolve_device
-from policies import (Trainee, frozen_models, resolve_pixel_bounds, role_weights, sampling_role, sampling_settings,
+from machinery.policies import (Trainee, frozen_models, resolve_pixel_bounds, role_weights, sampling_role, sampling_settings,
                       save_role)
-from runfolder import (Images, Stop, discard_if_unstarted, new_run, record_skipped, resolve_config, resumed_run,
+from machinery.runfolder import (Images, Stop, discard_if_unstarted, new_run, record_skipped, resolve_config, resumed_run,
                        stop_after_step_on_ctrl_c)
 
 

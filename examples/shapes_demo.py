@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import data  # noqa: E402
-import pretrain  # noqa: E402
+from tools import pretrain  # noqa: E402
 
 # Streams of scenes: pretraining draws its own from the seed; these never meet them or each other.
 TRAIN_STREAM, BENCH_STREAM = 10_000, 20_000
@@ -100,7 +100,7 @@ def demo(out, seed, plan=FULL):
     """Pretrains, self-plays and evaluates into the folder `out`; returns what demo.json holds."""
     start = time.perf_counter()
     print("1/4 pretraining the base model ...", flush=True)
-    run([REPO / "pretrain.py", "--output", out / "base", "--seed", seed, "--quiet", *plan.pretrain],
+    run([REPO / "tools" / "pretrain.py", "--output", out / "base", "--seed", seed, "--quiet", *plan.pretrain],
         out / "pretrain.log")
     cfg = pretrain.load_config(out / "base")
     world, categories = cfg.world(), cfg.categories.split(",")

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-import bench
+from tools import bench
 from model import TINY_MAX_PIXELS, TINY_MIN_PIXELS
 from sampler import prompt_keys, sample
 

@@ -5,11 +5,11 @@ from dataclasses import dataclass
 
 import pytest
 
-import bench
-import cli
+from tools import bench
+from machinery import cli
 import evaluate
 import selfplay
-from cli import AT_LEAST_1, POSITIVE, PROBABILITY, option, parse, parse_given
+from machinery.cli import AT_LEAST_1, POSITIVE, PROBABILITY, option, parse, parse_given
 
 
 @dataclass

@@ -22,10 +22,10 @@ from conftest import PROMPTS, random_images
 from safetensors.torch import load_file
 from test_selfplay import REPO, comparable, format_model, image_folder, small_run_flags  # noqa: F401 (a fixture)
 
-import distributed as dist
-import fsdp
+from machinery import distributed as dist
+from machinery import fsdp
 import grpo
-import policies
+from machinery import policies
 import selfplay
 from sampler import prompt_keys, sample
 

@@ -5,8 +5,8 @@ import torch
 from conftest import PROMPTS, random_images
 from test_sampler import add_frequent_stops
 
-import lora
-from fast_decode import StaticDecoder
+from machinery import lora
+from machinery.fast_decode import StaticDecoder
 from model import completion_logprobs, encode_prompts, load_vlm, next_token_logits, suppressed_mask
 from sampler import CacheDecoder, prompt_keys, sample
 

@@ -13,8 +13,8 @@ from safetensors import safe_open
 
 import grpo
 from conftest import PROMPTS, random_images
-from fast_decode import StaticDecoder
-from lora import (LoRALinear, TARGETS, adapters, add_lora, load_lora_state_dict,
+from machinery.fast_decode import StaticDecoder
+from machinery.lora import (LoRALinear, TARGETS, adapters, add_lora, load_lora_state_dict,
                   lora_state_dict, merge_lora, set_past, shared_copy, updates)
 from model import completion_logprobs, encode_prompts, load_vlm
 from sampler import prompt_keys, sample

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import data
-import pretrain
+from tools import pretrain
 from model import encode_prompts, load_vlm
 from questioner import QUESTIONER_PROMPTS
 from rewards import extract_boxed, parse_question

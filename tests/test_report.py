@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 import data
-import report
+from tools import report
 
 HOSTILE = '<script>alert(1)</script> & "quotes"'
 VOID_TAGS = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
@@ -282,8 +282,7 @@ def test_write_is_atomic(run, monkeypatch):
 
 
 def test_cli_prints_path(run):
-    repo = Path(report.__file__).resolve().parent
-    done = subprocess.run([sys.executable, str(repo / "report.py"), str(run)],
+    done = subprocess.run([sys.executable, report.__file__, str(run)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert Path(done.stdout.strip()) == run / "report.html" and (run / "report.html").is_file()

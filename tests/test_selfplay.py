@@ -17,9 +17,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import lora
-import policies
-import runfolder
+from machinery import lora
+from machinery import policies
+from machinery import runfolder
 import selfplay
 from conftest import completions
 from data import DataError, write_shapes_folder

@@ -3,7 +3,7 @@
 import torch
 from conftest import PROMPTS, random_images
 
-import vision_attention
+from machinery import vision_attention
 from model import encode_prompts, load_vlm
 
 # Grids of 4 × 4, 8 × 4, 4 × 8 and 10 × 6 patches: with the tiny model's 4 × 4-patch windows the

@@ -58,6 +58,13 @@ static cache with its CUDA graph (fast_decode.py); on cpu it is the reference pa
 multi-GPU, and a sampler baseline other than HF generate.
 """
 
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if __name__ == "__main__":  # run as `python tools/bench.py`: the modules it imports are in the repo root
+    sys.path[0] = str(REPO)
+
 import contextlib
 import dataclasses
 import gc
@@ -66,20 +73,18 @@ import platform
 import resource
 import shlex
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
-from pathlib import Path
 
 import torch
 import transformers
 
-import policies
+from machinery import policies
 import questioner
 import reasoner
-from cli import AT_LEAST_1, NON_NEGATIVE, PROBABILITY, option, parse
+from machinery.cli import AT_LEAST_1, NON_NEGATIVE, PROBABILITY, option, parse
 from data import shapes_images, write_shapes_folder
 from grpo import Rollouts, make_optimizer, rollout_logprobs, update, weights_dtype
 from model import encode_prompts, load_vlm, suppressed_mask
@@ -481,7 +486,7 @@ def selfplay_config(argv):
     """selfplay.py's settings for these flags, as its --print-config shows them: the memory figure
     runs the loop's own functions (policies, questioner, reasoner) under them, and nothing imports
     selfplay.py."""
-    done = subprocess.run([sys.executable, str(Path(__file__).with_name("selfplay.py")), "--print-config", *argv],
+    done = subprocess.run([sys.executable, str(REPO / "selfplay.py"), "--print-config", *argv],
                           capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"selfplay.py --print-config exited with {done.returncode}: {done.stderr}")
@@ -527,7 +532,7 @@ def selfplay_figure(cfg, device):
         folder = Path(folder)
         write_shapes_folder(folder / "images", cfg.selfplay_images, cfg.seed, cfg.image_size)
         start = time.perf_counter()
-        done = subprocess.run([sys.executable, str(Path(__file__).with_name("selfplay.py")),
+        done = subprocess.run([sys.executable, str(REPO / "selfplay.py"),
                                *selfplay_argv(cfg, device, folder / "images", folder / "run")],
                               capture_output=True, text=True)
         total = time.perf_counter() - start

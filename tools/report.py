@@ -32,6 +32,13 @@ appears; styles are inline), per-token views, and comparisons between runs.
     python report.py runs/<name>      # writes runs/<name>/report.html and prints its path
 """
 
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if __name__ == "__main__":  # run as `python tools/report.py`: the modules it imports are in the repo root
+    sys.path[0] = str(REPO)
+
 import argparse
 import base64
 import html
@@ -40,10 +47,8 @@ import json
 import math
 import os
 import re
-import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 from data import load_image
 from rewards import answers_equivalent

@@ -44,12 +44,17 @@ the model takes from the image), pass@1 of 8 samples at temperature 1 and their 
 Left out: a learning-rate search, mixed precision, a GPU path, data beyond the shapes world.
 """
 
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if __name__ == "__main__":  # run as `python tools/pretrain.py`: the modules it imports are in the repo root
+    sys.path[0] = str(REPO)
+
 import itertools
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -58,14 +63,14 @@ from transformers import PreTrainedTokenizerFast, Qwen2_5_VLForConditionalGenera
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 import data
-from cli import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, option, parse, progress
+from machinery.cli import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, option, parse, progress
 from model import (QWEN_PRETOKENIZE_REGEX, QWEN_SPECIAL_TOKENS, QWEN_VL_CHAT_TEMPLATE, _config,
                    _set_generation_config, completion_logprobs, encode_prompts)
 from questioner import QUESTIONER_PROMPTS
 from reasoner import reasoner_prompt
 from rewards import answers_equivalent, extract_boxed, majority_vote
 from sampler import prompt_keys, sample
-from vision_attention import use_windowed_attention
+from machinery.vision_attention import use_windowed_attention
 
 CONFIG_FILE = "pretrain_config.json"
 

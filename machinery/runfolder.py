@@ -35,10 +35,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import distributed as dist
-from cli import progress
+from machinery import distributed as dist
+from machinery.cli import progress
 from data import SCENES_FILE, DataError, load_image, load_scenes, write_atomic
-from report import write_report
+from tools.report import write_report
 
 PHASES = ("questioner", "curation", "reasoner", "summary")  # one iteration, in order
 LOGS = ("metrics.jsonl", "iter_*/questioner_episodes.jsonl", "iter_*/reasoner_episodes.jsonl")
@@ -149,7 +149,7 @@ class Run:
                 write_report(self.dir)
             except Exception as err:  # the report is a view of the run's files: never a reason to stop training
                 print(f"warning: report.html not updated ({type(err).__name__}: {err}); "
-                      f"`python report.py {self.dir}` rebuilds it", file=sys.stderr)
+                      f"`python tools/report.py {self.dir}` rebuilds it", file=sys.stderr)
         # A Ctrl-C during curation or a summary lands here, after its state is saved. (Asked of every
         # process, it is also where the others wait for rank 0's files of the phase.)
         check_stop()

@@ -23,10 +23,10 @@ from types import SimpleNamespace
 import torch
 from safetensors.torch import load_file, save_file
 
-import distributed as dist
-import fsdp
+from machinery import distributed as dist
+from machinery import fsdp
 import grpo
-import lora
+from machinery import lora
 from data import DataError
 from model import Processors, load_processors, load_vlm
 from sampler import SamplingSettings

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from lora import LoRALinear
+from machinery.lora import LoRALinear
 from model import PromptBatch, prompt_embeddings
 
 
