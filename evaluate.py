@@ -57,7 +57,9 @@ from data import DataError, decode_image, load_image, shapes_benchmark, write_at
 from model import ModelError, encode_prompts, load_processors, load_vlm, resolve_device
 from reasoner import reasoner_prompt
 from rewards import answers_equivalent, as_number, extract_boxed, majority_vote, normalize_answer
-from sampler import prompt_keys, sample
+from machinery.fast_decode import decoder_for
+from machinery.keys import prompt_keys
+from sampler import sample
 
 # -----------------------------------------------------------------------------
 # Config: one dataclass; the command-line flags are generated from its fields
@@ -617,14 +619,15 @@ def derangement(images, seed):
 def answer_batch(model, tokenizer, image_processor, images, prompts, *, max_new_tokens, n=1, keys=None):
     """The model's responses to (image, prompt) pairs -> list[str], n per pair (pair-major).
     keys None: greedy (n = 1); else n draws at temperature 1, top-k 0, top-p 1, from each pair's
-    random stream (keys: LongTensor [len(prompts)], sampler.prompt_keys). The one place evaluate.py
-    calls the sampler."""
+    random stream (keys: machinery.keys.Keys of len(prompts)). The one place evaluate.py calls the
+    sampler."""
     encoded = encode_prompts(tokenizer, image_processor, images, prompts).to(model.device)
+    decoder = decoder_for(model.device)
     if keys is None:
-        out = sample(model, encoded, n=n, max_new_tokens=max_new_tokens, temperature=0.0)
+        out = sample(model, encoded, n=n, max_new_tokens=max_new_tokens, temperature=0.0, decoder=decoder)
     else:
         out = sample(model, encoded, n=n, max_new_tokens=max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
-                     keys=keys.to(model.device))
+                     keys=keys, decoder=decoder)
     return out.texts(tokenizer)
 
 

@@ -542,3 +542,44 @@ def completion_logprobs(model, prompts, completion_ids, completion_mask, tempera
             values = _chunk_logprobs(*args)
         logp = logp.index_put((chunk,), values)
     return logp.view(B, T)
+
+
+def autocast(device):
+    """bf16 compute over float32 weights on CUDA, float32 elsewhere. At lr 1e-6 an update is ~1e-6
+    of a weight, below bf16's resolution (2^-8): the trained weights and AdamW's state stay float32."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def rows_logprobs(model, rollouts, rows, temperature):
+    """[len(rows), T] log-probs of some rows of a grpo.Rollouts, their completions trimmed to the
+    longest, and their mask [len(rows), T], on the model's device. A model sharded by
+    machinery/fsdp.py scores through its own method, which gathers its weights."""
+    T = max(int(rollouts.mask[rows].sum(1).max()), 1)
+    prompts, ids, mask = (x.to(model.device) for x in (rollouts.prompts.select(rows.tolist()),
+                                                       rollouts.ids[rows, :T], rollouts.mask[rows, :T]))
+    score = getattr(model, "completion_logprobs", functools.partial(completion_logprobs, model))
+    with autocast(model.device):
+        return score(prompts, ids, mask, temperature), mask
+
+
+def row_lengths(rollouts):  # [B] prompt lengths (image tokens included), [B] completion lengths
+    return rollouts.prompts.attention_mask.sum(1).cpu(), rollouts.mask.sum(1)
+
+
+PADDING_ROWS = torch.zeros(1, dtype=torch.long)  # an extra pass: the first row, with weight 0
+
+
+@torch.no_grad()
+def rollout_logprobs(model, rollouts, micro_batch_tokens, temperature, reduce=None):
+    """[B, T] log-probs of every completion of a grpo.Rollouts under `model`, micro-batch by
+    micro-batch (up to micro_batch_tokens padded tokens each). reduce: a grpo.Reduce, when a model
+    sharded over processes must make as many passes as the others."""
+    logp = torch.zeros(rollouts.ids.shape, dtype=torch.float32)
+    micro_batches = token_batches(torch.arange(len(rollouts)), *row_lengths(rollouts), micro_batch_tokens)
+    padding = reduce.extra_passes(model, len(micro_batches)) if reduce else 0  # a collective: asked first
+    for rows in micro_batches:
+        values, _ = rows_logprobs(model, rollouts, rows, temperature)
+        logp[rows, :values.shape[1]] = values.float().cpu()
+    for _ in range(padding):
+        rows_logprobs(model, rollouts, PADDING_ROWS, temperature)
+    return logp

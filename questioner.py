@@ -2,7 +2,8 @@
 (METHOD.md, equation (1); its reward, equations (4)-(10)).
 
 Its reward needs a second model: the frozen Reasoner of the previous iteration answers every valid
-question m times (`reasoner.ask_and_vote`, one prefill per question). A question is worth asking when
+question m times (`reasoner.ask_and_vote`, one prefill per question): the reward is a function of
+the Reasoner, `functools.partial(score_questions, R, reward=...)`, handed to `rollouts`. A question is worth asking when
 those answers disagree (uncertainty, largest at confidence 0.5) and when it does not repeat the
 other questions (the diversity penalty, BLEU clusters). Invalid outputs (no parsable question) get
 the invalid-output reward of equation (10): 0 in the paper's form, -1 - r_div in the public code's.
@@ -12,14 +13,13 @@ Two question formats, the paper's and the public code's (equation (1)): "paper" 
 (the public code's prompt, in our words).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-import reasoner
 from grpo import Rollouts
+from reasoner import Vote, ask_and_vote
 from rewards import diversity_penalty, parse_question, questioner_reward, uncertainty_reward
-from sampler import sample_in_batches
 
 QUESTIONER_PROMPTS = {
     "paper": (
@@ -45,27 +45,22 @@ QUESTIONER_PROMPTS = {
 
 @dataclass
 class QuestionerRewardSettings:
-    """The paper-vs-public-code switches that shape the Questioner's reward, METHOD.md equations
-    (4)-(10) (paper defaults)."""
-    m: int = 10                      # Reasoner answers per question
+    """The switches of the Questioner's reward, METHOD.md equations (4)-(10) (paper defaults)."""
+    vote: Vote = field(default_factory=Vote)  # how the frozen Reasoner answers each question (m, ...)
     uncertainty_scale: str = "paper"  # 1 - |2c - 1|, or "code": min(c, 1 - c)
     diversity_scope: str = "group"    # cluster within an image's G questions, or "batch"
     diversity_weight: float = 1.0     # λ
     diversity_threshold: float = 0.5  # BLEU distance at which clustering stops
     combine: str = "paper"            # valid · max(0, r_unc − r_div), or "code": r_unc − r_div / −1 − r_div
-    count_empty: bool = True          # answers without \boxed{} vote for "None" (public code's reward)
     diversity_bleu: str = "symmetric"  # BLEU distance, both directions averaged, or "one-sided" (code)
     diversity_invalid: str = "raw"    # an invalid output is clustered as its text, or "empty" (code)
 
 
-def write_questions(model, processors, images, *, n, settings, fmt, keys, batch_tokens):
-    """n questions per image, as many images per sampler call as fit in a KV cache of `batch_tokens`
-    tokens; keys: LongTensor [len(images)], each image's random stream (sampler.prompt_keys).
-    Returns (prompts: PromptBatch of the images, samples: Samples with len(images) * n rows in
-    image-major order, texts: list of str, parsed: list of dict | None, rewards.parse_question)."""
-    prompts = processors.encode(images, [QUESTIONER_PROMPTS[fmt]] * len(images))
-    out = sample_in_batches(model, prompts.to(model.device), batch_tokens, n=n, keys=keys, **vars(settings))
-    texts = out.texts(processors.tokenizer)
+def write_questions(Q, images, keys, *, n, settings, fmt):
+    """n questions per image from the Questioner Q (a sampler.Sampler); keys: each image's random
+    stream. Returns (prompts: PromptBatch of the images, samples: Samples of len(images) * n rows
+    in image-major order, texts: list of str, parsed: list of dict | None, rewards.parse_question)."""
+    prompts, out, texts = Q(images, [QUESTIONER_PROMPTS[fmt]] * len(images), n=n, settings=settings, keys=keys)
     return prompts, out, texts, [parse_question(t, fmt) for t in texts]
 
 
@@ -87,61 +82,45 @@ def diversity_texts(parsed, texts, invalid="raw"):
     return [p["question"] if p else (t if invalid == "raw" else "") for p, t in zip(parsed, texts, strict=True)]
 
 
-def whole(f, items):
-    """f over the whole batch's items, in one process (see distributed.Share.apply)."""
-    return f(items)
+def score_questions(R, batch, parsed, texts, *, reward):
+    """The Questioner's reward for each of its outputs on a batch of images (METHOD.md, (4)-(10)),
+    the frozen Reasoner R (a sampler.Sampler) answering each valid question `reward.vote.m` times.
 
-
-def score_questions(reasoner_model, processors, question_images, parsed, texts, group_ids, *, reward,
-                    answer_settings, keys, batch_tokens, over_batch=whole):
-    """The Questioner's reward for each output (METHOD.md, equations (4)-(10)).
-
-    question_images: the image of each output; parsed: parse_question results (None = invalid);
-    texts: the raw outputs (see diversity_texts); group_ids: the image group of each output;
-    keys: LongTensor [len(parsed)], the random stream of the Reasoner's votes on each output.
-    over_batch(f, items): f applied to the whole batch's items, with several processes every
-    process's (the batch-scope diversity clusters them all). Returns (rewards: list[float],
-    episodes: one dict per output with the Reasoner's answers and the reward's parts, for the logs).
+    batch: the images asked about (machinery/batch.py), G outputs each, image after image; parsed:
+    parse_question of each output (None = invalid); texts: the raw outputs. Returns (rewards:
+    list[float], episodes: one dict per output with the Reasoner's answers and the reward's parts).
     """
+    G = len(texts) // len(batch.items)
+    groups = [i // G for i in range(len(texts))]  # the image of each output
     valid = [p is not None for p in parsed]
     asked = [i for i, ok in enumerate(valid) if ok]
-    votes = reasoner.ask_and_vote(reasoner_model, processors, [question_images[i] for i in asked],
-                                  [parsed[i]["question"] for i in asked], m=reward.m, settings=answer_settings,
-                                  count_empty=reward.count_empty, keys=keys[asked], batch_tokens=batch_tokens)
-    episodes = [{"group": g, "raw": t, "question": p["question"] if p else None, "valid": ok, "answers": [],
-                 "silver": None, "confidence": 0.0, "uncertainty": 0.0}
-                for g, p, t, ok in zip(group_ids, parsed, texts, valid)]
+    votes = ask_and_vote(R, [batch.images[groups[i]] for i in asked], [parsed[i]["question"] for i in asked],
+                         batch.keys("votes", per=G)[asked], reward.vote)
+    episodes = [{"raw": t, "question": p["question"] if p else None, "valid": ok, "answers": [], "silver": None,
+                 "confidence": 0.0, "uncertainty": 0.0, "image": batch.paths[g]}
+                for g, p, t, ok in zip(groups, parsed, texts, valid)]
     for i, vote in zip(asked, votes):  # the answers, not the whole responses: the log stays readable
         episodes[i].update(answers=vote["answers"], silver=vote["silver"], confidence=vote["confidence"],
                            uncertainty=uncertainty_reward(vote["confidence"], reward.uncertainty_scale))
+
     def penalty(questions):  # an image's G questions are all here; the batch's may not be
-        return diversity_penalty(questions, group_ids, scope=reward.diversity_scope, weight=reward.diversity_weight,
+        return diversity_penalty(questions, groups, scope=reward.diversity_scope, weight=reward.diversity_weight,
                                  threshold=reward.diversity_threshold,
                                  symmetric={"symmetric": True, "one-sided": False}[reward.diversity_bleu])
     questions = diversity_texts(parsed, texts, reward.diversity_invalid)
-    diversity = penalty(questions) if reward.diversity_scope == "group" else over_batch(penalty, questions)
+    diversity = penalty(questions) if reward.diversity_scope == "group" else batch.over_batch(penalty, questions, G)
     rewards = questioner_reward([e["uncertainty"] for e in episodes], diversity, valid, combine=reward.combine)
     for e, div, r in zip(episodes, diversity, rewards):
         e.update(diversity=div, reward=r)
     return rewards, episodes
 
 
-def rollouts(questioner_model, reasoner_model, processors, images, *, G, fmt, question_settings, answer_settings,
-             reward, keys, vote_keys, batch_tokens, over_batch=whole):
-    """G questions per image from the Questioner, rewarded with the frozen Reasoner; each sampler
-    call fills a KV cache of at most `batch_tokens` tokens. keys: LongTensor [len(images)], the
-    random stream of each image's questions; vote_keys [len(images) * G], of the votes on each;
-    over_batch: see score_questions.
-
-    Returns (Rollouts of len(images) * G rows, episodes: one dict per question, see score_questions;
-    "group" is the index of its image in `images`).
-    """
-    prompts, out, texts, parsed = write_questions(questioner_model, processors, images, n=G,
-                                                  settings=question_settings, fmt=fmt, keys=keys,
-                                                  batch_tokens=batch_tokens)
-    group_ids = [i // G for i in range(len(texts))]
-    rewards, episodes = score_questions(reasoner_model, processors, [images[g] for g in group_ids], parsed, texts,
-                                        group_ids, reward=reward, answer_settings=answer_settings,
-                                        keys=vote_keys, batch_tokens=batch_tokens, over_batch=over_batch)
+def rollouts(Q, batch, reward, *, G, settings, fmt):
+    """G questions per image of the batch from the Questioner Q, each rewarded by
+    `reward(batch, parsed, texts) -> (rewards, episodes)` (`score_questions` with its Reasoner).
+    Returns (Rollouts of len(batch.items) * G rows, the episodes)."""
+    prompts, out, texts, parsed = write_questions(Q, batch.images, batch.keys("questions"), n=G, settings=settings,
+                                                  fmt=fmt)
+    rewards, episodes = reward(batch, parsed, texts)
     return Rollouts(prompts.repeat(G), out.ids.cpu(), out.mask.cpu(), torch.tensor(rewards), group_size=G,
-                    max_new_tokens=question_settings.max_new_tokens), episodes
+                    max_new_tokens=settings.max_new_tokens), episodes

@@ -8,13 +8,17 @@ Four things live here:
    frozen Reasoner this way.
 3. `curate`: the vote on every question the Questioner wrote, kept iff τ_low <= c <= τ_high.
 4. `rollouts`: G answers per kept question, scored against its silver label, ready for GRPO.
+A Reasoner here is a sampler.Sampler (a model ready to sample); a batch of prompts is a
+machinery/batch.py Batch (this process's prompts, their images and random streams).
 """
+
+from dataclasses import dataclass, field
 
 import torch
 
 from grpo import Rollouts
-from rewards import answer_classes, extract_boxed, majority_vote, normalize_answer, reasoner_reward
-from sampler import sample_in_batches
+from rewards import answer_classes, extract_boxed, majority_vote, normalize_answer
+from sampler import SamplingSettings
 
 REASONER_PROMPT = ("{question}\n\nReason step by step inside <think> </think>, then give the final, "
                    "concise answer inside \\boxed{{}}.")
@@ -24,31 +28,37 @@ def reasoner_prompt(question):
     return REASONER_PROMPT.format(question=question)
 
 
-def ask_and_vote(model, processors, images, questions, *, m, settings, count_empty, keys, batch_tokens,
-                 count_empty_boxes=True):
-    """The Reasoner answers each (image, question) pair m times; the majority answer is the silver
-    label, its share of the votes the confidence c (METHOD.md, equations (2)-(4)). Both the
-    Questioner's reward and curation ask the frozen Reasoner this way.
+@dataclass
+class Vote:
+    """How the frozen Reasoner votes on a question (METHOD.md, (2)-(4)): m answers sampled with
+    `sampling`; count_empty, count_empty_boxes: whether answers without a box, and empty boxes,
+    vote (rewards.majority_vote: the public code's reward counts both, its curation neither empty
+    boxes)."""
+    m: int = 10
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    count_empty: bool = True
+    count_empty_boxes: bool = True
 
-    images: list[PIL], questions: list[str], same length N -> N dicts {responses: m str, answers:
-    m str | None (the last \\boxed{} of each response), silver: str | None, confidence: float}.
-    One prefill per pair, its KV cache copied into the m samples (sampler.sample), as many pairs
-    per sampler call as fit in a KV cache of `batch_tokens` tokens; keys: LongTensor [N], each pair's
-    random stream (sampler.prompt_keys). count_empty, count_empty_boxes:
-    how missing and empty boxes vote, see rewards.majority_vote.
+
+def ask_and_vote(R, images, questions, keys, vote):
+    """The Reasoner R answers each (image, question) pair vote.m times; the majority answer is the
+    silver label, its share of the votes the confidence c (METHOD.md, equations (2)-(4)).
+
+    images: list[PIL], questions: list[str], keys: each pair's random stream, all of length N -> N
+    dicts {responses: m str, answers: m str | None (the last \\boxed{} of each), silver: str | None,
+    confidence: float}. One prefill per pair, its KV cache copied into the m samples.
 
         3 of m = 4 answers "2", one "3"  ->  silver "2", confidence 0.75
     """
     if not questions:
         return []
-    prompts = processors.encode(images, [reasoner_prompt(q) for q in questions])
-    out = sample_in_batches(model, prompts.to(model.device), batch_tokens, n=m, keys=keys, **vars(settings))
-    texts = out.texts(processors.tokenizer)
+    m = vote.m
+    _, _, texts = R(images, [reasoner_prompt(q) for q in questions], n=m, settings=vote.sampling, keys=keys)
     votes = []
     for i in range(len(questions)):
         responses = texts[i * m:(i + 1) * m]
         answers = [extract_boxed(r) for r in responses]
-        silver, confidence = majority_vote(answers, count_empty, count_empty_boxes)
+        silver, confidence = majority_vote(answers, vote.count_empty, vote.count_empty_boxes)
         votes.append({"responses": responses, "answers": answers, "silver": silver, "confidence": confidence})
     return votes
 
@@ -60,30 +70,27 @@ def in_band(silver, confidence, tau_low, tau_high):
     return silver is not None and tau_low <= confidence <= tau_high
 
 
-def curate(model, processors, images, texts, parsed, *, m, settings, count_empty, tau_low, tau_high, keys,
-           batch_tokens):
-    """Curation: the frozen Reasoner votes m times on each candidate question the Questioner wrote,
-    and the confidence band keeps those worth training on (METHOD.md, equation (11)).
+def curate(R, batch, texts, parsed, *, vote, band):
+    """Curation: the frozen Reasoner R votes on each candidate question the Questioner wrote about
+    the batch's images (N per image, image after image), and the confidence band (τ_low, τ_high)
+    keeps those worth training on (METHOD.md, equation (11)).
 
-    images: the image of each candidate; texts: the Questioner's raw outputs; parsed: their
-    rewards.parse_question results (None: invalid, never asked); keys: LongTensor [len(texts)], the
-    random stream of the votes on each candidate. Returns one record per candidate:
-    {question, raw, valid, responses, answers, silver, confidence, kept}.
-    count_empty=True is the public code's curation: a missing box votes "None", an empty box is
-    dropped (rewards.majority_vote). Unlike there, a question whose majority is "None" has no
-    silver label and is never kept.
+    texts: the Questioner's raw outputs; parsed: their rewards.parse_question results (None:
+    invalid, never asked). Returns one record per candidate: {question, raw, valid, responses,
+    answers, silver, confidence, kept}. With vote.count_empty, the public code's curation: a
+    missing box votes "None", an empty box is dropped. Unlike there, a question whose majority is
+    "None" has no silver label and is never kept.
     """
+    N = len(texts) // len(batch.items)
     asked = [j for j, p in enumerate(parsed) if p is not None]
-    votes = dict(zip(asked, ask_and_vote(model, processors, [images[j] for j in asked],
-                                         [parsed[j]["question"] for j in asked], m=m, settings=settings,
-                                         count_empty=count_empty, keys=keys[asked], batch_tokens=batch_tokens,
-                                         count_empty_boxes=False)))
+    votes = dict(zip(asked, ask_and_vote(R, [batch.images[j // N] for j in asked], [parsed[j]["question"] for j in asked],
+                                         batch.keys("candidate votes", per=N)[asked], vote)))
     unasked = {"responses": [], "answers": [], "silver": None, "confidence": 0.0}
     records = []
     for j, (text, p) in enumerate(zip(texts, parsed)):
-        vote = votes.get(j, unasked)
-        records.append({"question": p["question"] if p else None, "raw": text, "valid": p is not None, **vote,
-                        "kept": in_band(vote["silver"], vote["confidence"], tau_low, tau_high)})
+        v = votes.get(j, unasked)
+        records.append({"question": p["question"] if p else None, "raw": text, "valid": p is not None, **v,
+                        "kept": in_band(v["silver"], v["confidence"], *band)})
     return records
 
 
@@ -99,23 +106,21 @@ def random_silver_labels(records, rng):
             r["silver"] = str(rng.choice(sorted(distinct)))  # the same draw whatever the votes' order
 
 
-def rollouts(model, processors, images, questions, silver_labels, *, G, settings, reward_mode, keys, batch_tokens):
-    """G answers per (image, question, silver label) triple, each rewarded against its label
-    (METHOD.md, equation (12)); as many triples per sampler call as fit in a KV cache of
-    `batch_tokens` tokens; keys: LongTensor [len(questions)], each triple's random stream.
+def rollouts(R, batch, reward, *, G, settings):
+    """G answers from the Reasoner R per kept question of the batch (items: records with a question
+    and its silver label), each scored by reward(response, silver) (METHOD.md, equation (12)).
 
-    Returns (Rollouts with B = len(questions) * G rows in group-major order, episodes: one dict per
-    question {question, silver, answers: G dicts {response, answer, reward, length}}, for the logs).
+    Returns (Rollouts with B = len(batch.items) * G rows in group-major order, episodes: one dict
+    per question {question, silver, answers: G dicts {response, answer, reward, length}, image}).
     """
-    prompts = processors.encode(images, [reasoner_prompt(q) for q in questions])
-    out = sample_in_batches(model, prompts.to(model.device), batch_tokens, n=G, keys=keys, **vars(settings))
-    texts = out.texts(processors.tokenizer)
-    labels = [label for label in silver_labels for _ in range(G)]
-    rewards = [reasoner_reward(t, s, mode=reward_mode) for t, s in zip(texts, labels)]
+    questions, labels = [r["question"] for r in batch.items], [r["silver"] for r in batch.items]
+    prompts, out, texts = R(batch.images, [reasoner_prompt(q) for q in questions], n=G, settings=settings,
+                            keys=batch.keys("answers"))
+    rewards = [reward(t, labels[i // G]) for i, t in enumerate(texts)]
     lengths = out.mask.sum(1).tolist()
     episodes = [{"question": q, "silver": s,
                  "answers": [{"response": texts[i], "answer": extract_boxed(texts[i]), "reward": rewards[i],
-                              "length": lengths[i]} for i in range(g * G, (g + 1) * G)]}
-                for g, (q, s) in enumerate(zip(questions, silver_labels))]
+                              "length": lengths[i]} for i in range(g * G, (g + 1) * G)], "image": batch.paths[g]}
+                for g, (q, s) in enumerate(zip(questions, labels))]
     return (Rollouts(prompts.repeat(G), out.ids.cpu(), out.mask.cpu(), torch.tensor(rewards), group_size=G,
                      max_new_tokens=settings.max_new_tokens), episodes)

@@ -31,22 +31,24 @@ learning-rate schedules (the lr is constant, (22)).
 import json
 import sys
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import numpy as np
 import torch
 import transformers
 
-from machinery import distributed as dist
 import grpo
 import questioner
 import reasoner
-from machinery.cli import AT_LEAST_1, AT_LEAST_2, FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, option, parse_given
 from data import DataError, grade_candidates, readable_images
 from model import ModelError, load_processors, resolve_device
-from machinery.policies import (Trainee, frozen_models, resolve_pixel_bounds, role_weights, sampling_role, sampling_settings,
-                      save_role)
-from machinery.runfolder import (Images, Stop, discard_if_unstarted, new_run, record_skipped, resolve_config, resumed_run,
-                       stop_after_step_on_ctrl_c)
+from rewards import reasoner_reward
+from machinery import distributed as dist
+from machinery.cli import AT_LEAST_1, AT_LEAST_2, FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, option, parse_given
+from machinery.policies import (Trainee, as_sampler, frozen_models, resolve_pixel_bounds, role_weights, sampling_role,
+                                sampling_settings, save_role)
+from machinery.runfolder import (Images, Stop, discard_if_unstarted, new_run, record_skipped, resolve_config,
+                                 resumed_run, stop_after_step_on_ctrl_c)
 
 
 @dataclass
@@ -160,83 +162,78 @@ class Config:
 
 
 # -----------------------------------------------------------------------------
-# The three phases of an iteration
+# The method's settings, from the config
 
-def questioner_phase(cfg, run, images):
-    """Q_k: GRPO on G questions per image, each rewarded by how unsure the frozen Reasoner R_{k-1}
-    is of it and how little it repeats the others (METHOD.md, (23) with the reward (4)-(10))."""
-    k = run.state.iteration
-    start = run.role_source(k, "questioner")
-    trainee = Trainee(cfg, start, run.device, run.checkpoint())
-    reference, frozen_reasoner = frozen_models(cfg, trainee.model, start, run.role_source(k, "reasoner"))
-    reward = questioner.QuestionerRewardSettings(
-        m=cfg.reward_votes, uncertainty_scale=cfg.uncertainty_scale, diversity_scope=cfg.diversity_scope,
-        diversity_weight=cfg.diversity_weight, combine=cfg.reward_combine, count_empty=cfg.reward_count_empty,
-        diversity_bleu=cfg.diversity_bleu, diversity_invalid=cfg.diversity_invalid)
-    settings = sampling_settings(cfg)
-    for step in run.steps("questioner", cfg.questioner_steps):
-        share = dist.Share(run.choose(len(images), cfg.images_per_step))  # this process's images: share.mine
-        rollouts, episodes = questioner.rollouts(
-            trainee.sampler_model, frozen_reasoner, trainee.processors, [images[i] for i in share.mine],
-            fmt=cfg.question_format, question_settings=settings.question, answer_settings=settings.vote,
-            reward=reward, keys=share.keys(cfg.seed, "questions", k, step), batch_tokens=cfg.sampling_batch_tokens,
-            G=cfg.group_size, vote_keys=share.keys(cfg.seed, "votes", k, step, per=cfg.group_size),
-            over_batch=lambda f, questions: share.apply(f, questions, per=cfg.group_size))
-        for e in episodes:
-            e["image"] = images.paths[share.mine[e.pop("group")]]
-        episodes = share.gather(episodes, per=cfg.group_size)
-        metrics = trainee.grpo_step(rollouts, reference, share)
+def questioner_reward_settings(cfg):
+    """How the Questioner is rewarded: the frozen Reasoner's m votes, and the paper-vs-code switches."""
+    return questioner.QuestionerRewardSettings(
+        vote=reasoner.Vote(m=cfg.reward_votes, sampling=sampling_settings(cfg).vote, count_empty=cfg.reward_count_empty),
+        uncertainty_scale=cfg.uncertainty_scale, diversity_scope=cfg.diversity_scope,
+        diversity_weight=cfg.diversity_weight, combine=cfg.reward_combine, diversity_bleu=cfg.diversity_bleu,
+        diversity_invalid=cfg.diversity_invalid)
+
+
+def curation_vote(cfg):
+    """How the frozen Reasoner votes in curation (the public code's curation drops empty boxes)."""
+    return reasoner.Vote(m=cfg.curation_votes, sampling=sampling_settings(cfg).vote,
+                         count_empty=cfg.curation_count_empty, count_empty_boxes=False)
+
+
+# -----------------------------------------------------------------------------
+# The three phases of an iteration. A role is where its weights are (the base model's id, or its
+# folder in the run): each phase takes the roles it needs and hands back the one it made.
+
+def train_questioner(cfg, run, Q, R, images):
+    """Q_k: GRPO from Q_{k-1} on G questions per image, each rewarded by how unsure the frozen
+    Reasoner R_{k-1} is of it and how little it repeats the others (METHOD.md, (23), reward (4)-(10))."""
+    trainee = Trainee(cfg, Q, run.device, run.checkpoint())
+    reference, frozen_reasoner = frozen_models(cfg, trainee.model, Q, R)
+    reward = partial(questioner.score_questions, as_sampler(cfg, frozen_reasoner, trainee.processors),
+                     reward=questioner_reward_settings(cfg))
+    for batch in run.batches("questioner", cfg.questioner_steps, range(len(images)), cfg.images_per_step, images):
+        rollouts, episodes = questioner.rollouts(trainee.sampler, batch, reward, G=cfg.group_size,
+                                                 settings=sampling_settings(cfg).question, fmt=cfg.question_format)
+        episodes = batch.gather(episodes, per=cfg.group_size)
+        metrics = trainee.grpo_step(rollouts, reference, batch)
         metrics["valid_rate"] = float(np.mean([e["valid"] for e in episodes]))
         metrics["confidence_mean"] = float(np.mean([e["confidence"] for e in episodes if e["valid"]] or [0.0]))
-        run.end_step("questioner", step, metrics, episodes, trainee.save_checkpoint)
+        run.end_step(metrics, episodes, trainee.save_checkpoint)
     run.save_role("questioner", trainee.save_role)
 
 
-def curation_phase(cfg, run, images):
+def curate(cfg, run, Q, R, images):
     """Q_k writes N candidates per image of the pool, R_{k-1} votes m times on each, and the
-    confidence band keeps the questions the Reasoner will train on (METHOD.md, (24) and (11)). Every
-    candidate goes to iter_k/questions.jsonl."""
-    k = run.state.iteration
-    writer = sampling_role(cfg, run.device, str(run.role_dir(k, "questioner")))
-    voter = sampling_role(cfg, run.device, run.role_source(k, "reasoner"), beside=writer)
+    confidence band keeps the questions the Reasoner will train on (METHOD.md, (24) and (11)).
+    Every candidate goes to iter_k/questions.jsonl."""
+    writer = sampling_role(cfg, run.device, Q)
     processors = load_processors(cfg.model, cfg.min_pixels, cfg.max_pixels)
-    share = dist.Share(run.choose(len(images), cfg.curation_images))  # the pool; this process's images: share.mine
-    settings, N, records = sampling_settings(cfg), cfg.candidates_per_image, []
-    # Every image and every candidate has its own random stream, whatever batch or process it is sampled in.
-    keys, vote_keys = share.keys(cfg.seed, "candidates", k), share.keys(cfg.seed, "candidate votes", k, per=N)
-    for start in run.progress(range(0, len(share.mine), cfg.images_per_step), "curation"):
-        batch = share.mine[start:start + cfg.images_per_step]
-        shown = [images[i] for i in batch]  # decoded once, asked about N times
-        _, _, texts, parsed = questioner.write_questions(
-            writer, processors, shown, n=N, settings=settings.candidate, fmt=cfg.question_format,
-            keys=keys[start:start + len(batch)], batch_tokens=cfg.sampling_batch_tokens)
-        owner = [j // N for j in range(len(texts))]
-        votes = reasoner.curate(voter, processors, [shown[o] for o in owner], texts, parsed, m=cfg.curation_votes,
-                                settings=settings.vote, count_empty=cfg.curation_count_empty,
-                                tau_low=cfg.tau_low, tau_high=cfg.tau_high,
-                                keys=vote_keys[start * N:(start + len(batch)) * N],
-                                batch_tokens=cfg.sampling_batch_tokens)
-        records += [{"image": images.paths[batch[o]], "image_index": batch[o], **v} for o, v in zip(owner, votes)]
+    Q = as_sampler(cfg, writer, processors)
+    R = as_sampler(cfg, sampling_role(cfg, run.device, R, beside=writer), processors)
+    pool, N, records = run.pool(images, cfg.curation_images), cfg.candidates_per_image, []
+    for chunk in run.progress(pool.chunks(cfg.images_per_step), "curation"):
+        _, _, texts, parsed = questioner.write_questions(Q, chunk.images, chunk.keys("candidates"), n=N,
+                                                         settings=sampling_settings(cfg).candidate,
+                                                         fmt=cfg.question_format)
+        votes = reasoner.curate(R, chunk, texts, parsed, vote=curation_vote(cfg), band=(cfg.tau_low, cfg.tau_high))
+        records += [{"image": chunk.paths[j // N], "image_index": chunk.items[j // N], **v} for j, v in enumerate(votes)]
         run.bar.set_postfix(kept=sum(r["kept"] for r in records), of=len(records))
-    records = share.gather(records, per=N)
+    records = pool.gather(records, per=N)
     if cfg.silver_labels == "random":
         reasoner.random_silver_labels(records, run.image_rng)
     grades = grade_candidates(records, images.scenes)  # shapes-world images only: true answers
     run.save_questions(records)
     confidences = [r["confidence"] for r in records if r["valid"]]
     kept = sum(r["kept"] for r in records)
-    run.log({"phase": "curation", "iteration": k, "n_candidates": len(records), "n_valid": len(confidences),
-             "n_kept": kept, "kept_frac": kept / max(len(records), 1),
+    run.log({"phase": "curation", "iteration": run.state.iteration, "n_candidates": len(records),
+             "n_valid": len(confidences), "n_kept": kept, "kept_frac": kept / max(len(records), 1),
              "confidence_mean": float(np.mean(confidences)) if confidences else None,
              "confidence_hist": np.histogram(confidences, bins=10, range=(0, 1))[0].tolist(), **grades})
 
 
-def reasoner_phase(cfg, run, images):
-    """R_k: GRPO on G answers per kept question, each rewarded for matching its silver label
-    (METHOD.md, (25) with the reward (12))."""
+def train_reasoner(cfg, run, R, kept, images):
+    """R_k: GRPO from R_{k-1} on G answers per kept question, each rewarded for matching its silver
+    label (METHOD.md, (25) with the reward (12))."""
     k = run.state.iteration
-    start = run.role_source(k, "reasoner")
-    kept = [r for r in run.questions() if r["kept"]]
     if len(kept) < cfg.questions_per_step:
         message = (f"iteration {k}: curation kept {len(kept)} question(s), fewer than one Reasoner batch "
                    f"(--questions-per-step {cfg.questions_per_step})")
@@ -245,23 +242,18 @@ def reasoner_phase(cfg, run, images):
         print(message + f"; skipping the Reasoner phase, R_{k} = R_{k - 1} (--on-too-few skip)")
         # Loaded as for training (float32 weights, or the base with float32 LoRA updates), so the
         # copy loses no precision; the fresh, untrained adapter adds nothing.
-        model, processors = role_weights(cfg, start, run.device)
+        model, processors = role_weights(cfg, R, run.device)
         run.save_role("reasoner", lambda folder: save_role(cfg, model, processors, folder))
         return
-    trainee = Trainee(cfg, start, run.device, run.checkpoint())
-    reference, _ = frozen_models(cfg, trainee.model, start)
-    settings = sampling_settings(cfg)
-    for step in run.steps("reasoner", cfg.reasoner_steps):
-        share = dist.Share([kept[i] for i in run.choose(len(kept), cfg.questions_per_step)])
-        rollouts, episodes = reasoner.rollouts(
-            trainee.sampler_model, trainee.processors, [images[r["image_index"]] for r in share.mine],
-            [r["question"] for r in share.mine], [r["silver"] for r in share.mine], G=cfg.group_size,
-            settings=settings.answer, reward_mode=cfg.reasoner_reward, keys=share.keys(cfg.seed, "answers", k, step),
-            batch_tokens=cfg.sampling_batch_tokens)
-        for e, r in zip(episodes, share.mine):
-            e["image"] = r["image"]
-        metrics = trainee.grpo_step(rollouts, reference, share)
-        run.end_step("reasoner", step, metrics, share.gather(episodes), trainee.save_checkpoint)
+    trainee = Trainee(cfg, R, run.device, run.checkpoint())
+    reference, _ = frozen_models(cfg, trainee.model, R)
+    reward = partial(reasoner_reward, mode=cfg.reasoner_reward)
+    for batch in run.batches("reasoner", cfg.reasoner_steps, kept, cfg.questions_per_step, images,
+                             index=lambda record: record["image_index"]):
+        rollouts, episodes = reasoner.rollouts(trainee.sampler, batch, reward, G=cfg.group_size,
+                                               settings=sampling_settings(cfg).answer)
+        metrics = trainee.grpo_step(rollouts, reference, batch)
+        run.end_step(metrics, batch.gather(episodes), trainee.save_checkpoint)
     run.save_role("reasoner", trainee.save_role)
 
 
@@ -290,13 +282,14 @@ def summarise(cfg, run):
 # The loop
 
 def train(cfg, run, images):
-    """K iterations of the three phases, in the paper's order. run.phase runs a phase and moves the
-    state on to the next; a resumed run starts at its iteration, and run.phase skips the phases it
-    has finished."""
-    for k in range(run.state.iteration, cfg.iterations + 1):
-        run.phase("questioner", questioner_phase, cfg, run, images)  # Q_k from Q_{k-1}, rewarded by R_{k-1}
-        run.phase("curation", curation_phase, cfg, run, images)      # Q_k asks, R_{k-1} votes: silver labels
-        run.phase("reasoner", reasoner_phase, cfg, run, images)      # R_k from R_{k-1}, on the kept questions
+    """K iterations of the three phases, in the paper's order, the roles handed from phase to
+    phase. run.phase runs a phase and moves the state on; a resumed run starts at its iteration,
+    where run.phase hands back what the phases it has finished left."""
+    Q, R = run.roles()  # Q_{k-1}, R_{k-1}: the base model when k = 1
+    for k in run.iterations():
+        Q = run.phase("questioner", train_questioner, cfg, run, Q, R, images)  # Q_k from Q_{k-1}, rewarded by R_{k-1}
+        kept = run.phase("curation", curate, cfg, run, Q, R, images)  # Q_k asks, R_{k-1} votes: silver labels
+        R = run.phase("reasoner", train_reasoner, cfg, run, R, kept, images)  # R_k from R_{k-1}, on the kept
         run.phase("summary", summarise, cfg, run)
     print(f"done: {run.dir} ({cfg.iterations} iterations; report: {run.dir / 'report.html'})")
 

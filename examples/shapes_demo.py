@@ -40,12 +40,7 @@ from tools import pretrain  # noqa: E402
 
 # Streams of scenes: pretraining draws its own from the seed; these never meet them or each other.
 TRAIN_STREAM, BENCH_STREAM = 10_000, 20_000
-SELFPLAY_FLAGS = (
-    "--questioner-steps", "4", "--reasoner-steps", "8", "--group-size", "8", "--images-per-step", "8",
-    "--question-max-tokens", "24", "--answer-max-tokens", "48", "--reward-votes", "8", "--curation-images", "48",
-    "--candidates-per-image", "4", "--curation-votes", "8", "--questions-per-step", "8", "--lr", "5e-5",
-    "--kl-coef", "0", "--minibatches", "1", "--micro-batch-tokens", "4096", "--quiet", "--threads", "1",
-)
+PRESET = REPO / "presets" / "demo.toml"  # the self-play settings of every run
 CONTROLS = {"selfplay": (), "random_labels": ("--silver-labels", "random"),
             "frozen_questioner": ("--questioner-steps", "0")}
 
@@ -111,9 +106,9 @@ def demo(out, seed, plan=FULL):
 
     print(f"3/4 self-play: {', '.join(plan.runs)} (two at a time) ...", flush=True)
     with ThreadPoolExecutor(max_workers=2) as pool:  # two cores: two runs of one thread each
-        list(pool.map(lambda name: run([REPO / "selfplay.py", "--model", out / "base", "--images", out / "images",
-                                        "--output", out / name, "--seed", seed, "--iterations", plan.iterations,
-                                        *SELFPLAY_FLAGS, *CONTROLS[name]], out / f"{name}.log"), plan.runs))
+        list(pool.map(lambda name: run([REPO / "selfplay.py", PRESET, "--model", out / "base", "--images",
+                                        out / "images", "--output", out / name, "--seed", seed, "--iterations",
+                                        plan.iterations, *CONTROLS[name]], out / f"{name}.log"), plan.runs))
 
     print("4/4 evaluating ...", flush=True)
     last = f"iter_{plan.iterations}"

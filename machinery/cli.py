@@ -10,6 +10,11 @@ one-line error naming the flag, rather than deep inside a run. Every command-lin
 one line and exit code 2, without the usage text (--help shows it). `parse_given` also says which
 flags were given, for scripts that must refuse some of them whatever their value (a resumed run).
 
+A preset is a small TOML file of settings, `name = value` per line, given as the first argument:
+`python selfplay.py presets/first_run.toml --seed 1`. Its settings are read as the flags that say
+the same, placed before the command line's, so they go through the same checks, a flag given after
+overrides them, and they count as given.
+
     @dataclass
     class Config:
         lr: float = option("AdamW learning rate", default=1e-6, group="grpo", valid=POSITIVE)
@@ -21,6 +26,7 @@ import argparse
 import dataclasses
 import re
 import sys
+import tomllib
 import types
 import typing
 
@@ -89,9 +95,34 @@ def parse(config_class, argv=None, description=None):
     return parse_given(config_class, argv, description)[0]
 
 
+def preset_flags(parser, config_class, path):
+    """The flags that say what the preset file `path` says (see the module's docstring)."""
+    try:
+        with open(path, "rb") as f:
+            settings = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        parser.error(f"cannot read the preset '{path}': {err}")
+    hints = typing.get_type_hints(config_class)
+    flags = []
+    for name, value in settings.items():
+        if name not in hints:
+            parser.error(f"the preset '{path}' sets '{name}', which is not a setting of this command")
+        flag, kind = "--" + name.replace("_", "-"), hints[name]
+        if kind is bool:
+            if not isinstance(value, bool):
+                parser.error(f"the preset '{path}' sets {name} = {value!r}: true or false")
+            flags.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, (dict, bool)) or (isinstance(value, list) and typing.get_origin(kind) is not list):
+            parser.error(f"the preset '{path}' sets {name} = {value!r}: one {getattr(kind, '__name__', kind)}")
+        else:
+            flags += [x for v in (value if isinstance(value, list) else [value]) for x in (flag, str(v))]
+    return flags
+
+
 def parse_given(config_class, argv=None, description=None):
-    """argv (list[str]; None = sys.argv[1:]) -> (an instance of config_class, the frozenset of the
-    field names given on the command line, whatever their value: even one equal to the default)."""
+    """argv (list[str]; None = sys.argv[1:]), which may start with a preset file (*.toml) -> (an
+    instance of config_class, the frozenset of the field names given, in the preset or as flags,
+    whatever their value: even one equal to the default)."""
     parser = _Parser(description=description)
     groups = {}
     hints = typing.get_type_hints(config_class)
@@ -104,6 +135,9 @@ def parse_given(config_class, argv=None, description=None):
         help = meta["help"] if default in (None, "", False) else f"{meta['help']} (default: {default})"
         target.add_argument("--" + f.name.replace("_", "-"), dest=f.name, required=required,
                             default=argparse.SUPPRESS, **_argument(hints[f.name], help, meta["choices"], meta["valid"]))
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if argv and argv[0].endswith(".toml"):
+        argv = preset_flags(parser, config_class, argv[0]) + argv[1:]
     given = vars(parser.parse_args(argv))  # default=SUPPRESS: only the flags given are here
     return config_class(**given), frozenset(given)
 
@@ -128,8 +162,28 @@ class _Lines:
         self.stream.flush()
 
 
+class _LogBar(tqdm):
+    """A bar in a log file: a postfix (set_postfix) waits for the bar's next line instead of drawing
+    one of its own, and no monitor thread redraws a stale line between two updates."""
+    monitor_interval = 0
+
+    def set_postfix(self, ordered_dict=None, refresh=False, **kwargs):
+        super().set_postfix(ordered_dict, refresh=refresh, **kwargs)
+
+
+def _terminal(stream):
+    """Whether stream is a terminal (False for a log file, and for a closed or missing stderr)."""
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 def progress(items=None, **kwargs):
-    """tqdm on stderr; when stderr is not a terminal, a line at the start, one a minute and one at the end."""
-    if sys.stderr.isatty() or kwargs.get("disable"):
+    """tqdm on stderr; when stderr is not a terminal, a line at the start, one a minute and one at
+    the end; nothing when stderr is closed."""
+    if kwargs.get("disable") or _terminal(sys.stderr):
         return tqdm(items, **kwargs)
-    return tqdm(items, file=_Lines(sys.stderr), mininterval=60, ascii=True, **kwargs)
+    if sys.stderr is None or getattr(sys.stderr, "closed", False):
+        return tqdm(items, **dict(kwargs, disable=True))
+    return _LogBar(items, file=_Lines(sys.stderr), mininterval=60, ascii=True, **kwargs)

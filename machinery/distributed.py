@@ -8,7 +8,7 @@ the role in training is sharded over the processes instead of copied: fsdp.py.)
 A run's result does not depend on how many processes ran it. Every process runs the same loop on
 the same state: the run's image RNG, seeded alike everywhere, draws the same images; each process
 then takes its share of the batch (`Share`) and samples it, on its own full copy of the model, with
-the whole batch's per-prompt keys cut to its share (`Share.keys`, sampler.prompt_keys), so it writes
+the whole batch's per-prompt keys cut to its share (`Share.keys`, keys.prompt_keys), so it writes
 the questions and answers one process would. Curation shares out its pool of images the same way.
 What one process computes over the whole batch is computed over the shares and combined:
 
@@ -47,8 +47,9 @@ import sys
 import torch
 import torch.distributed as tdist
 
+import grpo
 from data import DataError
-from sampler import prompt_keys
+from machinery.keys import Keys, prompt_keys
 
 
 def active():
@@ -207,9 +208,9 @@ class Share:
         return values[torch.tensor(index, dtype=torch.long)] if torch.is_tensor(values) else [values[i] for i in index]
 
     def keys(self, seed, *ids, per=1):
-        """This share's sampler keys at a site, [len(mine) * per]: the whole batch's n * per keys
-        (sampler.prompt_keys) cut to the share, so a prompt draws the same numbers in any process."""
-        return self.take(prompt_keys(seed, *ids, n=self.n * per), per)
+        """This share's sampler keys at a site, Keys of len(mine) * per: the whole batch's n * per
+        keys (keys.prompt_keys) cut to the share, so a prompt draws the same numbers in any process."""
+        return Keys(self.take(prompt_keys(seed, *ids, n=self.n * per).values, per))
 
     def rows(self, per):
         """[len(mine) * per] long: where each row of this share sits in the batch's n * per rows."""
@@ -231,3 +232,14 @@ class Share:
         """f, a function of the whole batch's values giving one result per value, applied to every
         process's values -> this share's results (a list)."""
         return self.take(f(self.gather(values, per)), per)
+
+
+def reduce_for(share, group_size, sharded):
+    """grpo.update's grpo.Reduce for a policy trained on this process's share of a batch of groups
+    of group_size: counts and metrics summed over the processes, and the gradients too, unless the
+    policy is sharded (--fsdp, fsdp.py): its backward passes sum them, and every forward pass
+    gathers its weights from all the processes, so each must make as many passes as the most any
+    makes."""
+    return grpo.Reduce(positions=lambda n: share.rows(group_size), total=total, sum_metrics=sum_metrics,
+                       extra_passes=(lambda model, n: most(n) - n) if sharded else (lambda model, n: 0),
+                       sum_gradients=(lambda parameters: None) if sharded else sum_gradients)

@@ -31,6 +31,7 @@ from transformers import DynamicCache
 
 from machinery.lora import LoRALinear
 from model import PromptBatch, prompt_embeddings
+from sampler import CacheDecoder
 
 
 @dataclass
@@ -122,9 +123,17 @@ def rope(x, cos, sin_signed):
     return torch.addcmul(x * cos, torch.cat([x[..., half:], x[..., :half]], dim=-1), sin_signed)
 
 
+def decoder_for(device):
+    """The sampler's decoder on `device`: StaticDecoder and its CUDA graph on a GPU, the reference
+    elsewhere (on CPU the static step is no faster)."""
+    return StaticDecoder if device.type == "cuda" else CacheDecoder
+
+
 class StaticDecoder:
-    """Prefill through HF, then decode from a static cache. Use: `hidden = d.first_hidden`, then
-    `hidden = d.step(tokens)` once per generated token (tokens: [N], the ones just drawn)."""
+    """Prefill through HF, then decode from a static cache: sampler.CacheDecoder's interface. The
+    sampler asks whether all rows have stopped every 8 steps, so the GPU never waits on the host
+    in between."""
+    check_every = 8
 
     def __init__(self, model, prompts: PromptBatch, n, max_new_tokens, dtype=None, cuda_graph=None):
         """dtype: of the decode step (default: bf16 on CUDA, else the model's); cuda_graph: capture

@@ -15,7 +15,7 @@ to float rounding (on a GPU the rollouts come from a bf16 copy rather than the f
   and no distributed.sum_gradients. The clip's norm over the shards (DTensors) is the global norm.
 - Padding passes: every forward pass gathers weights from all processes, so all must make as many.
   A process with fewer micro-batches than another (in a mini-batch, or in the old log-probs' pass)
-  adds passes that change nothing (`missing_passes`, grpo.update).
+  adds passes that change nothing (grpo.update, with distributed.reduce_for).
 - Checkpoints hold whole tensors in the files and format of a run without --fsdp (`whole_weights`,
   `whole_optimizer_state`, `load_optimizer_state`), so a run resumes with any number of processes,
   with or without --fsdp. Gathering them is a collective: every process takes part, rank 0 writes.
@@ -60,12 +60,6 @@ def shard(model):
 
 def sharded(model):
     return isinstance(model, FSDPModule)
-
-
-def missing_passes(model, n):
-    """How many passes to add to this process's n so that it makes as many as every other process
-    (the most any makes); 0 for a model that is not sharded."""
-    return dist.most(n) - n if sharded(model) else 0
 
 
 def sampling_copy(model, dtype):

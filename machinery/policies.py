@@ -4,7 +4,7 @@ for the Questioner, the Reasoner that rewards it).
 
 Two ways to train a role, chosen by --lora-rank:
 - full fine-tuning: the role's checkpoint loaded in float32 (the master weights; matmuls in bf16
-  under autocast on a GPU, grpo.autocast), every weight trained; frozen models are bf16 on a GPU.
+  under autocast on a GPU, model.autocast), every weight trained; frozen models are bf16 on a GPU.
 - LoRA (lora.py): every role is the one frozen base model plus its low-rank updates, kept as
   factors across phases; a fresh adapter is the only trainable part. The role folder then also
   holds `lora_updates.safetensors`, from which the role's next phase starts, and frozen roles
@@ -28,8 +28,9 @@ from machinery import fsdp
 import grpo
 from machinery import lora
 from data import DataError
-from model import Processors, load_processors, load_vlm
-from sampler import SamplingSettings
+from model import Processors, load_processors, load_vlm, rollout_logprobs
+from machinery.fast_decode import decoder_for
+from sampler import Sampler, SamplingSettings
 
 LORA_UPDATES = "lora_updates.safetensors"
 
@@ -63,9 +64,15 @@ def sampling_settings(cfg):
                                    top_p=cfg.curation_top_p))
 
 
+def weights_dtype(device, trainable):
+    """Trained weights are float32 (the master copy; model.autocast gives bf16 compute on CUDA);
+    frozen ones are bf16 on a GPU, where memory is what they cost, and float32 elsewhere."""
+    return torch.float32 if trainable or device.type != "cuda" else torch.bfloat16
+
+
 def load_model(cfg, source, device, trainable):
-    """A model and its Processors, in the dtype of grpo.weights_dtype."""
-    model, tokenizer, image_processor = load_vlm(source, device=device, dtype=grpo.weights_dtype(device, trainable),
+    """A model and its Processors, in the dtype of weights_dtype."""
+    model, tokenizer, image_processor = load_vlm(source, device=device, dtype=weights_dtype(device, trainable),
                                                  seed=cfg.seed, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
     model.requires_grad_(trainable)
     return model, Processors(tokenizer, image_processor)
@@ -147,6 +154,11 @@ def save_role(cfg, model, processors, folder, weights=None):
     processors.save_pretrained(folder)
 
 
+def as_sampler(cfg, model, processors):
+    """A model ready to sample (sampler.Sampler): its decoder on its device, the run's KV-cache budget."""
+    return Sampler(model, processors, decoder_for(model.device), cfg.sampling_batch_tokens)
+
+
 def rollout_metrics(rewards, lengths):
     """What a rollout batch says about the policy, from its rewards and completion lengths, [n_groups,
     G] each: reward mean and spread, the share of groups whose rewards are all equal (advantage 0:
@@ -159,9 +171,9 @@ def rollout_metrics(rewards, lengths):
 
 class Trainee:
     """The role in training: its weights (`role_weights` at `source`), Processors and AdamW, resumed
-    from `checkpoint` (a folder `save_checkpoint` wrote) when given. With --fsdp and several
-    processes, the model is sharded over them (fsdp.py) and `sampler_model` is a whole copy of it,
-    refreshed after each GRPO step; otherwise `sampler_model` is the model itself."""
+    from `checkpoint` (a folder `save_checkpoint` wrote) when given; `sampler` samples from it (a
+    sampler.Sampler). With --fsdp and several processes, the model is sharded over them (fsdp.py)
+    and the sampler's model is a whole copy of it, refreshed after each GRPO step."""
 
     def __init__(self, cfg, source, device, checkpoint=None):
         self.cfg = cfg
@@ -173,8 +185,8 @@ class Trainee:
         if cfg.freeze_vision:
             self.model.model.visual.requires_grad_(False)
         # The sampler never runs a sharded model (fsdp.py): it gets a whole copy, in the frozen models' dtype.
-        self.sampler_model = (fsdp.sampling_copy(self.model, grpo.weights_dtype(device, trainable=False))
-                              if self.sharded else self.model)
+        self.sampler = as_sampler(cfg, fsdp.sampling_copy(self.model, weights_dtype(device, trainable=False))
+                                  if self.sharded else self.model, self.processors)
         if cfg.gradient_checkpointing:
             self.model.activation_checkpointing_enable()
         if self.sharded:
@@ -192,13 +204,13 @@ class Trainee:
             else:
                 self.optimizer.load_state_dict(state)
 
-    def grpo_step(self, rollouts, reference, share=None):
+    def grpo_step(self, rollouts, reference, batch=None):
         """GRPO on one rollout batch (grpo.update, METHOD.md (14)-(22)), the KL term against
-        `reference`; or, with several processes, on this process's share of it (`share`, a
-        distributed.Share of the batch's groups; None: the whole batch is here). Returns the whole
+        `reference`; or, with several processes, on this process's share of it (`batch`, the
+        machinery.batch.Batch of its prompts; None: the whole batch is here). Returns the whole
         batch's rollout metrics and the update's."""
         cfg, G = self.cfg, rollouts.group_size
-        share = share or dist.Share(range(len(rollouts) // G))
+        share = batch.share if batch else dist.Share(range(len(rollouts) // G))
         rewards = share.gather(rollouts.rewards.view(-1, G))  # [n_groups, G], every process's groups
         advantages = share.take(grpo.group_advantages(rewards, cfg.advantage_scale)).flatten()  # [B], this share's
         update = grpo.update(self.model, self.optimizer, rollouts, advantages,
@@ -207,9 +219,9 @@ class Trainee:
                              minibatches=cfg.minibatches, epochs=cfg.epochs, clip_low=cfg.clip_low,
                              clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, kl_coef=cfg.kl_coef,
                              aggregation=cfg.aggregation, max_grad_norm=cfg.max_grad_norm,
-                             positions=share.rows(G))
+                             reduce=dist.reduce_for(share, G, self.sharded))
         if self.sharded:
-            fsdp.copy_weights(self.model, self.sampler_model)
+            fsdp.copy_weights(self.model, self.sampler.model)
         return {**rollout_metrics(rewards, share.gather(rollouts.mask.sum(1).view(-1, G))), **update}
 
     def save_checkpoint(self, folder):
@@ -241,4 +253,4 @@ def reference_logprobs(cfg, policy, reference, rollouts):
     if reference is None:
         return None
     with lora.adapters(policy, False) if reference is policy else contextlib.nullcontext():
-        return grpo.rollout_logprobs(reference, rollouts, cfg.micro_batch_tokens, cfg.temperature)
+        return rollout_logprobs(reference, rollouts, cfg.micro_batch_tokens, cfg.temperature)

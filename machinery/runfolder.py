@@ -18,8 +18,10 @@ With several processes (distributed.py) every process keeps the run's state in m
 everywhere, and rank 0 alone writes the folder; the others wait for it at the end of each phase,
 before they read what it wrote (curation's questions, the roles), and when a run starts or resumes.
 
-Nothing here knows the method: selfplay.py calls `Run.phase` for each phase of an iteration and
-`Run.end_step` after each training step; the rest is bookkeeping.
+Nothing here knows the method: selfplay.py goes through `Run.iterations`, runs each phase with
+`Run.phase` (which skips a phase a resumed run has finished and hands back what it left: a role's
+folder, or curation's kept questions), takes each step's prompts from `Run.batches` and calls
+`Run.end_step` after it; the rest is bookkeeping.
 """
 
 import dataclasses
@@ -36,6 +38,7 @@ import numpy as np
 import torch
 
 from machinery import distributed as dist
+from machinery.batch import Batch
 from machinery.cli import progress
 from data import SCENES_FILE, DataError, load_image, load_scenes, write_atomic
 from tools.report import write_report
@@ -123,13 +126,24 @@ class Run:
             self.image_rng.bit_generator.state = state.image_rng
         self.bar = None
 
-    # --- the loop's view: phases and steps
+    # --- the loop's view: iterations, phases and steps
+
+    def iterations(self):
+        """The iterations still to run, 1..cfg.iterations (a resumed run: from its own on)."""
+        while self.state.iteration <= self.cfg.iterations:
+            yield self.state.iteration  # (the summary phase moves the state on to the next)
+
+    def roles(self):
+        """(Q, R) as the current iteration starts: where each role's weights are (the base model in
+        iteration 1, then the role's folder of the iteration before)."""
+        return self.role_source(self.state.iteration, "questioner"), self.role_source(self.state.iteration, "reasoner")
 
     def phase(self, name, run_phase, *args):
         """Runs one phase of the current iteration, unless a resumed run has finished it; then the
-        state moves on to the next phase (after a summary: the next iteration's Questioner)."""
+        state moves on to the next phase (after a summary: the next iteration's Questioner).
+        Returns what the phase left: the role's folder, curation's kept questions (or None)."""
         if PHASES.index(name) < PHASES.index(self.state.phase):
-            return
+            return self.left_by(name)
         k, first_step = self.state.iteration, self.state.step
         reset_peak_memory(self.device)
         start = time.perf_counter()
@@ -153,6 +167,14 @@ class Run:
         # A Ctrl-C during curation or a summary lands here, after its state is saved. (Asked of every
         # process, it is also where the others wait for rank 0's files of the phase.)
         check_stop()
+        return self.left_by(name, k)
+
+    def left_by(self, name, k=None):
+        """What phase `name` of iteration k (default: the current one) left in the folder."""
+        k = k or self.state.iteration
+        if name == "curation":
+            return [r for r in self.questions(k) if r["kept"]]
+        return str(self.role_dir(k, name)) if name in ("questioner", "reasoner") else None
 
     def progress(self, items, what, done=0):
         """items with a progress bar (self.bar, for the phase's postfix)."""
@@ -160,21 +182,27 @@ class Run:
                         initial=done, total=done + len(items))
         return self.bar
 
-    def steps(self, role, n_steps):
-        """The steps of a training phase still to run (all but those a resumed run has finished),
-        numbered from 1."""
-        for step in self.progress(range(self.state.step, n_steps), role, done=self.state.step):
-            self.step_start = time.perf_counter()
-            yield step + 1
+    def batches(self, role, n_steps, pool, size, images, index=None):
+        """The prompts of each step of a training phase still to run (all but those a resumed run has
+        finished): `size` items of `pool` drawn by the run's image RNG, as a machinery.batch.Batch
+        (this process's share; images: the run's Images; index: see Batch)."""
+        for step in self.progress(range(self.state.step + 1, n_steps + 1), role, done=self.state.step):
+            self.step_start, self.current = time.perf_counter(), (role, step)
+            chosen = [pool[i] for i in self.choose(len(pool), size)]
+            yield Batch(chosen, images, self.cfg.seed, (self.state.iteration, step), index)
+
+    def pool(self, images, size):
+        """Curation's pool: `size` images drawn by the run's image RNG, as a Batch to go through in chunks."""
+        return Batch(self.choose(len(images), size), images, self.cfg.seed, (self.state.iteration,))
 
     def checkpoint(self):
         """The role in training after its last finished step (a folder), or None at a phase's start."""
         return self.dir / self.state.checkpoint if self.state.checkpoint else None
 
-    def end_step(self, role, step, metrics, episodes, write_checkpoint):
-        """After a training step: its metrics and episodes appended, the role in training saved
-        (write_checkpoint(folder)), then state.json, which makes the step count as done."""
-        seconds = time.perf_counter() - self.step_start
+    def end_step(self, metrics, episodes, write_checkpoint):
+        """After the step `batches` gave last: its metrics and episodes appended, the role in training
+        saved (write_checkpoint(folder)), then state.json, which makes the step count as done."""
+        (role, step), seconds = self.current, time.perf_counter() - self.step_start
         record = {"phase": role, "iteration": self.state.iteration, "step": step, **metrics, "step_time": seconds,
                   "tokens_per_s": metrics["completion_tokens"] / seconds, "peak_mem_gb": peak_memory_gb(self.device)}
         self.log(record)
@@ -231,8 +259,8 @@ class Run:
             self.iteration_dir().mkdir(exist_ok=True)
             write_atomic(self.iteration_dir() / "questions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
 
-    def questions(self):
-        return [json.loads(line) for line in open(self.iteration_dir() / "questions.jsonl")]
+    def questions(self, k=None):
+        return [json.loads(line) for line in open(self.dir / f"iter_{k or self.state.iteration}" / "questions.jsonl")]
 
     def log_episodes(self, role, rows):
         self.append(self.iteration_dir() / f"{role}_episodes.jsonl", rows)

@@ -5,11 +5,11 @@ import dataclasses
 import json
 
 import pytest
-import torch
 
 from tools import bench
 from model import TINY_MAX_PIXELS, TINY_MIN_PIXELS
-from sampler import prompt_keys, sample
+from machinery.keys import prompt_keys
+from sampler import sample
 
 
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 0.99), (0.0, 1.0)])

@@ -1,15 +1,18 @@
 """cli.parse and cli.parse_given: flags generated from a config dataclass."""
 
 import dataclasses
+import sys
+import tomllib
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
-from tools import bench
-from machinery import cli
 import evaluate
 import selfplay
+from machinery import cli
 from machinery.cli import AT_LEAST_1, POSITIVE, PROBABILITY, option, parse, parse_given
+from tools import bench
 
 
 @dataclass
@@ -107,3 +110,62 @@ def test_progress_in_a_log_file_is_lines(capsys):
     assert lines[0].startswith("step:") and "0/5" in lines[0] and "5/5" in lines[-1]
     list(cli.progress(range(5), desc="step", disable=True))
     assert capsys.readouterr().err == ""
+    bar = cli.progress(range(200), desc="step")  # a postfix every step: no line of its own
+    for i in bar:
+        bar.set_postfix(reward=i)
+    lines = capsys.readouterr().err.splitlines()
+    assert 1 <= len(lines) <= 3 and "200/200" in lines[-1] and "reward=199" in lines[-1], lines
+
+
+def test_progress_without_a_stderr_runs_silently(monkeypatch):
+    """A closed stderr (`2>&-`) is no reason to stop: the bar draws nothing."""
+    monkeypatch.setattr(sys, "stderr", None)
+    assert list(cli.progress(range(3), desc="step")) == [0, 1, 2]
+    assert list(cli.progress(range(3), desc="step", disable=True)) == [0, 1, 2]
+
+
+# -----------------------------------------------------------------------------
+# Presets
+
+def test_a_preset_says_what_its_flags_say_and_a_later_flag_wins(tmp_path):
+    preset = tmp_path / "p.toml"
+    preset.write_text('# a comment\nmodels = ["a", "b"]\nrate = 0.5\nsteps = 7\nquiet = true\nmode = "code"\n')
+    cfg, given = parse_given(Example, [str(preset), "--rate", "0.25"])
+    assert cfg == parse(Example, ["--models", "a", "--models", "b", "--steps", "7", "--quiet", "--mode", "code",
+                                  "--rate", "0.25"])
+    assert given == {"models", "rate", "steps", "quiet", "mode"}, "a preset's settings count as given"
+    preset.write_text("models = ['a']\nquiet = false\n")
+    assert parse(Example, [str(preset), "--quiet"]).quiet and not parse(Example, [str(preset)]).quiet
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("models = ['a']\nrate = 0\n", "argument --rate: must be more than 0, not 0"),  # the flag's own check
+    ("models = ['a']\nwidth = 3\n", "sets 'width', which is not a setting of this command"),
+    ("models = ['a']\nquiet = 'yes'\n", "sets quiet = 'yes': true or false"),
+    ("models = ['a']\nsteps = [1, 2]\n", "sets steps = [1, 2]: one int"),
+    ("models = ['a']\nsteps = 2.5\n", "argument --steps: invalid int value: '2.5'"),
+    ("models = ['a'\n", "cannot read the preset"),
+])
+def test_a_bad_preset_is_one_line(tmp_path, capsys, text, needle):
+    preset = tmp_path / "p.toml"
+    preset.write_text(text)
+    with pytest.raises(SystemExit) as stop:
+        parse(Example, [str(preset)])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and needle in err, err
+
+
+def test_a_missing_preset_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        parse(Example, [str(tmp_path / "none.toml")])
+    assert stop.value.code == 2 and "cannot read the preset" in capsys.readouterr().err
+
+
+PRESETS = sorted((Path(__file__).resolve().parents[1] / "presets").glob("*.toml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
+def test_every_preset_of_the_repo_is_a_selfplay_config(preset):
+    cfg, given = parse_given(selfplay.Config, [str(preset)])  # a misspelt setting or a bad value exits 2
+    selfplay.check_bounds(cfg)
+    assert given == set(tomllib.loads(preset.read_text()))

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -27,7 +28,8 @@ from machinery import fsdp
 import grpo
 from machinery import policies
 import selfplay
-from sampler import prompt_keys, sample
+from machinery.keys import prompt_keys
+from sampler import sample
 
 
 def test_shares_cover_the_batch_and_line_up_with_the_minibatches():
@@ -49,7 +51,7 @@ def test_shares_cover_the_batch_and_line_up_with_the_minibatches():
                     assert [sorted(p) for p in pieces] == [w.tolist() for w in whole], (W, n, G, M)
     share = dist.Share(["a", "b", "c", "d", "e"], process=1, processes=2)
     assert share.mine == ["b", "d"] and share.take(list(range(10)), per=2) == [2, 3, 6, 7]
-    assert torch.equal(share.keys(7, "site", per=2), prompt_keys(7, "site", n=10)[[2, 3, 6, 7]])
+    assert torch.equal(share.keys(7, "site", per=2).values, prompt_keys(7, "site", n=10).values[[2, 3, 6, 7]])
 
 
 # -----------------------------------------------------------------------------
@@ -100,16 +102,16 @@ def grpo_steps(rank, world, port, out, cases):
                     p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
         share = dist.Share(list(range(len(PROMPTS))))
         prompts = trainee.processors.encode([random_images(0)[i] for i in share.mine], [PROMPTS[i] for i in share.mine])
-        out_samples = sample(trainee.sampler_model, prompts, n=G, max_new_tokens=12, keys=share.keys(0, "test"))
+        out_samples = sample(trainee.sampler.model, prompts, n=G, max_new_tokens=12, keys=share.keys(0, "test"))
         rewards = share.take(torch.tensor([float(i % 3 == 0) + 0.1 * i for i in range(len(PROMPTS) * G)]), per=G)
         # Completions cut to lengths 8 to 12, as if they had stopped there, so that the aggregations differ.
         cut = torch.arange(out_samples.ids.shape[1]) < 12 - share.rows(G)[:, None] % 5
         rollouts = grpo.Rollouts(prompts.repeat(G), out_samples.ids, out_samples.mask * cut, rewards, group_size=G,
                                  max_new_tokens=12)
         # sharded, the whole weights are those of the sampler's copy, which the step refreshes
-        before = [p.detach().clone() for p in trainee.sampler_model.parameters()]
-        metrics = trainee.grpo_step(rollouts, reference, share)
-        delta = torch.cat([(p.detach() - b).flatten() for p, b in zip(trainee.sampler_model.parameters(), before)])
+        before = [p.detach().clone() for p in trainee.sampler.model.parameters()]
+        metrics = trainee.grpo_step(rollouts, reference, SimpleNamespace(share=share))  # a Batch's share
+        delta = torch.cat([(p.detach() - b).flatten() for p, b in zip(trainee.sampler.model.parameters(), before)])
         results[name] = dict(delta=delta, metrics=metrics, rows=share.rows(G), ids=out_samples.ids,
                              mask=out_samples.mask, sharded=fsdp.sharded(trainee.model))
     torch.save(results, Path(out) / f"{rank}.pt")

@@ -19,7 +19,8 @@ import evaluate
 from evaluate import EvalConfig, extract_prediction, inline_choices, make_record, score, wilson_interval
 from model import ModelError, encode_prompts, load_vlm, resolve_device
 from reasoner import reasoner_prompt
-from sampler import prompt_keys, sample
+from machinery.keys import prompt_keys
+from sampler import sample
 
 FIXTURES = Path(__file__).parent / "fixtures" / "benchmarks"
 OURS = FIXTURES / "ours" / "questions.jsonl"
@@ -558,7 +559,7 @@ def fake_answers(shown, responses=lambda question, colour, n, seed: ["\\boxed{1}
     def answer_batch(model, tokenizer, image_processor, images, prompts, *, max_new_tokens, n=1, keys=None):
         texts = []
         for i, (image, prompt) in enumerate(zip(images, prompts, strict=True)):
-            question, seed = prompt.split("\n")[0], None if keys is None else int(keys[i])
+            question, seed = prompt.split("\n")[0], None if keys is None else int(keys.values[i])
             shown.append((question, image.getpixel((0, 0)), n, seed))
             texts += responses(question, image.getpixel((0, 0)), n, seed)
         return texts
@@ -604,7 +605,7 @@ def test_pass_at_1_and_maj_at_m_from_canned_answers(monkeypatch):
     monkeypatch.setattr(evaluate, "answer_batch", fake_answers(shown, canned))
     cfg = EvalConfig(model=["x"], batch_size=2, samples=4, quiet=True, eval_seed=1)
     rows = evaluate.answer_benchmark(None, None, None, evaluate.Benchmark("b", records), cfg, "x")
-    keys = prompt_keys(1, "samples", n=3).tolist()  # each question its own stream, whatever its batch
+    keys = prompt_keys(1, "samples", n=3).values.tolist()  # each question its own stream, whatever its batch
     assert [(q, n, seed) for q, _, n, seed in shown if seed is not None] == [
         ("How many?", 4, keys[0]), ("Which colour?", 4, keys[1]), ("Pick one.", 4, keys[2])]
     assert [row["sampled_correct"] for row in rows] == [[True, True, False, False], [False, True, False, True],

@@ -8,7 +8,8 @@ from test_sampler import add_frequent_stops
 from machinery import lora
 from machinery.fast_decode import StaticDecoder
 from model import completion_logprobs, encode_prompts, load_vlm, next_token_logits, suppressed_mask
-from sampler import CacheDecoder, prompt_keys, sample
+from machinery.keys import prompt_keys
+from sampler import CacheDecoder, sample
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -16,8 +17,8 @@ def test_static_greedy_equals_the_reference_path(seed):
     model, tok, ip = load_vlm("tiny", seed=seed)
     sizes = [(64, 64), (100, 50), (30, 90)]
     prompts = encode_prompts(tok, ip, random_images(seed, sizes), PROMPTS)
-    reference = sample(model, prompts, n=2, max_new_tokens=20, temperature=0, decoder="hf")
-    fast = sample(model, prompts, n=2, max_new_tokens=20, temperature=0, decoder="static")
+    reference = sample(model, prompts, n=2, max_new_tokens=20, temperature=0, decoder=CacheDecoder)
+    fast = sample(model, prompts, n=2, max_new_tokens=20, temperature=0, decoder=StaticDecoder)
     assert torch.equal(fast.ids, reference.ids) and torch.equal(fast.mask, reference.mask)
     assert (fast.logprobs - reference.logprobs).abs().max() < 1e-4
 
@@ -59,7 +60,7 @@ def test_static_sampling_with_stops_and_late_finish_checks(tiny):
     prompts = encode_prompts(tok, ip, random_images(4), PROMPTS)
     first = sample(model, prompts, n=4, max_new_tokens=20, keys=prompt_keys(0, n=3))
     add_frequent_stops(model, first, k=40)
-    out = sample(model, prompts, n=4, max_new_tokens=20, keys=prompt_keys(1, n=3), decoder="static")
+    out = sample(model, prompts, n=4, max_new_tokens=20, keys=prompt_keys(1, n=3), decoder=StaticDecoder)
     lengths = out.mask.sum(1)
     assert lengths.min() < lengths.max() and out.ids.shape[1] == lengths.max()
     recomputed = completion_logprobs(model, prompts.repeat(4), out.ids, out.mask)
@@ -67,7 +68,7 @@ def test_static_sampling_with_stops_and_late_finish_checks(tiny):
     pad = model.generation_config.pad_token_id
     assert (out.ids[out.mask == 0] == pad).all()
     # The keys, not the decoder, choose the tokens: the reference path draws the same ones.
-    reference = sample(model, prompts, n=4, max_new_tokens=20, keys=prompt_keys(1, n=3), decoder="hf")
+    reference = sample(model, prompts, n=4, max_new_tokens=20, keys=prompt_keys(1, n=3), decoder=CacheDecoder)
     assert torch.equal(reference.ids, out.ids) and torch.equal(reference.mask, out.mask)
 
 
@@ -75,8 +76,8 @@ def test_static_sampling_with_stops_and_late_finish_checks(tiny):
 def test_cuda_graph_path_matches_the_reference_in_bf16():
     model, tok, ip = load_vlm("tiny", device="cuda")
     prompts = encode_prompts(tok, ip, random_images(0), PROMPTS).to("cuda")
-    reference = sample(model, prompts, n=2, max_new_tokens=8, temperature=0, decoder="hf")
-    fast = sample(model, prompts, n=2, max_new_tokens=8, temperature=0, decoder="static")
+    reference = sample(model, prompts, n=2, max_new_tokens=8, temperature=0, decoder=CacheDecoder)
+    fast = sample(model, prompts, n=2, max_new_tokens=8, temperature=0, decoder=StaticDecoder)
     assert (fast.ids[:, :4] == reference.ids[:, :4]).float().mean() >= 0.9
     same = (fast.ids == reference.ids).all(1)
     error = (fast.logprobs[same] - reference.logprobs[same]).abs()  # bf16 against float32, over 8 steps
@@ -106,8 +107,8 @@ def check_lora_factors_read_like_the_reference(device):
     runs = {}
     for enabled in (True, False):
         with lora.adapters(model, enabled):
-            reference = sample(model, prompts, n=2, max_new_tokens=8, temperature=0, decoder="hf")
-            runs[enabled] = fast = sample(model, prompts, n=2, max_new_tokens=8, temperature=0, decoder="static")
+            reference = sample(model, prompts, n=2, max_new_tokens=8, temperature=0, decoder=CacheDecoder)
+            runs[enabled] = fast = sample(model, prompts, n=2, max_new_tokens=8, temperature=0, decoder=StaticDecoder)
         agree = (fast.ids == reference.ids).cumprod(1).bool()  # up to a row's first different token
         assert agree[:, :4].float().mean() >= 0.9
         error = (fast.logprobs - reference.logprobs).abs()[agree]  # both bf16, different kernels

@@ -7,9 +7,11 @@ import math
 import torch
 from conftest import PROMPTS, random_images
 
-from grpo import Rollouts, batch_totals, policy_loss, rollout_logprobs, update
+from grpo import Rollouts, batch_totals, policy_loss, update
+from model import rollout_logprobs
 from model import completion_logprobs, encode_prompts
-from sampler import prompt_keys, sample
+from machinery.keys import prompt_keys
+from sampler import sample
 
 
 def rollout_batch(model, tok, ip, G=4):

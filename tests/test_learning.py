@@ -16,7 +16,8 @@ from PIL import Image
 from conftest import completions
 from grpo import Rollouts, make_optimizer, update
 from model import completion_logprobs, encode_prompts, load_vlm
-from sampler import prompt_keys, sample
+from machinery.keys import prompt_keys
+from sampler import sample
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (230, 210, 30)}
 NAMES = list(COLOURS)

@@ -16,8 +16,9 @@ from conftest import PROMPTS, random_images
 from machinery.fast_decode import StaticDecoder
 from machinery.lora import (LoRALinear, TARGETS, adapters, add_lora, load_lora_state_dict,
                   lora_state_dict, merge_lora, set_past, shared_copy, updates)
-from model import completion_logprobs, encode_prompts, load_vlm
-from sampler import prompt_keys, sample
+from model import completion_logprobs, encode_prompts, load_vlm, rollout_logprobs
+from machinery.keys import prompt_keys
+from sampler import CacheDecoder, sample
 
 
 def count_parameters(model):
@@ -253,15 +254,15 @@ def test_grpo_update_trains_adapters_with_the_reference_from_the_same_model(tiny
     advantages = rollouts.advantages()
 
     with adapters(model, False):
-        ref_logp = grpo.rollout_logprobs(model, rollouts, 10**9, 1.0)
-    assert torch.equal(ref_logp, grpo.rollout_logprobs(base, rollouts, 10**9, 1.0))
-    old_logp = grpo.rollout_logprobs(model, rollouts, 10**9, 1.0)
+        ref_logp = rollout_logprobs(model, rollouts, 10**9, 1.0)
+    assert torch.equal(ref_logp, rollout_logprobs(base, rollouts, 10**9, 1.0))
+    old_logp = rollout_logprobs(model, rollouts, 10**9, 1.0)
     expected_kl = float(grpo.aggregate(grpo.kl_k3(old_logp, ref_logp), mask))  # ρ = 1 on the first step
     assert expected_kl > 1e-3
 
     twin = copy.deepcopy(model)  # the same policy, with a separate base copy as the reference
     results = []
-    for policy, reference in ((model, ref_logp), (twin, grpo.rollout_logprobs(base, rollouts, 10**9, 1.0))):
+    for policy, reference in ((model, ref_logp), (twin, rollout_logprobs(base, rollouts, 10**9, 1.0))):
         optimizer = grpo.make_optimizer(policy, lr=1e-3, weight_decay=0.0)
         before = {n: p.detach().clone() for n, p in policy.named_parameters()}
         metrics = grpo.update(policy, optimizer, rollouts, advantages, reference, micro_batch_tokens=100, kl_coef=0.1)
@@ -285,11 +286,11 @@ def test_fast_decode_reads_the_adapted_weights(tiny):
     runs = {}
     for enabled in (True, False):
         with adapters(model, enabled):
-            reference = sample(model, prompts, n=2, max_new_tokens=12, temperature=0, decoder="hf")
-            fast = sample(model, prompts, n=2, max_new_tokens=12, temperature=0, decoder="static")
+            reference = sample(model, prompts, n=2, max_new_tokens=12, temperature=0, decoder=CacheDecoder)
+            fast = sample(model, prompts, n=2, max_new_tokens=12, temperature=0, decoder=StaticDecoder)
         assert torch.equal(fast.ids, reference.ids) and (fast.logprobs - reference.logprobs).abs().max() < 1e-4
         runs[enabled] = fast
-    plain = sample(base, prompts, n=2, max_new_tokens=12, temperature=0, decoder="static")
+    plain = sample(base, prompts, n=2, max_new_tokens=12, temperature=0, decoder=StaticDecoder)
     assert torch.equal(plain.ids, runs[False].ids) and torch.equal(plain.logprobs, runs[False].logprobs)
     # The decode step shares the base weights and keeps each adapter as its two factors.
     gate = model.model.language_model.layers[0].mlp.gate_proj
@@ -307,8 +308,8 @@ def test_fast_decode_with_adapters_on_some_projections_only(tiny):
         for m in lora_modules(model).values():
             m.lora_B.normal_(0, 0.05, generator=torch.Generator().manual_seed(2))
     prompts = encode_prompts(tok, ip, random_images(1), PROMPTS)
-    reference = sample(model, prompts, n=2, max_new_tokens=12, temperature=0, decoder="hf")
-    fast = sample(model, prompts, n=2, max_new_tokens=12, temperature=0, decoder="static")
+    reference = sample(model, prompts, n=2, max_new_tokens=12, temperature=0, decoder=CacheDecoder)
+    fast = sample(model, prompts, n=2, max_new_tokens=12, temperature=0, decoder=StaticDecoder)
     assert torch.equal(fast.ids, reference.ids) and (fast.logprobs - reference.logprobs).abs().max() < 1e-4
 
 
@@ -379,6 +380,6 @@ def test_a_shared_copy_is_another_role_over_the_same_weights(tiny):
         assert torch.equal(logp(base_twin, batch), logp(model, batch))  # no updates: the base model
     # Greedy samples through the fast decode step: the same as the other role's own model.
     prompts = encode_prompts(tok, ip, random_images(2), PROMPTS)
-    mine = sample(twin, prompts, n=2, max_new_tokens=10, temperature=0, decoder="static")
-    theirs = sample(other, prompts, n=2, max_new_tokens=10, temperature=0, decoder="hf")
+    mine = sample(twin, prompts, n=2, max_new_tokens=10, temperature=0, decoder=StaticDecoder)
+    theirs = sample(other, prompts, n=2, max_new_tokens=10, temperature=0, decoder=CacheDecoder)
     assert torch.equal(mine.ids, theirs.ids) and (mine.logprobs - theirs.logprobs).abs().max() < 1e-4

@@ -9,7 +9,10 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-MODULES = {name[:-3] for name in os.listdir(ROOT) if name.endswith(".py")}
+# every module of the repo by its file's name: `grpo.update`, `policies.Trainee` (machinery/), `report.main` (tools/)
+MODULES = {name[:-3]: (f"{folder}.{name[:-3]}" if folder else name[:-3])
+           for folder in ("", "machinery", "tools") for name in os.listdir(os.path.join(ROOT, folder))
+           if name.endswith(".py") and name != "__init__.py"}
 CITATION = re.compile(r"`([A-Za-z_]\w*)\.([A-Za-z_]\w*)`")  # `rewards.extract_boxed`; not `a.b.c`
 EQUATION = re.compile(r"^\*\*\((\d+)\)\*\*", re.MULTILINE)  # a line starting with **(5)**
 
@@ -20,15 +23,15 @@ def method_text():
 
 
 def citations(text):
-    """(module, name) of every backticked `module.name` whose module is a .py file at the repo root
-    (so `config.json` and `rewards.py` are not citations)."""
+    """(module, name) of every backticked `module.name` whose module is a .py file of the repo (so
+    `config.json` and `rewards.py` are not citations)."""
     return [(m, n) for m, n in CITATION.findall(text) if m in MODULES and n != "py"]
 
 
 def test_every_cited_function_exists():
     cited = citations(method_text())
     assert len(cited) > 20, "METHOD.md should cite the functions that implement its equations"
-    missing = sorted({f"{m}.{n}" for m, n in cited if not hasattr(importlib.import_module(m), n)})
+    missing = sorted({f"{m}.{n}" for m, n in cited if not hasattr(importlib.import_module(MODULES[m]), n)})
     assert not missing, f"METHOD.md cites names the code does not have: {', '.join(missing)}"
 
 

@@ -12,7 +12,8 @@ from conftest import PROMPTS, completions, random_images
 
 import model as M
 from model import ModelError, completion_logprobs, encode_prompts, load_vlm, token_batches
-from sampler import prompt_keys, sample
+from machinery.keys import prompt_keys
+from sampler import sample
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,9 @@ from conftest import PROMPTS, random_images
 
 import sampler
 from model import completion_logprobs, encode_prompts, load_vlm
-from sampler import draw, fold, prompt_keys, sample, sample_in_batches, truncate_logits, uniforms
+from machinery import keys as K
+from machinery.keys import fold, prompt_keys
+from sampler import draw, keep_top_k, nucleus, sample, sample_in_batches
 
 
 def generate_reference(model, prompts, max_new_tokens):
@@ -115,7 +117,7 @@ def test_same_keys_same_samples_other_keys_other_samples_and_samples_differ_from
 def test_sampling_without_keys_is_refused(tiny):
     model, tok, ip = tiny
     prompts = encode_prompts(tok, ip, random_images(6), PROMPTS)
-    for keys in (None, prompt_keys(0, n=2), prompt_keys(0, n=3).int()):
+    for keys in (None, prompt_keys(0, n=2)):
         with pytest.raises(ValueError, match="keys"):
             sample(model, prompts, n=2, max_new_tokens=2, keys=keys)
 
@@ -167,11 +169,22 @@ def kept_set_float64(logits_row, top_k, top_p):
     return kept, [abs(mass_above - top_p) for mass_above in np.cumsum(weights) / total]
 
 
+def truncated(logits, top_k=0, top_p=1.0):
+    """logits [N, V] -> the same with -inf outside each row's kept set (top-k, then top-p), built
+    from the sampler's own keep_top_k and nucleus: the set `pick` draws from without building it."""
+    logits = keep_top_k(logits, top_k)
+    if top_p < 1.0:
+        order, _, _, kept = nucleus(logits, top_p)
+        drop_sorted = torch.arange(logits.shape[-1], device=logits.device) >= kept
+        logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), float("-inf"))
+    return logits
+
+
 @pytest.mark.parametrize("top_k,top_p", [(0, 0.9), (5, 1.0), (10, 0.7), (0, 0.3), (3, 0.99)])
 def test_truncation_keeps_the_float64_reference_set(top_k, top_p):
     gen = torch.Generator().manual_seed(top_k * 100 + int(top_p * 100))
     logits = torch.randn(64, 50, generator=gen) * 2
-    kept = torch.isfinite(truncate_logits(logits, top_k, top_p))
+    kept = torch.isfinite(truncated(logits, top_k, top_p))
     checked = 0
     for row in range(logits.shape[0]):
         reference, margins = kept_set_float64(logits[row], top_k, top_p)
@@ -227,15 +240,16 @@ def test_int64_splitmix64_equals_the_unbounded_reference():
     # The published first outputs for seed 1234567 (Vigna's splitmix64.c, Java's SplittableRandom).
     assert splitmix64_reference(1234567, 3) == [6457827717110365317, 3203168211198807973, 9817491932198370423]
     for seed in (0, 1234567, 2**63 - 1, 2**63, 2**64 - 1, 0xDEADBEEFCAFEF00D):
-        words = fold(torch.tensor(sampler._int64(seed)), torch.arange(40))
+        words = fold(torch.tensor(K._int64(seed)), torch.arange(40))
         assert [w % 2**64 for w in words.tolist()] == splitmix64_reference(seed, 40)
     keys = prompt_keys(5, 2, 9, n=4)
+    u = keys.uniforms(3, 5)
+    keys = keys.values
     h = 5
     for i in (2, 9):
         h = splitmix64_reference(h + i * 0x9E3779B97F4A7C15, 1)[0]
     assert keys.tolist() == [splitmix64_reference(h + i * 0x9E3779B97F4A7C15, 1)[0] % 2**63 for i in range(4)]
     assert (keys >= 0).all()
-    u = uniforms(keys, 3, 5)
     for b, j, t in ((0, 0, 0), (3, 2, 4), (1, 1, 3)):
         stream = splitmix64_reference(int(keys[b]) + j * 0x9E3779B97F4A7C15, 1)[0]
         word = splitmix64_reference(stream + t * 0x9E3779B97F4A7C15, 1)[0]
@@ -243,17 +257,17 @@ def test_int64_splitmix64_equals_the_unbounded_reference():
 
 
 def test_prompt_keys_name_the_site_and_the_prompt():
-    keys = prompt_keys(0, "questioner", 3, n=6)
-    assert torch.equal(keys[2:5], prompt_keys(0, "questioner", 3, n=5)[2:5]), "key i must not depend on n"
+    keys = prompt_keys(0, "questioner", 3, n=6).values
+    assert torch.equal(keys[2:5], prompt_keys(0, "questioner", 3, n=5).values[2:5]), "key i must not depend on n"
     assert keys.unique().numel() == 6
     others = [prompt_keys(1, "questioner", 3, n=6), prompt_keys(0, "reasoner", 3, n=6),
               prompt_keys(0, "questioner", 4, n=6), prompt_keys(0, 3, "questioner", n=6)]
     for other in others:
-        assert not set(other.tolist()) & set(keys.tolist())
+        assert not set(other.values.tolist()) & set(keys.tolist())
 
 
 def test_uniforms_look_uniform_and_independent():
-    u = uniforms(prompt_keys(0, n=1000), 10, 10)  # [10000, 10]: 100k draws
+    u = prompt_keys(0, n=1000).uniforms(10, 10)  # [10000, 10]: 100k draws
     x = u.flatten()
     N = x.numel()
     assert 0 <= x.min() and x.max() < 1
@@ -288,7 +302,7 @@ def test_draw_is_the_float64_inverse_cdf_of_the_row_uniform(top_k, top_p):
     gen = torch.Generator().manual_seed(top_k * 100 + int(top_p * 100))
     logits = torch.randn(200, 50, generator=gen) * 2
     logits[:, ::7] = float("-inf")  # suppressed ids
-    u = uniforms(prompt_keys(top_k, int(top_p * 100), n=200), 1, 1)[:, 0]
+    u = prompt_keys(top_k, int(top_p * 100), n=200).uniforms(1, 1)[:, 0]
     tokens, logp = draw(logits, 1.0, top_k, top_p, u)
     assert torch.equal(logp, torch.log_softmax(logits, -1).gather(-1, tokens[:, None])[:, 0])
     checked = 0
@@ -306,7 +320,7 @@ def test_draws_follow_the_truncated_distribution(top_k, top_p):
     """20k draws of one row with different keys: frequencies against float64 probabilities."""
     logits = torch.tensor([2.0, 1.5, 1.5, 0.3, -0.2, float("-inf"), 0.9, -1.0, 0.0, -2.5, float("-inf"), 1.1])
     N = 20000
-    tokens, _ = draw(logits.expand(N, -1), 1.0, top_k, top_p, uniforms(prompt_keys(42, n=N), 1, 1)[:, 0])
+    tokens, _ = draw(logits.expand(N, -1), 1.0, top_k, top_p, prompt_keys(42, n=N).uniforms(1, 1)[:, 0])
     kept, _ = kept_set_float64(logits, top_k, top_p)
     weights = np.array([np.exp(float(x)) if i in kept else 0.0 for i, x in enumerate(logits)])
     expected = weights / weights.sum()

@@ -393,3 +393,26 @@ def check_lora_roles_of_iteration_2(folder):
     updates.rename(updates.with_suffix(".moved"))  # a role folder without its updates: a one-line error
     with pytest.raises(DataError, match="has no lora_updates.safetensors"):
         policies.frozen_models(cfg, policy, start, judge)
+
+
+@pytest.mark.slow
+def test_the_first_run_trains_a_reasoner_on_a_folder_of_photos(tmp_path, monkeypatch):
+    """README's first run (presets/first_run.toml, the shipped shapes base) on photos it was never
+    made for, one iteration: its questions parse, curation keeps at least one Reasoner batch, and
+    the Reasoner trains every step."""
+    rng = np.random.default_rng(0)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, (h, w) in enumerate([(240, 320), (480, 360), (300, 300), (200, 640), (512, 384), (360, 480)]):
+        ramp = np.linspace(0, 255, w)[None, :, None] * rng.random(3)
+        pixels = np.clip(ramp + rng.normal(0, 40, (h, w, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(photos / f"photo_{i}.{'png' if i % 2 else 'jpg'}")
+    monkeypatch.chdir(REPO)  # the preset names its model relative to the repo, as README runs it
+    assert selfplay.main(["presets/first_run.toml", "--images", str(photos), "--output", str(tmp_path / "run"),
+                          "--iterations", "1", "--quiet"]) == 0
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    curation = next(r for r in rows if r["phase"] == "curation")
+    assert all(r["valid_rate"] > 0 for r in rows if r["phase"] == "questioner")
+    assert curation["n_valid"] > 0 and curation["n_kept"] >= cfg["questions_per_step"], curation
+    assert [r["step"] for r in rows if r["phase"] == "reasoner"] == list(range(1, cfg["reasoner_steps"] + 1))

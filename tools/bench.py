@@ -86,9 +86,11 @@ import questioner
 import reasoner
 from machinery.cli import AT_LEAST_1, NON_NEGATIVE, PROBABILITY, option, parse
 from data import shapes_images, write_shapes_folder
-from grpo import Rollouts, make_optimizer, rollout_logprobs, update, weights_dtype
-from model import encode_prompts, load_vlm, suppressed_mask
-from sampler import prompt_keys, sample
+from grpo import Rollouts, make_optimizer, update
+from model import encode_prompts, load_vlm, rollout_logprobs, suppressed_mask
+from machinery.fast_decode import decoder_for
+from machinery.keys import prompt_keys
+from sampler import sample
 
 FIGURES = ("sampler", "grpo", "memory", "selfplay")
 PROMPT = "Look at this image and write one question about it that needs reasoning to answer."
@@ -203,10 +205,10 @@ def process_rss_gib():
 # Models and prompts
 
 def load(cfg, device, trainable):
-    """As selfplay.py loads a role (grpo.weights_dtype). The image processor's bounds are pinned to
+    """As selfplay.py loads a role (policies.weights_dtype). The image processor's bounds are pinned to
     image_size² pixels."""
     pixels = cfg.image_size ** 2
-    dtype = weights_dtype(device, trainable)
+    dtype = policies.weights_dtype(device, trainable)
     model, tokenizer, image_processor = load_vlm(cfg.model, device=device, dtype=dtype, seed=cfg.seed,
                                                  min_pixels=pixels, max_pixels=pixels)
     model.requires_grad_(trainable)
@@ -244,7 +246,7 @@ def no_stop_tokens(model):
 def ours(model, prompts, n, new_tokens, temperature, top_p, seed):
     """sampler.sample -> the number of new tokens it produced."""
     out = sample(model, prompts, n=n, max_new_tokens=new_tokens, temperature=temperature, top_p=top_p,
-                 keys=prompt_keys(seed, n=len(prompts)).to(model.device))
+                 keys=prompt_keys(seed, n=len(prompts)), decoder=decoder_for(model.device))
     return int(out.mask.sum())
 
 
@@ -424,14 +426,14 @@ def phase_peaks(scfg, device, images):
 
     def write(model, n):  # one sampler call of n questions per image, its KV cache full
         shown_images = shown(writing, n, scfg.question_max_tokens, budget)
-        questioner.write_questions(model, processors, shown_images, n=n,
-                                   settings=settings.question, fmt=scfg.question_format,
-                                   keys=prompt_keys(seed, "questions", n=len(shown_images)), batch_tokens=budget)
+        questioner.write_questions(policies.as_sampler(scfg, model, processors), shown_images,
+                                   prompt_keys(seed, "questions", n=len(shown_images)), n=n,
+                                   settings=settings.question, fmt=scfg.question_format)
 
     def answer(model, m):  # one sampler call of m answers per question, its KV cache full
         asked = shown(answering, m, scfg.answer_max_tokens, budget)
-        reasoner.ask_and_vote(model, processors, asked, [QUESTION] * len(asked), m=m, settings=settings.answer,
-                              count_empty=True, keys=prompt_keys(seed, "answers", n=len(asked)), batch_tokens=budget)
+        reasoner.ask_and_vote(policies.as_sampler(scfg, model, processors), asked, [QUESTION] * len(asked),
+                              prompt_keys(seed, "answers", n=len(asked)), reasoner.Vote(m=m, sampling=settings.answer))
 
     def filling_one_micro_batch(text, T):
         """Prompts of enough groups of G full-length rows (T tokens) to fill the largest micro-batch."""

@@ -69,7 +69,9 @@ from model import (QWEN_PRETOKENIZE_REGEX, QWEN_SPECIAL_TOKENS, QWEN_VL_CHAT_TEM
 from questioner import QUESTIONER_PROMPTS
 from reasoner import reasoner_prompt
 from rewards import answers_equivalent, extract_boxed, majority_vote
-from sampler import prompt_keys, sample
+from machinery.fast_decode import decoder_for
+from machinery.keys import prompt_keys
+from sampler import sample
 from machinery.vision_attention import use_windowed_attention
 
 CONFIG_FILE = "pretrain_config.json"
@@ -380,7 +382,7 @@ def generate(model, tokenizer, processor, images, prompts, n=1, temperature=0.0,
         encoded = encode_prompts(tokenizer, processor, images[i:i + batch], prompts[i:i + batch])
         keys = prompt_keys(seed, "pretrain", i, n=len(encoded)) if temperature > 0 else None
         texts = sample(model, encoded, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                       keys=keys).texts(tokenizer)
+                       keys=keys, decoder=decoder_for(model.device)).texts(tokenizer)
         out += [texts[j:j + n] for j in range(0, len(texts), n)]
     return out
 
