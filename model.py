@@ -283,7 +283,11 @@ def _from_pretrained(cls, name_or_path, **kwargs):
                          "Qwen2.5-VL checkpoint, a hub id, or --model tiny for the built-in offline model")
     # Without a network, transformers retries the hub for about a minute before it fails (at once only
     # with HF_HUB_OFFLINE set): say so at once.
-    cached = not is_folder and isinstance(try_to_load_from_cache(name_or_path, "config.json"), str)
+    try:
+        cached = not is_folder and isinstance(try_to_load_from_cache(name_or_path, "config.json"), str)
+    except ValueError as err:  # the hub's check of the id's form (HFValidationError)
+        raise ModelError(f"'{name_or_path}' is neither a model folder nor a valid hub id ({err}); pass a local folder "
+                         "with a Qwen2.5-VL checkpoint, or --model tiny for the built-in offline model") from None
     if not is_folder and not cached and not hub_constants.HF_HUB_OFFLINE and not hub_reachable():
         raise ModelError(f"'{name_or_path}' is a Hugging Face hub id with no copy cached here, and the hub cannot be "
                          "reached (offline?): pass a local folder with a Qwen2.5-VL checkpoint, or --model tiny for "
@@ -299,7 +303,8 @@ def _from_pretrained(cls, name_or_path, **kwargs):
 
 def hub_reachable(timeout=3.0):
     """Whether the hub's host accepts a connection within `timeout` seconds (through a proxy, assumed so)."""
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                                       "all_proxy")):
         return True
     url = urllib.parse.urlparse(hub_constants.ENDPOINT)
     try:

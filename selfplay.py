@@ -16,9 +16,10 @@ Iteration k = 1..K:
 The KL term (18)-(19) of each phase pulls the role toward its weights at the start of the
 iteration (`kl_reference = "iteration"`, Q_{k-1} or R_{k-1}) or toward the base model ("base").
 
-This file is the loop; the run folder (state, atomic files, resume, Ctrl-C) is runfolder.py, the
-roles' weights (full fine-tuning or LoRA, AdamW, frozen models, the GRPO step) policies.py, the
-shares of torchrun's processes (their number does not change the result) distributed.py.
+This file is the loop, where the machinery is wired in: the run folder (state, atomic files,
+resume, Ctrl-C) is machinery/runfolder.py, which also hands each step its prompts as a Batch
+(machinery/batch.py: this process's share of them, their random streams); the roles' weights (full
+fine-tuning or LoRA, AdamW, frozen models, the GRPO step) machinery/policies.py.
 Everything lands in the run folder: config.json, metrics.jsonl, iter_k/questions.jsonl (every
 curation candidate), iter_k/{questioner,reasoner}_episodes.jsonl (every training rollout),
 iter_k/{questioner,reasoner}/ (save_pretrained), state.json and report.html. A killed run resumes

@@ -3,7 +3,7 @@ answer is known, with the controls that tell a real gain from noise.
 
     bash examples/shapes_demo.sh OUT [SEED] [--quick]   # or: python examples/shapes_demo.py OUT [--seed SEED] [--quick]
 
-1. pretrain.py: a small Qwen2.5-VL learns the shapes world in both roles (the warm start). Its
+1. tools/pretrain.py: a small Qwen2.5-VL learns the shapes world in both roles (the warm start). Its
    Reasoner has a hasty habit: greedy decoding mostly guesses, while the samples that check the
    image agree and the guesses scatter, so the majority of its answers knows more than its greedy
    one (pretrain.py says how).

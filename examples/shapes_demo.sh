@@ -8,4 +8,11 @@ if [ $# -lt 1 ]; then
   exit 2
 fi
 cd "$(dirname "$0")/.."
-exec python examples/shapes_demo.py "$1" --seed "${2:-0}" "${@:3}"
+out=$1
+shift
+seed=0
+if [ $# -gt 0 ] && [[ $1 != -* ]]; then  # SEED is optional: `OUT --quick` is OUT at seed 0
+  seed=$1
+  shift
+fi
+exec python examples/shapes_demo.py "$out" --seed "$seed" "$@"

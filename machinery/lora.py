@@ -11,7 +11,7 @@ An adapted linear layer computes
 A starts random and small (kaiming-uniform with a = sqrt(5), the bound 1 / sqrt(in) of nn.Linear's
 own init, as the paper's code and peft); B starts at zero, so B A = 0 and training starts exactly at
 the base model. A and B are float32 even when the base is bf16: they are the master weights that
-AdamW updates (see grpo.autocast); the LoRA path is computed in the input's dtype, or in bf16 under
+AdamW updates (see model.autocast); the LoRA path is computed in the input's dtype, or in bf16 under
 autocast. Scaling by α / r keeps the size of an update roughly independent of r.
 
 Which layers: by default every attention projection (q, k, v, o) and every MLP projection (gate, up,

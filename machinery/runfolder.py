@@ -10,7 +10,7 @@ Every file is written atomically (a temp file or folder, then a rename) and stat
 run killed at any moment resumes from its last finished step: appended logs are cut back to the
 lines state.json counted, half-written temp files and the checkpoint state.json no longer points to
 are removed, and the image sampler's generator continues from its saved state (every sampler call
-draws from streams keyed by the seed, the phase and the step: sampler.prompt_keys), so the resumed
+draws from streams keyed by the seed, the phase and the step: machinery/keys.py), so the resumed
 run ends bitwise equal to an uninterrupted one (on CPU), on another device too. Ctrl-C stops after
 the step in progress (a second one stops at once, losing that step).
 

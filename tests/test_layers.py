@@ -82,3 +82,16 @@ def test_the_loop_reads_as_the_algorithm():
                  "kept = run.phase('curation', curate, cfg, run, Q, R, images)",
                  "R = run.phase('reasoner', train_reasoner, cfg, run, R, kept, images)"):
         assert line in source
+
+
+def test_the_readme_lists_every_file_of_the_layers():
+    """README's "The files" names every module, one line each, so the tree cannot fall behind."""
+    text = (REPO / "README.md").read_text()
+    block = text[text.index("## The files"):]
+    block = block[block.index("```") + 3:]
+    listed = {line.split()[0] for line in block[:block.index("```")].splitlines() if line and not line.startswith("#")}
+    modules = {p.name for p in REPO.glob("*.py")} | {f"{folder}/{p.name}" for folder in FOLDERS
+                                                     for p in (REPO / folder).glob("*.py") if p.name != "__init__.py"}
+    assert modules <= listed, f"missing from README's files: {sorted(modules - listed)}"
+    assert all((REPO / name.rstrip("/")).exists() for name in listed), sorted(n for n in listed
+                                                                           if not (REPO / n.rstrip("/")).exists())

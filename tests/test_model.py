@@ -11,7 +11,7 @@ import torch
 from conftest import PROMPTS, completions, random_images
 
 import model as M
-from model import ModelError, completion_logprobs, encode_prompts, load_vlm, token_batches
+from model import ModelError, completion_logprobs, encode_prompts, load_processors, load_vlm, token_batches
 from machinery.keys import prompt_keys
 from sampler import sample
 
@@ -202,13 +202,20 @@ def test_hub_id_without_a_network_fails_at_once(monkeypatch):
         server.listen()
         port = server.getsockname()[1]
         monkeypatch.setattr(M.hub_constants, "ENDPOINT", f"http://127.0.0.1:{port}")
-        for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+        for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
             monkeypatch.delenv(proxy, raising=False)
         assert M.hub_reachable()
     assert not M.hub_reachable()  # the same port, closed now
     monkeypatch.setattr(M.hub_constants, "HF_HUB_OFFLINE", False)
     with pytest.raises(ModelError, match="the hub cannot be reached") as err:
         load_vlm("no-such-org/no-such-model")
+    assert "--model tiny" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["bad name", "a..b", "org/-x"])
+def test_a_malformed_hub_id_is_one_line(name):
+    with pytest.raises(ModelError, match="neither a model folder nor a valid hub id") as err:
+        load_processors(name)
     assert "--model tiny" in str(err.value) and "\n" not in str(err.value)
 
 

@@ -1,9 +1,9 @@
 """Speed and memory of what costs time and memory in VisPlay, each speed next to a baseline measured
 in the same run, on whatever device is there (cuda if available, else cpu).
 
-    python bench.py [--model random-3b] [--prompts 8] [--samples 8] [--new-tokens 256] [--repeats 3]
-    python bench.py --model tiny            # CPU, under a minute: a smoke test of this script
-    python bench.py --only sampler --json bench.json
+    python tools/bench.py [--model random-3b] [--prompts 8] [--samples 8] [--new-tokens 256] [--repeats 3]
+    python tools/bench.py --model tiny            # CPU, under a minute: a smoke test of this script
+    python tools/bench.py --only sampler --json bench.json
 
 1. Sampler vs HF `model.generate`, on the same P prompts (one image each) × n samples, T new tokens,
    the same temperature, top-p and suppressed tokens (model.generation_config). Three paths:

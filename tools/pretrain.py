@@ -2,7 +2,7 @@
 The supervised warm start that stands in for pretraining: a small Qwen2.5-VL, built from a config,
 learns the shapes world in both roles, so that self-play has a base that sees something.
 
-    python pretrain.py --output runs/base        # about 5 minutes on one CPU thread
+    python tools/pretrain.py --output runs/base        # about 5 minutes on one CPU thread
     python selfplay.py --model runs/base ...     # or evaluate.py --model runs/base
 
 Self-play amplifies what the base already does more often right than wrong; it cannot teach a

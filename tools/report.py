@@ -29,7 +29,7 @@ Left out: JavaScript (the only interaction is <details>), external files of any 
 base64 JPEG thumbnails, each written once in the page's style and shown by class wherever the image
 appears; styles are inline), per-token views, and comparisons between runs.
 
-    python report.py runs/<name>      # writes runs/<name>/report.html and prints its path
+    python tools/report.py runs/<name>      # writes runs/<name>/report.html and prints its path
 """
 
 import sys
