@@ -97,8 +97,7 @@ def score_questions(R, batch, parsed, texts, *, reward):
     votes = ask_and_vote(R, [batch.images[groups[i]] for i in asked], [parsed[i]["question"] for i in asked],
                          batch.keys("votes", per=G)[asked], reward.vote)
     episodes = [{"raw": t, "question": p["question"] if p else None, "valid": ok, "answers": [], "silver": None,
-                 "confidence": 0.0, "uncertainty": 0.0, "image": batch.paths[g]}
-                for g, p, t, ok in zip(groups, parsed, texts, valid)]
+                 "confidence": 0.0, "uncertainty": 0.0} for p, t, ok in zip(parsed, texts, valid)]
     for i, vote in zip(asked, votes):  # the answers, not the whole responses: the log stays readable
         episodes[i].update(answers=vote["answers"], silver=vote["silver"], confidence=vote["confidence"],
                            uncertainty=uncertainty_reward(vote["confidence"], reward.uncertainty_scale))
@@ -110,8 +109,8 @@ def score_questions(R, batch, parsed, texts, *, reward):
     questions = diversity_texts(parsed, texts, reward.diversity_invalid)
     diversity = penalty(questions) if reward.diversity_scope == "group" else batch.over_batch(penalty, questions, G)
     rewards = questioner_reward([e["uncertainty"] for e in episodes], diversity, valid, combine=reward.combine)
-    for e, div, r in zip(episodes, diversity, rewards):
-        e.update(diversity=div, reward=r)
+    for e, g, div, r in zip(episodes, groups, diversity, rewards):
+        e.update(diversity=div, reward=r, image=batch.paths[g])
     return rewards, episodes
 
 

@@ -12,7 +12,7 @@ A Reasoner here is a sampler.Sampler (a model ready to sample); a batch of promp
 machinery/batch.py Batch (this process's prompts, their images and random streams).
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -77,11 +77,11 @@ def curate(R, batch, texts, parsed, *, vote, band):
 
     texts: the Questioner's raw outputs; parsed: their rewards.parse_question results (None:
     invalid, never asked). Returns one record per candidate: {question, raw, valid, responses,
-    answers, silver, confidence, kept}. With vote.count_empty, the public code's curation: a
-    missing box votes "None", an empty box is dropped. Unlike there, a question whose majority is
-    "None" has no silver label and is never kept.
+    answers, silver, confidence, kept}. An empty box never votes here, as in the public code's
+    curation; with vote.count_empty, as there too, a missing box votes "None". Unlike there, a
+    question whose majority is "None" has no silver label and is never kept.
     """
-    N = len(texts) // len(batch.items)
+    N, vote = len(texts) // len(batch.items), replace(vote, count_empty_boxes=False)
     asked = [j for j, p in enumerate(parsed) if p is not None]
     votes = dict(zip(asked, ask_and_vote(R, [batch.images[j // N] for j in asked], [parsed[j]["question"] for j in asked],
                                          batch.keys("candidate votes", per=N)[asked], vote)))

@@ -142,7 +142,7 @@ def sample(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_k=0, to
     source = decoder(model, prompts, n, max_new_tokens)
     hidden, u = source.first_hidden, None
     if temperature > 0:
-        if keys is None or len(keys) != len(prompts):
+        if not hasattr(keys, "uniforms") or len(keys) != len(prompts):
             raise ValueError(f"sampling needs keys, one per prompt ({len(prompts)}): machinery.keys.prompt_keys")
         u = keys.uniforms(n, max_new_tokens, model.device)  # [N, max_new_tokens]: step t uses column t
 

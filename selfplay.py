@@ -175,9 +175,9 @@ def questioner_reward_settings(cfg):
 
 
 def curation_vote(cfg):
-    """How the frozen Reasoner votes in curation (the public code's curation drops empty boxes)."""
+    """How the frozen Reasoner votes in curation (reasoner.curate never counts an empty box)."""
     return reasoner.Vote(m=cfg.curation_votes, sampling=sampling_settings(cfg).vote,
-                         count_empty=cfg.curation_count_empty, count_empty_boxes=False)
+                         count_empty=cfg.curation_count_empty)
 
 
 # -----------------------------------------------------------------------------

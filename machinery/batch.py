@@ -9,6 +9,8 @@ per)` (f over every process's values, this share's results: the batch-scope dive
 In one process the share is the whole batch, and every one of these is the plain thing.
 """
 
+from functools import cached_property
+
 from machinery import distributed as dist
 
 
@@ -21,9 +23,17 @@ class Batch:
         self.share = share or dist.Share(items)
         self.seed, self.site, self.span, self._images, self._index = seed, site, span, images, index
         self.items = self.share.mine[span]
-        where = [item if index is None else index(item) for item in self.items]
-        self.images = [images[i] for i in where]  # decoded once, asked about many times
-        self.paths = [images.paths[i] for i in where]
+        self._where = [item if index is None else index(item) for item in self.items]  # the image of each
+
+    @cached_property
+    def images(self):
+        """The items' images, decoded when first asked for (a pool is only ever decoded chunk by
+        chunk), then kept: the step asks about each several times."""
+        return [self._images[i] for i in self._where]
+
+    @cached_property
+    def paths(self):
+        return [self._images.paths[i] for i in self._where]
 
     def keys(self, name, per=1):
         """machinery.keys.Keys of len(items) * per: the streams of site `name`, whatever batch,

@@ -13,7 +13,8 @@ flags were given, for scripts that must refuse some of them whatever their value
 A preset is a small TOML file of settings, `name = value` per line, given as the first argument:
 `python selfplay.py presets/first_run.toml --seed 1`. Its settings are read as the flags that say
 the same, placed before the command line's, so they go through the same checks, a flag given after
-overrides them, and they count as given.
+overrides them (a list flag replaces the preset's list), and they count as given. Its paths are
+relative to where the command runs, as a flag's are.
 
     @dataclass
     class Config:
@@ -95,8 +96,9 @@ def parse(config_class, argv=None, description=None):
     return parse_given(config_class, argv, description)[0]
 
 
-def preset_flags(parser, config_class, path):
-    """The flags that say what the preset file `path` says (see the module's docstring)."""
+def preset_flags(parser, config_class, path, later=()):
+    """The flags that say what the preset file `path` says (see the module's docstring). later: the
+    command line after it, whose flags of a list (evaluate's --model) replace the preset's list."""
     try:
         with open(path, "rb") as f:
             settings = tomllib.load(f)
@@ -114,8 +116,8 @@ def preset_flags(parser, config_class, path):
             flags.append(flag if value else "--no-" + flag[2:])
         elif isinstance(value, (dict, bool)) or (isinstance(value, list) and typing.get_origin(kind) is not list):
             parser.error(f"the preset '{path}' sets {name} = {value!r}: one {getattr(kind, '__name__', kind)}")
-        else:
-            flags += [x for v in (value if isinstance(value, list) else [value]) for x in (flag, str(v))]
+        elif not (isinstance(value, list) and any(a == flag or a.startswith(flag + "=") for a in later)):
+            flags += [f"{flag}={v}" for v in (value if isinstance(value, list) else [value])]
     return flags
 
 
@@ -137,7 +139,7 @@ def parse_given(config_class, argv=None, description=None):
                             default=argparse.SUPPRESS, **_argument(hints[f.name], help, meta["choices"], meta["valid"]))
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     if argv and argv[0].endswith(".toml"):
-        argv = preset_flags(parser, config_class, argv[0]) + argv[1:]
+        argv = preset_flags(parser, config_class, argv[0], argv[1:]) + argv[1:]
     given = vars(parser.parse_args(argv))  # default=SUPPRESS: only the flags given are here
     return config_class(**given), frozenset(given)
 

@@ -58,8 +58,11 @@ class Keys:
         return len(self.values)
 
     def __getitem__(self, rows):
-        """The keys of some of the prompts: rows a slice, or a list or LongTensor of positions."""
-        return Keys(self.values[torch.as_tensor(rows, dtype=torch.long) if not isinstance(rows, slice) else rows])
+        """The keys of some of the prompts: rows a slice, a list or LongTensor of positions, or a mask."""
+        if not isinstance(rows, slice):
+            rows = torch.as_tensor(rows)
+            rows = rows if rows.dtype == torch.bool else rows.long()
+        return Keys(self.values[rows])
 
     def uniforms(self, n, steps, device=None):
         """u [B * n, steps] float64 in [0, 1): u[b * n + j, t] is the uniform of sample j of prompt b

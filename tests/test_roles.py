@@ -233,3 +233,78 @@ def test_random_silver_labels_are_uniform_over_the_distinct_answers_of_kept_ques
     shares = {a: drawn.count(a) / len(drawn) for a in set(drawn)}
     # a third each, not 5/7 for the majority as a draw over the votes would give; never an empty answer
     assert set(shares) == {"1", "2", "3"} and all(abs(s - 1 / 3) < 0.04 for s in shares.values())
+
+
+# -----------------------------------------------------------------------------
+# Which random streams each role function draws from (Batch.keys), and Batch itself
+
+class Recording(Canned):
+    """Valid questions to the Questioner's prompt and boxed answers to the Reasoner's, recording the
+    keys of every call."""
+    def __init__(self, tiny):
+        super().__init__(tiny, None)
+        self.keys = []
+
+    def __call__(self, images, texts, *, n, settings, keys):
+        self.keys.append(keys.values.tolist())
+        asked = texts[0] != questioner.QUESTIONER_PROMPTS["paper"]
+        self.canned = ["\\boxed{1}" if asked else f"<question>Q{i}?</question>" for i in range(len(texts) * n)]
+        return super().__call__(images, texts, n=n, settings=settings, keys=keys)
+
+
+def test_each_sampling_site_draws_its_own_streams(tiny):
+    """The streams of a step are keys.prompt_keys of (seed, site name, iteration, step), one per prompt
+    of the whole batch (per G or m rows where each row is asked on): what makes resume and any
+    number of processes give the same samples. A site mixed up with another would pass every test
+    that compares two runs."""
+    images = random_images(1, [(56, 56), (64, 80)])
+    role = Recording(tiny)
+    vote = Vote(m=2, sampling=SHORT)
+    reward = partial(questioner.score_questions, role, reward=questioner.QuestionerRewardSettings(vote=vote))
+    _, details = questioner.rollouts(role, batch_of(images), reward, G=2, settings=SHORT, fmt="paper")
+    assert all(d["valid"] for d in details)  # so each of the 2 x G questions is voted on, from its own stream
+    assert role.keys == [prompt_keys(0, "questions", 1, 1, n=2).values.tolist(),
+                         prompt_keys(0, "votes", 1, 1, n=4).values.tolist()]
+    role.keys.clear()
+    kept = [{"question": "Q?", "silver": "3", "image_index": 1}]
+    reasoner.rollouts(role, batch_of(images, kept, lambda r: r["image_index"]), partial(reasoner_reward), G=2,
+                      settings=SHORT)
+    assert role.keys == [prompt_keys(0, "answers", 1, 1, n=1).values.tolist()]
+
+
+def test_curation_chunks_draw_the_whole_pools_streams(tiny):
+    """The candidate votes of the second chunk of a pool are the pool's streams at its positions."""
+    pool = batch_of(random_images(2, [(56, 56)] * 3))
+    role = Recording(tiny)
+    texts = ["<question>A?</question>", "<question>B?</question>"]
+    reasoner.curate(role, pool.chunks(2)[1], texts, [parse_question(t) for t in texts], vote=Vote(m=2, sampling=SHORT),
+                    band=(0.0, 1.0))
+    assert role.keys == [prompt_keys(0, "candidate votes", 1, 1, n=6).values.tolist()[4:6]]
+
+
+class Counted(Pictures):
+    decoded = 0
+
+    def __getitem__(self, i):
+        Counted.decoded += 1
+        return super().__getitem__(i)
+
+
+def test_a_batch_decodes_its_images_when_asked_once_and_a_pool_by_chunk():
+    images = Counted(random_images(3, [(56, 56)] * 5))
+    pool = Batch(list(range(5)), images, 0, (1,))
+    assert Counted.decoded == 0, "a pool decodes nothing until a chunk asks"
+    chunks = pool.chunks(2)
+    assert [c.items for c in chunks] == [[0, 1], [2, 3], [4]] and Counted.decoded == 0
+    assert chunks[1].images == chunks[1].images and Counted.decoded == 2, "decoded once, then kept"
+    assert [c.paths for c in chunks][2] == ["picture_4.png"]
+    keys = pool.keys("site", per=3).values
+    assert torch.equal(torch.cat([c.keys("site", per=3).values for c in chunks]), keys)
+
+
+def test_keys_index_by_slice_positions_and_mask():
+    keys = prompt_keys(0, n=5)
+    values = keys.values
+    assert torch.equal(keys[1:3].values, values[1:3]) and torch.equal(keys[[4, 0]].values, values[[4, 0]])
+    mask = torch.tensor([True, False, True, False, False])
+    assert torch.equal(keys[mask].values, values[[0, 2]]) and len(keys[[]]) == 0

@@ -53,7 +53,7 @@ image gives (side / 28)² tokens whatever the model's own bounds (448 -> 256 tok
 anchor figures of DESIGN.md).
 
 Numbers from this script belong in BENCHMARKS.md, each with the exact command, the card and the
-date (all three are printed above the table). On cuda "ours" is the sampler's default there, the
+date (all three are printed above the table). On cuda "ours" is the decoder selfplay.py samples with there (fast_decode.decoder_for), the
 static cache with its CUDA graph (fast_decode.py); on cpu it is the reference path. Left out:
 multi-GPU, and a sampler baseline other than HF generate.
 """
@@ -598,7 +598,7 @@ def main(argv=None):
     figures = cfg.only.split(",")
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
-    header = {"command": " ".join(["python bench.py", *(sys.argv[1:] if argv is None else argv)]),
+    header = {"command": " ".join(["python tools/bench.py", *(sys.argv[1:] if argv is None else argv)]),
               "device": device_name(device), "torch": torch.__version__, "transformers": transformers.__version__,
               "date": time.strftime("%Y-%m-%d %H:%M"), "model": cfg.model,
               "shapes": f"P={cfg.prompts} prompts × n={cfg.samples} samples, T={cfg.new_tokens} new tokens, "
