@@ -95,6 +95,8 @@ class EvalConfig:
         "M answers per question sampled at temperature 1 (top-p 1, top-k 0: the full distribution, as "
         "GRPO samples the policy), for pass@1 and maj@M beside the greedy accuracy; 0 = off. Each batch "
         "then also decodes batch-size x M rows", valid=NON_NEGATIVE, default=0)
+    images_anywhere: bool = option("let a benchmark's image paths leave its folder (../x.png, /abs/x.png)",
+                                   default=False)
     eval_seed: int = option("seed of the blind baseline's image derangement and of the --samples draws",
                             valid=NON_NEGATIVE, default=0)
     quiet: bool = option("no progress bar", default=False)
@@ -405,20 +407,21 @@ class Benchmark:
         return dict(Counter(r.skip for r in self.records if r.skip))
 
 
-def load_benchmark(spec, limit=None):
+def load_benchmark(spec, limit=None, images_anywhere=False):
     """--bench entry -> Benchmark of its first `limit` records. DataError for unknown names,
-    missing files and rows that are not of the named benchmark's schema."""
+    missing files, rows that are not of the named benchmark's schema, and (unless images_anywhere)
+    image paths that leave the benchmark's folder."""
     name, equals, path = spec.strip().partition("=")
     if equals and not path:
         raise DataError(f"--bench '{spec}': no path after '='")
     if name == "shapes" and not path:
         records = shapes_records()
     elif name.endswith(".jsonl") and not path:
-        records = read_rows(Path(name), our_record)
+        records = read_rows(Path(name), our_record, images_anywhere)
         name = Path(name).stem
     elif name in BENCHMARKS:
         source = BENCHMARKS[name]
-        records = read_rows(Path(path), source.to_record) if path else read_hub(name, source)
+        records = read_rows(Path(path), source.to_record, images_anywhere) if path else read_hub(name, source)
     else:
         raise DataError(f"unknown benchmark '{spec}': use shapes, a .jsonl file, or NAME / NAME=PATH "
                         f"with NAME one of {', '.join(BENCHMARKS)}")
@@ -427,7 +430,7 @@ def load_benchmark(spec, limit=None):
     return Benchmark(name, records[:limit])
 
 
-def read_rows(path, to_record):
+def read_rows(path, to_record, images_anywhere=False):
     """Records of a local export: a .jsonl or .parquet file, or a folder holding the split's
     .jsonl files (read in name order) or .parquet files. Parquet needs the optional `datasets`."""
     if not path.exists():
@@ -443,8 +446,8 @@ def read_rows(path, to_record):
                             "or export the split as JSONL (see README)") from None
         rows = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
         return to_records(((row, files[0].parent, f"'{path}' row {i}")
-                           for i, row in enumerate(rows)), to_record)
-    return to_records(jsonl_rows(files), to_record)
+                           for i, row in enumerate(rows)), to_record, images_anywhere)
+    return to_records(jsonl_rows(files), to_record, images_anywhere)
 
 
 def jsonl_rows(files):
@@ -463,18 +466,25 @@ def jsonl_rows(files):
                         raise DataError(f"'{file}' line {n}: not JSON ({err.msg})") from None
 
 
-def to_records(rows, to_record):
-    """(row, folder, where) triples -> Records; a row of the wrong schema is a DataError at `where`."""
+def to_records(rows, to_record, images_anywhere=False):
+    """(row, folder, where) triples -> Records; a row of the wrong schema is a DataError at `where`,
+    as is an image path that leaves the row's folder (../, an absolute path), unless images_anywhere:
+    a benchmark file from elsewhere does not get to read any file it names."""
     records = []
     for index, (row, folder, where) in enumerate(rows):
         if not isinstance(row, dict):
             raise DataError(f"{where}: a {type(row).__name__}, not a record (a JSON object)")
         try:
-            records.append((problem_record if "problem" in row else to_record)(row, folder, index))
+            record = (problem_record if "problem" in row else to_record)(row, folder, index)
         except KeyError as err:
             raise DataError(f"{where}: no field {err}; is this the right benchmark's export?") from None
         except (ValueError, SyntaxError) as err:  # e.g. a malformed stringified option list
             raise DataError(f"{where}: {err}") from None
+        if (isinstance(record.image, Path) and not images_anywhere
+                and not record.image.resolve().is_relative_to(Path(folder).resolve())):
+            raise DataError(f"{where}: its image '{record.image}' is outside the benchmark's folder '{folder}'; "
+                            "pass --images-anywhere to allow it")
+        records.append(record)
     return records
 
 
@@ -786,7 +796,7 @@ def evaluate(cfg, judge=None):
         raise DataError("no benchmark given: pass --bench shapes, a .jsonl file, or NAME=PATH")
     # Every benchmark and every model's processors load first, so a mistake in any shows before a
     # model has spent its time; results are kept by name, so names must differ.
-    benchmarks = [load_benchmark(spec, cfg.limit) for spec in specs]
+    benchmarks = [load_benchmark(spec, cfg.limit, cfg.images_anywhere) for spec in specs]
     for what, names, hint in (("benchmark", [b.name for b in benchmarks], "rename one of the files"),
                               ("model", cfg.model, "drop one, or give a built-in model another @SEED")):
         twice = sorted({n for n in names if names.count(n) > 1})

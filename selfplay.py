@@ -48,8 +48,8 @@ from machinery import distributed as dist
 from machinery.cli import AT_LEAST_1, AT_LEAST_2, FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, option, parse_given
 from machinery.policies import (Trainee, as_sampler, frozen_models, resolve_pixel_bounds, role_weights, sampling_role,
                                 sampling_settings, save_role)
-from machinery.runfolder import (Images, Stop, discard_if_unstarted, new_run, record_skipped, resolve_config,
-                                 resumed_run, stop_after_step_on_ctrl_c)
+from machinery.runfolder import (Images, Stop, WriteFailed, discard_if_unstarted, new_run, record_skipped,
+                                 resolve_config, resumed_run, stop_after_step_on_ctrl_c, write_failure)
 
 
 @dataclass
@@ -328,14 +328,21 @@ def main(argv=None):
             print(f"'{run.dir}' has finished its {cfg.iterations} iterations; pass --iterations with more to go on")
             return 0
         train(cfg, run, Images(cfg.images, paths, cfg.max_pixels))
+        dist.close(together=True)
     except (DataError, ModelError) as err:
         if run is not None and not cfg.resume:
             discard_if_unstarted(run)
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except WriteFailed as err:
+        print(f"error: {write_failure(err, run)}", file=sys.stderr)
+        return 1
     except (Stop, KeyboardInterrupt):
         print(f"stopped; continue with: python selfplay.py --resume {cfg.resume or cfg.output}", file=sys.stderr)
         return 130
+    finally:
+        if run is not None:
+            run.close()
     return 0
 
 

@@ -13,5 +13,6 @@ random streams) as plain arguments.
     lora.py              LoRA adapters
     policies.py          the roles' weights: the role in training (AdamW, a GRPO step, checkpoints), frozen ones
     runfolder.py         the run folder: state, atomic files, resume, Ctrl-C
+    integrity.py         what the run folder checks before it trusts itself: one writer, JSON lines, digests
     cli.py               command lines and presets from a config dataclass; progress bars
 """

@@ -25,6 +25,7 @@ relative to where the command runs, as a flag's are.
 
 import argparse
 import dataclasses
+import math
 import re
 import sys
 import tomllib
@@ -37,8 +38,8 @@ from tqdm import tqdm
 # Ranges for `option(valid=...)`: (test, what the error says the value must be).
 AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
 AT_LEAST_2 = (lambda v: v >= 2, "at least 2")
-NON_NEGATIVE = (lambda v: v >= 0, "0 or more")
-POSITIVE = (lambda v: v > 0, "more than 0")
+NON_NEGATIVE = (lambda v: 0 <= v < math.inf, "0 or more, and finite")
+POSITIVE = (lambda v: 0 < v < math.inf, "more than 0, and finite")
 PROBABILITY = (lambda v: 0 < v <= 1, "in (0, 1]")
 FRACTION = (lambda v: 0 <= v <= 1, "in [0, 1]")
 
@@ -96,36 +97,40 @@ def parse(config_class, argv=None, description=None):
     return parse_given(config_class, argv, description)[0]
 
 
+def settings_flags(parser, config_class, settings, source, later=()):
+    """The flags that say what `settings` ({name: value}, from the file `source`) say. later: the
+    command line after them, whose flags of a list (evaluate's --model) replace the settings' list."""
+    hints = typing.get_type_hints(config_class)
+    flags = []
+    for name, value in settings.items():
+        if name not in hints:
+            parser.error(f"'{source}' sets '{name}', which is not a setting of this command")
+        flag, kind = "--" + name.replace("_", "-"), hints[name]
+        if kind is bool:
+            if not isinstance(value, bool):
+                parser.error(f"'{source}' sets {name} = {value!r}: true or false")
+            flags.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, (dict, bool)) or (isinstance(value, list) and typing.get_origin(kind) is not list):
+            parser.error(f"'{source}' sets {name} = {value!r}: one {getattr(kind, '__name__', kind)}")
+        elif value is not None and not (isinstance(value, list) and any(a == flag or a.startswith(flag + "=")
+                                                                         for a in later)):
+            flags += [f"{flag}={v}" for v in (value if isinstance(value, list) else [value])]
+    return flags
+
+
 def preset_flags(parser, config_class, path, later=()):
-    """The flags that say what the preset file `path` says (see the module's docstring). later: the
-    command line after it, whose flags of a list (evaluate's --model) replace the preset's list."""
+    """The flags that say what the preset file `path` says (see the module's docstring)."""
     try:
         with open(path, "rb") as f:
             settings = tomllib.load(f)
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         parser.error(f"cannot read the preset '{path}': {err}")
-    hints = typing.get_type_hints(config_class)
-    flags = []
-    for name, value in settings.items():
-        if name not in hints:
-            parser.error(f"the preset '{path}' sets '{name}', which is not a setting of this command")
-        flag, kind = "--" + name.replace("_", "-"), hints[name]
-        if kind is bool:
-            if not isinstance(value, bool):
-                parser.error(f"the preset '{path}' sets {name} = {value!r}: true or false")
-            flags.append(flag if value else "--no-" + flag[2:])
-        elif isinstance(value, (dict, bool)) or (isinstance(value, list) and typing.get_origin(kind) is not list):
-            parser.error(f"the preset '{path}' sets {name} = {value!r}: one {getattr(kind, '__name__', kind)}")
-        elif not (isinstance(value, list) and any(a == flag or a.startswith(flag + "=") for a in later)):
-            flags += [f"{flag}={v}" for v in (value if isinstance(value, list) else [value])]
-    return flags
+    return settings_flags(parser, config_class, settings, path, later)
 
 
-def parse_given(config_class, argv=None, description=None):
-    """argv (list[str]; None = sys.argv[1:]), which may start with a preset file (*.toml) -> (an
-    instance of config_class, the frozenset of the field names given, in the preset or as flags,
-    whatever their value: even one equal to the default)."""
-    parser = _Parser(description=description)
+def _parser(config_class, description=None, prog=None):
+    """The argparse parser of config_class's fields (default=SUPPRESS: only the flags given are set)."""
+    parser = _Parser(description=description, prog=prog)
     groups = {}
     hints = typing.get_type_hints(config_class)
     for f in dataclasses.fields(config_class):
@@ -137,11 +142,27 @@ def parse_given(config_class, argv=None, description=None):
         help = meta["help"] if default in (None, "", False) else f"{meta['help']} (default: {default})"
         target.add_argument("--" + f.name.replace("_", "-"), dest=f.name, required=required,
                             default=argparse.SUPPRESS, **_argument(hints[f.name], help, meta["choices"], meta["valid"]))
+    return parser
+
+
+def parse_given(config_class, argv=None, description=None):
+    """argv (list[str]; None = sys.argv[1:]), which may start with a preset file (*.toml) -> (an
+    instance of config_class, the frozenset of the field names given, in the preset or as flags,
+    whatever their value: even one equal to the default)."""
+    parser = _parser(config_class, description)
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     if argv and argv[0].endswith(".toml"):
         argv = preset_flags(parser, config_class, argv[0], argv[1:]) + argv[1:]
-    given = vars(parser.parse_args(argv))  # default=SUPPRESS: only the flags given are here
+    given = vars(parser.parse_args(argv))
     return config_class(**given), frozenset(given)
+
+
+def checked(config_class, settings, source):
+    """config_class of the saved settings {name: value} (a run's config.json), through the checks a
+    command line gets: a value of the wrong type or out of range exits 2 with one line naming
+    `source` and the setting."""
+    parser = _parser(config_class, prog=f"cannot resume: '{source}'")
+    return config_class(**vars(parser.parse_args(settings_flags(parser, config_class, settings, source))))
 
 
 # -----------------------------------------------------------------------------

@@ -86,8 +86,13 @@ def init(device, smallest_batch):
     return device
 
 
-def close():
+def close(together=False):
+    """Leaves the process group; together: once every process has come this far (a run's normal end),
+    as one that tears its connections down while another still works can abort in gloo's threads.
+    (Not on an error, which may be one process's alone: the others would wait for it forever.)"""
     if active():
+        if together:
+            tdist.barrier()
         tdist.destroy_process_group()
 
 

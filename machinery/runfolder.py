@@ -24,6 +24,7 @@ folder, or curation's kept questions), takes each step's prompts from `Run.batch
 `Run.end_step` after it; the rest is bookkeeping.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -37,15 +38,43 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from machinery import distributed as dist
-from machinery.batch import Batch
-from machinery.cli import progress
 from data import SCENES_FILE, DataError, load_image, load_scenes, write_atomic
+from machinery import distributed as dist
+from machinery import integrity
+from machinery.batch import Batch
+from machinery.cli import checked, progress
 from tools.report import write_report
 
 PHASES = ("questioner", "curation", "reasoner", "summary")  # one iteration, in order
 LOGS = ("metrics.jsonl", "iter_*/questioner_episodes.jsonl", "iter_*/reasoner_episodes.jsonl")
-IMAGE_LIST = "images.txt"  # the run's readable images, one per line, relative to --images
+IMAGE_LIST = "images.jsonl"  # the run's readable images, one JSON string a line, relative to --images
+
+
+class WriteFailed(Exception):
+    """A write into the run folder failed (the disk full, say): what was being written, and why. The
+    folder is left as its last finished step left it, so the run resumes once the cause is gone."""
+
+    def __init__(self, path, err):
+        super().__init__(path, err)
+        self.path, self.err = Path(path), err
+
+
+def write_failure(err, run):
+    """What a WriteFailed means for the run, in one line."""
+    where = next(p for p in (err.path, *err.path.parents) if p.exists())
+    free = shutil.disk_usage(where).free / 2**20
+    then = (f"the run folder is as its last finished step left it: once there is room, continue with "
+            f"python selfplay.py --resume {run.dir}" if run else "nothing was started: run the command again")
+    return f"could not write '{err.path}': {err.err.strerror or err.err} ({free:,.0f} MiB free there); {then}"
+
+
+@contextlib.contextmanager
+def writing(path):
+    """Any OSError inside becomes a WriteFailed naming `path`."""
+    try:
+        yield
+    except OSError as err:
+        raise WriteFailed(path, err) from None
 
 
 # -----------------------------------------------------------------------------
@@ -113,6 +142,8 @@ class State:
     image_rng: dict = field(default_factory=dict)  # which images the next steps take
     checkpoint: str = ""       # the role in training (weights + optimizer), relative to the run folder
                                # so the folder can move; "" between phases
+    digests: dict = field(default_factory=dict)  # [size, SHA-256] of each file of the checkpoints, the roles
+                                                 # and questions.jsonl, as written (integrity.py)
 
 
 class Run:
@@ -156,9 +187,10 @@ class Run:
         if self.writer:
             # Wall time and peak memory of each phase as run (a resumed phase: from first_step on). Kept
             # apart from metrics.jsonl, which must be identical for a resumed and an uninterrupted run.
-            append_jsonl(self.dir / "phase_times.jsonl", [{
-                "iteration": k, "phase": name, "from_step": first_step, "seconds": time.perf_counter() - start,
-                "peak_mem_gb": peak_memory_gb(self.device)}])
+            with writing(self.dir / "phase_times.jsonl"):
+                append_jsonl(self.dir / "phase_times.jsonl", [{
+                    "iteration": k, "phase": name, "from_step": first_step, "seconds": time.perf_counter() - start,
+                    "peak_mem_gb": peak_memory_gb(self.device)}])
             try:
                 write_report(self.dir)
             except Exception as err:  # the report is a view of the run's files: never a reason to stop training
@@ -175,6 +207,11 @@ class Run:
         if name == "curation":
             return [r for r in self.questions(k) if r["kept"]]
         return str(self.role_dir(k, name)) if name in ("questioner", "reasoner") else None
+
+    def close(self):
+        """Gives the folder's lock back (integrity.take_lock)."""
+        if self.writer:
+            integrity.release_lock(self.dir)
 
     def progress(self, items, what, done=0):
         """items with a progress bar (self.bar, for the phase's postfix)."""
@@ -230,20 +267,29 @@ class Run:
         self.save_folder(self.role_dir(self.state.iteration, role), write)
 
     def save_folder(self, folder, write):
-        """write(folder) into `folder`, atomically, in rank 0; write(None) in the other processes,
-        which writes nothing but lets a role sharded over them (--fsdp) be gathered from all."""
-        if self.writer:
+        """write(folder) into `folder`, atomically, in rank 0, its files' digests recorded for the next
+        save_state; write(None) in the other processes, which writes nothing but lets a role sharded
+        over them (--fsdp) be gathered from all."""
+        if not self.writer:
+            return write(None)
+        with writing(folder):
             save_folder_atomic(folder, write)
-        else:
-            write(None)
+            self.record_digests(folder)
+
+    def record_digests(self, target):
+        """The digests of the file or folder `target` in place of any it had."""
+        name = str(Path(target).relative_to(self.dir))
+        self.state.digests = {k: v for k, v in self.state.digests.items() if k != name and not k.startswith(name + "/")}
+        self.state.digests.update(integrity.digests(self.dir, target))
 
     # --- files
 
     def append(self, path, records):
         """Appends to one of LOGS, counting its lines for the next save_state."""
         if self.writer:
-            path.parent.mkdir(exist_ok=True)
-            append_jsonl(path, records)
+            with writing(path):
+                path.parent.mkdir(exist_ok=True)
+                append_jsonl(path, records)
         name = str(path.relative_to(self.dir))
         self.state.lines[name] = self.state.lines.get(name, 0) + len(records)
 
@@ -251,16 +297,19 @@ class Run:
         self.append(self.dir / "metrics.jsonl", [record])
 
     def metrics(self):
-        return [json.loads(line) for line in open(self.dir / "metrics.jsonl")]
+        return integrity.read_jsonl(self.dir / "metrics.jsonl")
 
     def save_questions(self, records):
         """Curation's candidates, all at once (curation has no steps to resume from)."""
         if self.writer:
-            self.iteration_dir().mkdir(exist_ok=True)
-            write_atomic(self.iteration_dir() / "questions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+            path = self.iteration_dir() / "questions.jsonl"
+            with writing(path):
+                self.iteration_dir().mkdir(exist_ok=True)
+                write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+                self.record_digests(path)
 
     def questions(self, k=None):
-        return [json.loads(line) for line in open(self.dir / f"iter_{k or self.state.iteration}" / "questions.jsonl")]
+        return integrity.read_jsonl(self.dir / f"iter_{k or self.state.iteration}" / "questions.jsonl")
 
     def log_episodes(self, role, rows):
         self.append(self.iteration_dir() / f"{role}_episodes.jsonl", rows)
@@ -273,10 +322,13 @@ class Run:
             setattr(self.state, k, v)
         self.state.image_rng = self.image_rng.bit_generator.state
         if self.writer:
-            write_json(self.dir / "state.json", dataclasses.asdict(self.state))
+            with writing(self.dir / "state.json"):
+                write_json(self.dir / "state.json", dataclasses.asdict(self.state))
 
     def logs(self):
-        return sorted(path for pattern in LOGS for path in self.dir.glob(pattern))
+        """The logs there are, and those state.json counts lines of (a missing one is caught in tidy)."""
+        return sorted({path for pattern in LOGS for path in self.dir.glob(pattern)} |
+                      {self.dir / name for name, n in self.state.lines.items() if n})
 
     def tidy(self):
         """Undoes what a kill left behind: appended lines of a step that never finished, the
@@ -284,10 +336,10 @@ class Run:
         deleting it), and half-written temp files."""
         for path in self.logs():
             counted = self.state.lines.get(str(path.relative_to(self.dir)), 0)
-            with open(path) as f:
-                lines = f.readlines()
+            integrity.read_jsonl(path, counted)  # the lines that count, each checked
+            lines = path.read_bytes().splitlines(keepends=True)
             if len(lines) != counted:
-                write_atomic(path, "".join(lines[:counted]))
+                write_atomic(path, b"".join(lines[:counted]).decode("utf-8"))
         self.remove_old_checkpoints()
         for path in [*self.dir.glob("*.tmp"), *self.dir.glob("iter_*/*.tmp")]:  # "*" matches dot files too
             shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -299,6 +351,8 @@ class Run:
         for path in (self.dir / "resume").glob("*"):
             if path != current:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
+        self.state.digests = {k: v for k, v in self.state.digests.items()
+                              if not k.startswith("resume/") or (current and k.startswith(self.state.checkpoint + "/"))}
 
 
 # -----------------------------------------------------------------------------
@@ -329,17 +383,21 @@ def saved_config(config_class, cfg, given):
     for name in ("state.json", "config.json"):
         if not (folder / name).is_file():
             raise DataError(f"cannot resume: '{folder}' has no {name} (not a run folder, or it never started)")
-    saved = json.loads((folder / "config.json").read_text())
+    saved = integrity.read_json(folder / "config.json")
     unknown = sorted(saved.keys() - {f.name for f in dataclasses.fields(config_class)})
     if unknown:  # a run started by another version of selfplay.py
         raise DataError(f"cannot resume: '{folder}/config.json' has settings this selfplay.py does not know: "
                         f"{', '.join(unknown)}")
     given_now = {name: getattr(cfg, name) for name in given & may_change}
-    return config_class(**dict(saved, resume=str(folder), **given_now))
+    # through the command line's checks: an edited value out of range stops here, not deep in a run
+    return dataclasses.replace(checked(config_class, saved, folder / "config.json"), resume=str(folder), **given_now)
 
 
-def check_output(folder):
-    """A new run goes into a new or empty folder, never among the user's files or over another run."""
+def check_output(folder, images):
+    """A new run goes into a new or empty folder, never among the user's files or over another run,
+    nor among its own images (its files would become images of the next run on that folder)."""
+    if folder.resolve().is_relative_to(Path(images).resolve()):
+        raise DataError(f"--output '{folder}' is inside --images '{images}': pass a folder outside it")
     if folder.exists() and not folder.is_dir():
         raise DataError(f"--output '{folder}' is a file: pass a folder for the run")
     if (folder / "state.json").exists():
@@ -352,15 +410,17 @@ def new_run(cfg, device, paths):
     """The run folder with config.json, images.txt and the first state.json, made whole in a temp
     folder and renamed into place: a kill leaves either no run or one that resumes."""
     folder = Path(cfg.output or dist.from_rank0(f"runs/{time.strftime('%Y%m%d-%H%M%S')}"))
-    check_output(folder)  # in every process, before rank 0 writes: all stop, or none
+    check_output(folder, cfg.images)  # in every process, before rank 0 writes: all stop, or none
     cfg = dataclasses.replace(cfg, output=str(folder))
 
     def write(tmp):
+        integrity.take_lock(tmp)  # the folder appears with its lock, this process's
         write_json(tmp / "config.json", dataclasses.asdict(cfg))
         run = Run(cfg, tmp, State(), device)
         check_images(run, paths)
         run.save_state()
-    dist.on_rank0(lambda: save_folder_atomic(folder, write))  # (rename(2) replaces an empty folder)
+    with writing(folder):
+        dist.on_rank0(lambda: save_folder_atomic(folder, write))  # (rename(2) replaces an empty folder)
     return cfg, Run(cfg, folder, State(**json.loads((folder / "state.json").read_text())), device)
 
 
@@ -368,12 +428,23 @@ def resumed_run(cfg, device, paths):
     """The run folder of --resume with its state, tidied; more --iterations than it was started
     with are written to its config.json (fewer than it has begun are refused)."""
     folder = Path(cfg.resume)
-    saved = json.loads((folder / "state.json").read_text())
+    lock(folder)  # before anything is read: a second process never sees a folder half-written
+    try:
+        return resume_in(folder, cfg, device, paths)
+    except BaseException:
+        if dist.rank() == 0:
+            integrity.release_lock(folder)
+        raise
+
+
+def resume_in(folder, cfg, device, paths):
+    """resumed_run, once the lock is taken."""
+    saved = integrity.read_json(folder / "state.json")
     unknown = sorted(saved.keys() - {f.name for f in dataclasses.fields(State)})
     if unknown:
         raise DataError(f"cannot resume: '{folder}/state.json' has fields this selfplay.py does not know: "
                         f"{', '.join(unknown)}")
-    state = State(**saved)
+    state = checked_state(folder, saved, cfg)
     begun = state.iteration - (state.phase == PHASES[0] and state.step == 0)  # iterations with anything done
     if cfg.iterations < begun:
         raise DataError(f"--iterations {cfg.iterations}: the run has already begun {begun} iterations; pass "
@@ -384,8 +455,58 @@ def resumed_run(cfg, device, paths):
     def tidy():
         run.tidy()
         write_json(folder / "config.json", dataclasses.asdict(dataclasses.replace(cfg, resume="", print_config=False)))
-    dist.on_rank0(tidy)
+    with writing(folder):
+        dist.on_rank0(tidy)
     return cfg, run
+
+
+def lock(folder):
+    """The run folder's lock (integrity.take_lock), taken by rank 0 for all of torchrun's processes;
+    a refusal stops every process."""
+    refusal = None
+    if dist.rank() == 0:
+        try:
+            integrity.take_lock(folder)
+        except DataError as err:
+            refusal = str(err)
+    refusal = dist.from_rank0(refusal)
+    if refusal:
+        raise DataError(refusal)
+
+
+def checked_state(folder, saved, cfg):
+    """state.json's fields, each of its type and in its range, and every file the resume will read
+    as it was written (integrity.check_digests): the checkpoint in training, the roles it starts
+    from, curation's questions. A DataError names the first that is not."""
+    path = folder / "state.json"
+    kinds = {f.name: f.type for f in dataclasses.fields(State)}
+    for name, value in saved.items():
+        if not isinstance(value, kinds[name]) or (kinds[name] is int and isinstance(value, bool)):
+            raise integrity.damaged(path, f"{name} is {value!r}, not a{'n' if name[0] in 'aeiou' else ''} "
+                                          f"{kinds[name].__name__}")
+    state = State(**saved)
+    steps = {"questioner": cfg.questioner_steps, "reasoner": cfg.reasoner_steps}.get(state.phase, 0)
+    if state.phase not in PHASES or state.iteration < 1 or not 0 <= state.step <= steps:  # (the roles' files
+        raise integrity.damaged(path, f"iteration {state.iteration}, phase {state.phase!r}, step {state.step}: no "
+                                      f"such point in a run")  # below vouch for the iteration)
+    if any(not isinstance(n, int) or isinstance(n, bool) or n < 0 for n in state.lines.values()):
+        raise integrity.damaged(path, "its line counts are not whole numbers")
+    if any(not (isinstance(d, list) and len(d) == 2 and isinstance(d[0], int) and isinstance(d[1], str))
+           for d in state.digests.values()):
+        raise integrity.damaged(path, "its digests are not [size, SHA-256] pairs")
+    try:
+        if state.image_rng:  # ({} before the first draw)
+            np.random.default_rng().bit_generator.state = state.image_rng
+    except (TypeError, ValueError, KeyError):
+        raise integrity.damaged(path, "its image sampler's state is not one") from None
+    k, done = state.iteration, PHASES.index(state.phase)  # the phases of iteration k finished before it
+    read = [state.checkpoint] if state.checkpoint else []
+    read += [f"iter_{k - 1}/questioner", f"iter_{k - 1}/reasoner"] if k > 1 else []
+    read += [f"iter_{k}/questioner"] * (done > 0) + [f"iter_{k}/questions.jsonl"] * (done > 1)
+    read += [f"iter_{k}/reasoner"] * (done > 2)
+    for target in read:
+        integrity.check_digests(folder, state.digests, target)
+    return state
 
 
 def discard_if_unstarted(run):
@@ -398,7 +519,7 @@ def discard_if_unstarted(run):
 def check_images(run, paths):
     """The run refers to its images by position (questions.jsonl, the image sampler's draws), so a
     resumed run must find the same list: it is written when the run starts and compared after."""
-    listed = "".join(f"{os.path.relpath(p, run.cfg.images)}\n" for p in paths)
+    listed = "".join(json.dumps(os.path.relpath(p, run.cfg.images)) + "\n" for p in paths)  # a name may hold a newline
     path = run.dir / IMAGE_LIST
     if not path.exists():
         if run.writer:
@@ -412,7 +533,8 @@ def check_images(run, paths):
 
 def record_skipped(run, skipped):
     if run.writer:
-        write_atomic(run.dir / "skipped_images.txt", "".join(f"{p}\t{why}\n" for p, why in skipped))
+        with writing(run.dir / "skipped_images.txt"):
+            write_atomic(run.dir / "skipped_images.txt", "".join(f"{p}\t{why}\n" for p, why in skipped))
     if skipped and not run.cfg.quiet:
         print(f"skipped {len(skipped)} unreadable image(s), listed in {run.dir / 'skipped_images.txt'}")
 

@@ -61,11 +61,13 @@ def test_help_shows_groups_and_defaults(capsys):
     (["--cap", "-2"], "argument --cap: must be at least 1, not -2"),
     (["--cap", "two"], "argument --cap: invalid int value: 'two'"),
     # negatives in notations argparse alone takes for flags ("expected one argument")
-    (["--rate", "-1e-5"], "argument --rate: must be more than 0, not -1e-5"),
-    (["--rate", "-2E+3"], "argument --rate: must be more than 0, not -2E+3"),
-    (["--rate", "-.5"], "argument --rate: must be more than 0, not -.5"),
-    (["--rate", "-inf"], "argument --rate: must be more than 0, not -inf"),
+    (["--rate", "-1e-5"], "argument --rate: must be more than 0, and finite, not -1e-5"),
+    (["--rate", "-2E+3"], "argument --rate: must be more than 0, and finite, not -2E+3"),
+    (["--rate", "-.5"], "argument --rate: must be more than 0, and finite, not -.5"),
+    (["--rate", "-inf"], "argument --rate: must be more than 0, and finite, not -inf"),
     (["--sizes", "-1e3"], "argument --sizes: invalid int value: '-1e3'"),
+    (["--rate", "inf"], "argument --rate: must be more than 0, and finite, not inf"),  # passed once, then failed at step 1
+    (["--rate", "nan"], "argument --rate: must be more than 0, and finite, not nan"),
 ])
 def test_values_out_of_range_are_refused_naming_the_flag(argv, needle, capsys):
     with pytest.raises(SystemExit) as stop:
@@ -139,7 +141,7 @@ def test_a_preset_says_what_its_flags_say_and_a_later_flag_wins(tmp_path):
 
 
 @pytest.mark.parametrize("text, needle", [
-    ("models = ['a']\nrate = 0\n", "argument --rate: must be more than 0, not 0"),  # the flag's own check
+    ("models = ['a']\nrate = 0\n", "argument --rate: must be more than 0, and finite, not 0"),  # the flag's own check
     ("models = ['a']\nwidth = 3\n", "sets 'width', which is not a setting of this command"),
     ("models = ['a']\nquiet = 'yes'\n", "sets quiet = 'yes': true or false"),
     ("models = ['a']\nsteps = [1, 2]\n", "sets steps = [1, 2]: one int"),

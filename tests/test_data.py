@@ -555,3 +555,21 @@ def test_distinct_scenes_never_repeat_a_colour_and_kind(world):
         plain = [(s.colour, s.kind) for s in data.make_scene(seed, **world).shapes]
         repeats += len(set(plain)) < len(plain)
     assert repeats > 10  # without the knob they do repeat
+
+
+def test_a_large_jpeg_is_decoded_reduced_to_about_the_size_it_is_shrunk_to(tmp_path, monkeypatch):
+    """A photo far above max_pixels decodes at a JPEG reduction (the decoder's own 1/2 .. 1/8), not in
+    full and then resized: the pixels decoded, their size and what comes out."""
+    rng = np.random.default_rng(0)
+    smooth = np.kron(rng.integers(0, 256, (30, 40, 3)), np.ones((100, 100, 1))).astype(np.uint8)  # 3000 x 4000
+    Image.fromarray(smooth).save(tmp_path / "photo.jpg", quality=90)
+    decoded = []
+    real_load = Image.Image.load
+    monkeypatch.setattr(Image.Image, "load", lambda self: (decoded.append(self.size), real_load(self))[1])
+    image = data.load_image(tmp_path / "photo.jpg", max_pixels=448 * 448)
+    assert decoded and decoded[0][0] * decoded[0][1] <= 4000 * 3000 / 16, decoded  # 1/4 a side at least
+    monkeypatch.undo()
+    full = data._downscale(Image.open(tmp_path / "photo.jpg").convert("RGB"), 448 * 448)
+    assert image.size == full.size == (517, 388)  # the docstring's example
+    difference = np.abs(np.asarray(image, dtype=float) - np.asarray(full, dtype=float)).mean()
+    assert difference < 4, difference  # the same picture, up to the reduction's own filtering

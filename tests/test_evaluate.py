@@ -696,3 +696,20 @@ def test_sampled_answers_come_from_the_sampler_at_temperature_1(tiny):
     expected = sample(model, encoded, n=3, max_new_tokens=6, temperature=1.0, top_k=0, top_p=1.0,
                       keys=prompt_keys(7, n=2)).texts(tok)
     assert first == expected
+
+
+def test_an_image_path_that_leaves_the_benchmarks_folder_is_refused_unless_asked(tmp_path):
+    (tmp_path / "bench").mkdir()
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "outside.png")
+    Image.new("RGB", (64, 64), "blue").save(tmp_path / "bench" / "inside.png")
+    rows = [{"image": "inside.png", "question": "Colour?", "answer": "blue"},
+            {"image": "../outside.png", "question": "Colour?", "answer": "red"}]
+    (tmp_path / "bench" / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(data.DataError, match=r"line 2: its image '.*outside.png' is outside the benchmark's folder"):
+        evaluate.load_benchmark(str(tmp_path / "bench" / "q.jsonl"))
+    absolute = dict(rows[1], image=str(tmp_path / "outside.png"))
+    (tmp_path / "bench" / "q.jsonl").write_text(json.dumps(absolute) + "\n")
+    with pytest.raises(data.DataError, match="outside the benchmark's folder"):
+        evaluate.load_benchmark(str(tmp_path / "bench" / "q.jsonl"))
+    bench = evaluate.load_benchmark(str(tmp_path / "bench" / "q.jsonl"), images_anywhere=True)
+    assert evaluate.open_image(bench.records[0]).getpixel((0, 0)) == (255, 0, 0)

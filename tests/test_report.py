@@ -553,3 +553,16 @@ def test_silver_accuracy_chart_and_summary_fallback(run):
     assert report.silver_accuracy(1, {}, {1: {"silver_accuracy": 0.72}}) == 0.72  # from the summary line
     assert report.silver_accuracy(1, {1: {"silver_accuracy": 0.6}}, {1: {"silver_accuracy": 0.72}}) == 0.6
     assert report.category_breakdown({"a": 1, "b": 0, "c": None}) == "a 100%" and report.category_breakdown({}) == "–"
+
+
+def test_an_image_named_as_a_script_is_shown_as_text(run):
+    """A file name is text the user did not write either: one that opens a <script> tag (a name holds
+    no "/"), of an image that exists (shown in the gallery) and of one that does not."""
+    named = run.parent / "<script>alert(2).png"
+    Image.new("RGB", (64, 64), (0, 0, 200)).save(named)
+    gone = run.parent / "<script>alert(3).png"
+    write_jsonl(run / "iter_2" / "questions.jsonl", [candidate(named, "What is it?", kept=True),
+                                                     candidate(gone, "And this?", kept=True)])
+    page = report.write_report(run).read_text(encoding="utf-8")
+    assert "<script" not in page and "&lt;script&gt;alert(3).png" in page
+    check_html(page)

@@ -17,9 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from machinery import lora
-from machinery import policies
-from machinery import runfolder
+from machinery import integrity, lora, policies, runfolder
 import selfplay
 from conftest import completions
 from data import DataError, write_shapes_folder
@@ -249,12 +247,18 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(format_model, tmp_path)
 
 
 def fake_run(folder, **state):
-    """A run folder as selfplay.py leaves it, without having run: its config and state."""
+    """A run folder as selfplay.py leaves it, without having run: its config, its state, and the
+    roles the state's iteration starts from (a file each, its digest recorded)."""
     folder.mkdir()
     config = dataclasses.asdict(selfplay.Config(model="tiny", images=str(folder.parent / "images"),
                                                 output=str(folder), iterations=2))
     (folder / "config.json").write_text(json.dumps(config))
-    (folder / "state.json").write_text(json.dumps(dataclasses.asdict(runfolder.State(**state))))
+    k, digests = state.get("iteration", 1), {}
+    for role in ("questioner", "reasoner") if k > 1 else ():
+        (folder / f"iter_{k - 1}" / role).mkdir(parents=True)
+        (folder / f"iter_{k - 1}" / role / "config.json").write_text("{}")
+        digests |= integrity.digests(folder, folder / f"iter_{k - 1}" / role)
+    (folder / "state.json").write_text(json.dumps(dataclasses.asdict(runfolder.State(**state, digests=digests))))
     return folder
 
 
@@ -292,6 +296,7 @@ def test_cli_errors_are_one_line_and_leave_nothing_behind(tmp_path, monkeypatch,
              (images + ["--tau-low", "0.8", "--tau-high", "0.3"], "--tau-low 0.8 is above --tau-high 0.3"),
              (images + ["--output", str(a_file)], "is a file"),
              (images + ["--output", str(users)], "other files in it"),
+             (images + ["--output", str(tmp_path / "images" / "run")], "is inside --images"),  # its files: images
              (images + ["--device", "gpu"], "unknown device"),
              (images[:2] + ["--model", str(tmp_path / "no_model")], "does not exist"),
              (images + ["--seed", "-1"], "must be 0 or more"),
