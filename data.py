@@ -94,7 +94,8 @@ def decode_image(source, name, max_pixels=None) -> Image.Image:
             opened = contextlib.nullcontext(source) if isinstance(source, Image.Image) else Image.open(source)
             with opened as image:
                 _check_size(name, *image.size)  # before a single pixel is decoded
-                if max_pixels is not None and image.width * image.height > max_pixels and image.format == "JPEG":
+                too_big = max_pixels is not None and image.width * image.height > max_pixels
+                if too_big and image.format in ("JPEG", "MPO"):  # (MPO: a phone's JPEG with a second frame)
                     # a JPEG decodes at 1/2, 1/4 or 1/8 of its size at a fraction of the cost: the
                     # largest reduction still above the size it is shrunk to below
                     scale = math.sqrt(max_pixels / (image.width * image.height))

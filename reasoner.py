@@ -83,8 +83,8 @@ def curate(R, batch, texts, parsed, *, vote, band):
     """
     N, vote = len(texts) // len(batch.items), replace(vote, count_empty_boxes=False)
     asked = [j for j, p in enumerate(parsed) if p is not None]
-    votes = dict(zip(asked, ask_and_vote(R, [batch.images[j // N] for j in asked], [parsed[j]["question"] for j in asked],
-                                         batch.keys("candidate votes", per=N)[asked], vote)))
+    images, questions = [batch.images[j // N] for j in asked], [parsed[j]["question"] for j in asked]
+    votes = dict(zip(asked, ask_and_vote(R, images, questions, batch.keys("candidate votes", per=N)[asked], vote)))
     unasked = {"responses": [], "answers": [], "silver": None, "confidence": 0.0}
     records = []
     for j, (text, p) in enumerate(zip(texts, parsed)):

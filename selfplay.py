@@ -168,7 +168,8 @@ class Config:
 def questioner_reward_settings(cfg):
     """How the Questioner is rewarded: the frozen Reasoner's m votes, and the paper-vs-code switches."""
     return questioner.QuestionerRewardSettings(
-        vote=reasoner.Vote(m=cfg.reward_votes, sampling=sampling_settings(cfg).vote, count_empty=cfg.reward_count_empty),
+        vote=reasoner.Vote(m=cfg.reward_votes, sampling=sampling_settings(cfg).vote,
+                           count_empty=cfg.reward_count_empty),
         uncertainty_scale=cfg.uncertainty_scale, diversity_scope=cfg.diversity_scope,
         diversity_weight=cfg.diversity_weight, combine=cfg.reward_combine, diversity_bleu=cfg.diversity_bleu,
         diversity_invalid=cfg.diversity_invalid)
@@ -216,7 +217,8 @@ def curate(cfg, run, Q, R, images):
                                                          settings=sampling_settings(cfg).candidate,
                                                          fmt=cfg.question_format)
         votes = reasoner.curate(R, chunk, texts, parsed, vote=curation_vote(cfg), band=(cfg.tau_low, cfg.tau_high))
-        records += [{"image": chunk.paths[j // N], "image_index": chunk.items[j // N], **v} for j, v in enumerate(votes)]
+        records += [{"image": chunk.paths[j // N], "image_index": chunk.items[j // N], **v}
+                    for j, v in enumerate(votes)]
         run.bar.set_postfix(kept=sum(r["kept"] for r in records), of=len(records))
     records = pool.gather(records, per=N)
     if cfg.silver_labels == "random":

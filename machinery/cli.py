@@ -83,13 +83,14 @@ NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infini
 
 
 class _Parser(argparse.ArgumentParser):
-    def __init__(self, **kw):
+    def __init__(self, hint=" (see --help)", **kw):
         super().__init__(**kw)
+        self.hint = hint
         self._negative_number_matcher = NEGATIVE_NUMBER  # argparse's (private) pattern for negative numbers
 
     def error(self, message):
         # One line: the 40 lines of usage argparse prints first would bury it.
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {message}{self.hint}\n")
 
 
 def parse(config_class, argv=None, description=None):
@@ -128,9 +129,9 @@ def preset_flags(parser, config_class, path, later=()):
     return settings_flags(parser, config_class, settings, path, later)
 
 
-def _parser(config_class, description=None, prog=None):
+def _parser(config_class, description=None, **kw):
     """The argparse parser of config_class's fields (default=SUPPRESS: only the flags given are set)."""
-    parser = _Parser(description=description, prog=prog)
+    parser = _Parser(description=description, **kw)
     groups = {}
     hints = typing.get_type_hints(config_class)
     for f in dataclasses.fields(config_class):
@@ -161,7 +162,7 @@ def checked(config_class, settings, source):
     """config_class of the saved settings {name: value} (a run's config.json), through the checks a
     command line gets: a value of the wrong type or out of range exits 2 with one line naming
     `source` and the setting."""
-    parser = _parser(config_class, prog=f"cannot resume: '{source}'")
+    parser = _parser(config_class, prog=f"cannot resume: '{source}'", hint=" (edit it back, or start a new run)")
     return config_class(**vars(parser.parse_args(settings_flags(parser, config_class, settings, source))))
 
 

@@ -2,16 +2,17 @@
 reads, so that a damaged one stops the run with one line instead of a traceback, or worse, training
 on from corrupted weights.
 
-- One writer: a lock file (`lock`: the PID and host of the process that holds the folder), taken
-  when a run starts or resumes and removed when it exits. A second process refuses, naming the
-  holder; a lock whose process is gone (killed, on this host) is taken over. With torchrun, rank 0
-  holds it for all the run's processes.
+- One writer: a lock (`lock`, an flock on the file, which names the process that holds it), taken
+  when a run starts or resumes and given back when it ends, or by the kernel when its process dies.
+  A second process refuses, naming the holder. With torchrun, rank 0 holds it for all the run's
+  processes.
 - JSON and JSON lines: read line by line, each a JSON object, or a DataError naming the line.
 - Digests: the size and SHA-256 of every file of a checkpoint, written into state.json when the
   checkpoint is committed and compared before it is loaded, so a truncated file or one flipped byte
   is caught.
 """
 
+import fcntl
 import hashlib
 import json
 import os
@@ -25,56 +26,68 @@ LOCK = "lock"
 
 
 def _holder(path):
-    """The lock's contents ({pid, host, since}), or None while it is being written or if unreadable."""
+    """The lock's contents ({pid, host, since}), or None if unreadable."""
     try:
         holder = json.loads(Path(path).read_text())
-        return holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else None
+        return holder if isinstance(holder, dict) else None
     except (OSError, ValueError):
         return None
 
 
-def _alive(holder):
-    """Whether the lock's process may still run: certainly gone only on this host, by its PID."""
-    if holder.get("host") != socket.gethostname():
-        return True
-    try:
-        os.kill(holder["pid"], 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
+HELD = {}  # (device, inode) of a lock file -> its open file, held (flock) by this process
+
+
+def _key(stat):  # a file by its inode: a new run's lock is taken in a temp folder that is then renamed
+    return stat.st_dev, stat.st_ino
 
 
 def take_lock(folder):
-    """folder/lock made ours (O_EXCL: of two processes, one wins), or a DataError naming its holder."""
+    """folder/lock held by this process, or a DataError naming the process that holds it.
+
+    The hold is the kernel's (flock on the open file), not the file's existence: it ends when the
+    process does, however it ends, so a killed run's folder is free again at once, and a PID the
+    system has since given to another process (a restarted container's) means nothing. The file's
+    contents (PID, host, since) only say who holds it."""
     path = Path(folder) / LOCK
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = _holder(path)
-            if holder is None and time.time() - path.stat().st_mtime < 10:
-                time.sleep(1)  # another process is writing its lock this moment: look again
-                continue
-            if holder is not None and _alive(holder):
-                raise DataError(f"'{folder}' is in use by process {holder['pid']} on {holder.get('host')} (since "
-                                f"{holder.get('since')}): wait for it to end; if it is gone, remove {path}") from None
-            path.unlink(missing_ok=True)  # left by a process that is gone
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump({"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")},
-                      f)
-        return path
-    raise DataError(f"'{folder}' is being taken by another process: try again, or remove {path}")
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        holder = _holder(path) or {}
+        raise DataError(f"'{folder}' is in use by process {holder.get('pid')} on {holder.get('host')} (since "
+                        f"{holder.get('since')}): wait for it to end, or stop it") from None
+    f.truncate(0)
+    f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
+    f.flush()
+    HELD[_key(os.fstat(f.fileno()))] = f
+    return path
 
 
 def release_lock(folder):
-    """Removes folder/lock if it is this process's."""
+    """Lets go of folder/lock if this process holds it. (The file stays: removing it while another
+    process opens it to wait would give the two of them two different files to lock.)"""
+    try:
+        f = HELD.pop(_key((Path(folder) / LOCK).stat()), None)
+    except FileNotFoundError:
+        return
+    if f is not None:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+
+
+def held(folder):
+    """Whether some process holds folder/lock now."""
     path = Path(folder) / LOCK
-    holder = _holder(path)
-    if holder and holder["pid"] == os.getpid() and holder.get("host") == socket.gethostname():
-        path.unlink(missing_ok=True)
+    if not path.exists():
+        return False
+    with open(path) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False
 
 
 def damaged(path, what, fix="restore it from a copy, or start a new run"):

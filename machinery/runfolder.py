@@ -26,17 +26,21 @@ folder, or curation's kept questions), takes each step's prompts from `Run.batch
 
 import contextlib
 import dataclasses
+import errno
+import fnmatch
 import json
 import os
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from data import SCENES_FILE, DataError, load_image, load_scenes, write_atomic
 from machinery import distributed as dist
@@ -63,8 +67,9 @@ def write_failure(err, run):
     """What a WriteFailed means for the run, in one line."""
     where = next(p for p in (err.path, *err.path.parents) if p.exists())
     free = shutil.disk_usage(where).free / 2**20
-    then = (f"the run folder is as its last finished step left it: once there is room, continue with "
-            f"python selfplay.py --resume {run.dir}" if run else "nothing was started: run the command again")
+    then = (f"the run folder is as its last finished step left it: once it can be written again (room on the "
+            f"disk, permission), continue with python selfplay.py --resume {run.dir}" if run
+            else "nothing was started: run the command again once it can be written")
     return f"could not write '{err.path}': {err.err.strerror or err.err} ({free:,.0f} MiB free there); {then}"
 
 
@@ -215,8 +220,8 @@ class Run:
 
     def progress(self, items, what, done=0):
         """items with a progress bar (self.bar, for the phase's postfix)."""
-        self.bar = progress(items, desc=f"iter {self.state.iteration} {what}", disable=self.cfg.quiet or not self.writer,
-                        initial=done, total=done + len(items))
+        self.bar = progress(items, desc=f"iter {self.state.iteration} {what}",
+                            disable=self.cfg.quiet or not self.writer, initial=done, total=done + len(items))
         return self.bar
 
     def batches(self, role, n_steps, pool, size, images, index=None):
@@ -273,7 +278,10 @@ class Run:
         if not self.writer:
             return write(None)
         with writing(folder):
-            save_folder_atomic(folder, write)
+            try:
+                save_folder_atomic(folder, write)
+            except (RuntimeError, SafetensorError) as err:  # torch.save's and safetensors' full disk
+                raise OSError(errno.EIO, str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
             self.record_digests(folder)
 
     def record_digests(self, target):
@@ -326,7 +334,7 @@ class Run:
                 write_json(self.dir / "state.json", dataclasses.asdict(self.state))
 
     def logs(self):
-        """The logs there are, and those state.json counts lines of (a missing one is caught in tidy)."""
+        """The logs there are, and those state.json counts lines of."""
         return sorted({path for pattern in LOGS for path in self.dir.glob(pattern)} |
                       {self.dir / name for name, n in self.state.lines.items() if n})
 
@@ -334,12 +342,15 @@ class Run:
         """Undoes what a kill left behind: appended lines of a step that never finished, the
         checkpoint state.json no longer points to (killed between writing its successor and
         deleting it), and half-written temp files."""
-        for path in self.logs():
+        for path in self.logs():  # (their counted lines were checked: checked_state)
             counted = self.state.lines.get(str(path.relative_to(self.dir)), 0)
-            integrity.read_jsonl(path, counted)  # the lines that count, each checked
             lines = path.read_bytes().splitlines(keepends=True)
             if len(lines) != counted:
                 write_atomic(path, b"".join(lines[:counted]).decode("utf-8"))
+        times = self.dir / "phase_times.jsonl"  # not counted (no two runs time alike): cut a half line
+        if times.exists() and not times.read_bytes().endswith(b"\n"):
+            text = times.read_bytes()
+            write_atomic(times, text[:text.rfind(b"\n") + 1].decode("utf-8", "replace"))
         self.remove_old_checkpoints()
         for path in [*self.dir.glob("*.tmp"), *self.dir.glob("iter_*/*.tmp")]:  # "*" matches dot files too
             shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -420,8 +431,30 @@ def new_run(cfg, device, paths):
         check_images(run, paths)
         run.save_state()
     with writing(folder):
-        dist.on_rank0(lambda: save_folder_atomic(folder, write))  # (rename(2) replaces an empty folder)
+        dist.on_rank0(lambda: create_folder(folder, write))
     return cfg, Run(cfg, folder, State(**json.loads((folder / "state.json").read_text())), device)
+
+
+def create_folder(folder, write):
+    """write(tmp) into a temp folder of this process's own, then renamed to `folder`: rename(2) takes
+    the place of no folder or an empty one, and fails on a non-empty one, so of two runs started on
+    one --output at once, one gets the folder and the other is refused."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{folder.name}.tmp."))
+    try:
+        write(tmp)
+        os.rename(tmp, folder)
+    except OSError as err:
+        integrity.release_lock(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if err.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise DataError(f"'{folder}' already holds a run (started at the same moment): pass --resume {folder} "
+                            "to continue it, or another --output") from None
+        raise
+    except BaseException:
+        integrity.release_lock(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def resumed_run(cfg, device, paths):
@@ -479,6 +512,9 @@ def checked_state(folder, saved, cfg):
     as it was written (integrity.check_digests): the checkpoint in training, the roles it starts
     from, curation's questions. A DataError names the first that is not."""
     path = folder / "state.json"
+    if "digests" not in saved or (folder / "images.txt").exists():
+        raise DataError(f"cannot resume: '{folder}' was written by a selfplay.py from before 2026-12-07, whose "
+                        "run folders resume no more: start a new run")
     kinds = {f.name: f.type for f in dataclasses.fields(State)}
     for name, value in saved.items():
         if not isinstance(value, kinds[name]) or (kinds[name] is int and isinstance(value, bool)):
@@ -491,6 +527,10 @@ def checked_state(folder, saved, cfg):
                                       f"such point in a run")  # below vouch for the iteration)
     if any(not isinstance(n, int) or isinstance(n, bool) or n < 0 for n in state.lines.values()):
         raise integrity.damaged(path, "its line counts are not whole numbers")
+    if not all(any(fnmatch.fnmatch(name, pattern) and ".." not in name for pattern in LOGS) for name in state.lines):
+        raise integrity.damaged(path, "it counts lines of files that are not its logs")
+    if state.checkpoint and not fnmatch.fnmatch(state.checkpoint, "resume/*_*_*") or "/.." in state.checkpoint:
+        raise integrity.damaged(path, f"its checkpoint {state.checkpoint!r} is none of the run's")
     if any(not (isinstance(d, list) and len(d) == 2 and isinstance(d[0], int) and isinstance(d[1], str))
            for d in state.digests.values()):
         raise integrity.damaged(path, "its digests are not [size, SHA-256] pairs")
@@ -506,6 +546,8 @@ def checked_state(folder, saved, cfg):
     read += [f"iter_{k}/reasoner"] * (done > 2)
     for target in read:
         integrity.check_digests(folder, state.digests, target)
+    for name, counted in state.lines.items():  # the logs' lines that count (the rest, tidy cuts)
+        integrity.read_jsonl(folder / name, counted)
     return state
 
 
@@ -513,6 +555,7 @@ def discard_if_unstarted(run):
     """Removes a run folder that this command made and nothing ran in (a model whose weights do not
     load, say), so the corrected command is not refused for it."""
     if run.writer and dataclasses.astuple(run.state)[:4] == (1, PHASES[0], 0, {}):
+        integrity.release_lock(run.dir)
         shutil.rmtree(run.dir, ignore_errors=True)
 
 

@@ -128,7 +128,8 @@ def test_reasoner_rollouts_score_each_row_against_its_own_questions_label(tiny, 
     images = random_images(1, [(56, 56), (64, 80)])
     texts = ["<think>a</think> \\boxed{3}", "\\boxed{4}", "<think>b</think> \\boxed{4}",  # question one: "3"
              "\\boxed{4}", "<think>c</think>\\boxed{3}", "no box"]                        # question two: "4"
-    kept = [{"question": "Q one?", "silver": "3", "image_index": 0}, {"question": "Q two?", "silver": "4", "image_index": 1}]
+    kept = [{"question": "Q one?", "silver": "3", "image_index": 0},
+            {"question": "Q two?", "silver": "4", "image_index": 1}]
     rollouts, episodes = reasoner.rollouts(Canned(tiny, texts), batch_of(images, kept, lambda r: r["image_index"]),
                                            partial(reasoner_reward, mode=mode), G=3, settings=SHORT)
     assert rollouts.rewards.tolist() == pytest.approx(expected)
@@ -145,7 +146,8 @@ def test_rollouts_line_up_rows_with_groups(tiny):
     model, tok, ip = tiny
     images = random_images(1, [(56, 56), (64, 80)])
     role = Sampler(model, Processors(tok, ip), batch_tokens=1)
-    kept = [{"question": "Q one?", "silver": "3", "image_index": 0}, {"question": "Q two?", "silver": "4", "image_index": 1}]
+    kept = [{"question": "Q one?", "silver": "3", "image_index": 0},
+            {"question": "Q two?", "silver": "4", "image_index": 1}]
     rollouts, episodes = reasoner.rollouts(role, batch_of(images, kept, lambda r: r["image_index"]),
                                            partial(reasoner_reward, mode="paper"), G=3, settings=SHORT)
     assert len(rollouts) == 6 == sum(len(e["answers"]) for e in episodes) and rollouts.rewards.shape == (6,)

@@ -86,7 +86,7 @@ def folders(tmp_path_factory):
         patch.undo()
         torch.set_num_threads(threads)
     state = json.loads((root / "in_training" / "state.json").read_text())
-    assert state["checkpoint"] == "resume/questioner_1_1" and not (root / "in_training" / "lock").exists()
+    assert state["checkpoint"] == "resume/questioner_1_1" and not integrity.held(root / "in_training")
     assert json.loads((root / "after_curation" / "state.json").read_text())["phase"] == "reasoner"
     return root
 
@@ -124,8 +124,13 @@ DAMAGE = {  # name: (the stopped run, what is done to it, the file the error nam
                                     "no such point"),
     "a digest that is not one": ("in_training", lambda r: edit_json(r / "state.json", digests={"a": 1}), "state.json",
                                  "not [size, SHA-256] pairs"),
-    "a checkpoint never written": ("in_training", lambda r: edit_json(r / "state.json", checkpoint="resume/other"),
-                                   "resume/other", "records no digest"),
+    "a log that is not one": ("in_training", lambda r: edit_json(r / "state.json", lines={"../notes.txt": 1}),
+                              "state.json", "not its logs"),
+    "a checkpoint never written": ("in_training", lambda r: edit_json(r / "state.json",
+                                                                      checkpoint="resume/questioner_1_2"),
+                                   "resume/questioner_1_2", "records no digest"),
+    "a checkpoint outside the run's": ("in_training", lambda r: edit_json(r / "state.json", checkpoint="../x"),
+                                       "state.json", "none of the run's"),
     "empty config": ("in_training", lambda r: (r / "config.json").write_text(""), "config.json", "not JSON"),
     "an edited top-p": ("in_training", lambda r: edit_json(r / "config.json", top_p=0), "config.json",
                         "argument --top-p: must be in (0, 1]"),
@@ -162,7 +167,7 @@ def test_a_damaged_file_is_caught_before_anything_trains_on_it(folders, tmp_path
     name, damage, file, says = DAMAGE[case]
     run = copy(folders, name, tmp_path)
     damage(run)
-    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "lock"}
     capsys.readouterr()
     try:
         code = selfplay.main(["--resume", str(run)])
@@ -171,8 +176,9 @@ def test_a_damaged_file_is_caught_before_anything_trains_on_it(folders, tmp_path
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert file in err and says in err, err
-    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    assert after == before, "nothing ran, nothing was tidied, the lock was given back"
+    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "lock"}
+    assert after == before, "nothing ran, nothing was tidied"
+    assert not integrity.held(run), "the lock was given back"
 
 
 def test_a_second_process_is_refused_while_the_first_runs_and_the_first_finishes_as_alone(folders, tmp_path, capsys):
@@ -181,40 +187,83 @@ def test_a_second_process_is_refused_while_the_first_runs_and_the_first_finishes
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              env=dict(os.environ, OMP_NUM_THREADS="1"))
     deadline = time.time() + 120
-    while not (run / "lock").exists() and time.time() < deadline and first.poll() is None:
+    while time.time() < deadline and first.poll() is None and \
+            (integrity._holder(run / "lock") or {}).get("pid") != first.pid:
         time.sleep(0.05)
-    holder = json.loads((run / "lock").read_text())
-    assert holder["pid"] == first.pid and holder["host"] == socket.gethostname()
+    assert integrity.held(run) and integrity._holder(run / "lock")["host"] == socket.gethostname()
     capsys.readouterr()
     assert selfplay.main(["--resume", str(run)]) == 2
     err = capsys.readouterr().err
     assert f"in use by process {first.pid} on {socket.gethostname()}" in err and len(err.splitlines()) == 1, err
     out, _ = first.communicate(timeout=300)
     assert first.returncode == 0, out
-    assert not (run / "lock").exists(), "the lock goes with the process"
+    assert not integrity.held(run), "the lock goes with the process"
     same_run(folders / "whole", run)
 
 
-def test_a_lock_left_by_a_process_that_is_gone_is_taken_over(folders, tmp_path):
+@pytest.mark.parametrize("named", ["a process that is gone", "this very process (a restarted container's PID)"])
+def test_a_lock_file_no_process_holds_is_taken_whatever_it_names(folders, tmp_path, named):
     run = copy(folders, "in_training", tmp_path)
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()  # its PID names no process now
-    (run / "lock").write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname(), "since": "earlier"}))
+    if named == "a process that is gone":
+        gone = subprocess.Popen([sys.executable, "-c", "pass"])
+        gone.wait()  # its PID names no process now
+        pid = gone.pid
+    else:
+        pid = os.getpid()
+    (run / "lock").write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "since": "earlier"}))
     assert selfplay.main(["--resume", str(run)]) == 0
     same_run(folders / "whole", run)
 
 
-def test_a_lock_of_another_host_is_refused(folders, tmp_path, capsys):
+def test_a_lock_another_process_holds_is_refused_naming_it(folders, tmp_path, capsys):
+    """Held by a process whatever its file says (here another host): refused, never taken."""
     run = copy(folders, "in_training", tmp_path)
-    (run / "lock").write_text(json.dumps({"pid": 1, "host": "elsewhere", "since": "earlier"}))
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, json, sys, time\n"
+        f"f = open({str(run / 'lock')!r}, 'a+')\n"
+        "fcntl.flock(f, fcntl.LOCK_EX)\n"
+        "f.truncate(0); f.write(json.dumps({'pid': 4242, 'host': 'elsewhere', 'since': 'earlier'})); f.flush()\n"
+        "print('held', flush=True)\n"
+        "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert selfplay.main(["--resume", str(run)]) == 2
+        err = capsys.readouterr().err
+        assert "in use by process 4242 on elsewhere (since earlier)" in err and len(err.splitlines()) == 1, err
+        assert integrity._holder(run / "lock")["host"] == "elsewhere", "never taken from its holder"
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_of_two_new_runs_on_one_output_one_is_refused_and_leaves_nothing(tmp_path):
+    """The other run's folder appears while this one writes its own (they started at once)."""
+    folder = tmp_path / "runs" / "same"
+
+    def write(tmp):
+        integrity.take_lock(tmp)
+        (tmp / "state.json").write_text("{}")
+        folder.mkdir(parents=True)
+        (folder / "state.json").write_text('{"theirs": true}')  # the other process renames first
+    with pytest.raises(runfolder.DataError, match="already holds a run"):
+        runfolder.create_folder(folder, write)
+    assert sorted(os.listdir(tmp_path / "runs")) == ["same"]
+    assert (folder / "state.json").read_text() == '{"theirs": true}'
+
+
+def test_a_folder_from_before_the_digests_is_refused_in_one_line(folders, tmp_path, capsys):
+    run = copy(folders, "in_training", tmp_path)
+    state = json.loads((run / "state.json").read_text())
+    del state["digests"]
+    (run / "state.json").write_text(json.dumps(state))
     assert selfplay.main(["--resume", str(run)]) == 2
-    assert "in use by process 1 on elsewhere" in capsys.readouterr().err
-    assert json.loads((run / "lock").read_text())["host"] == "elsewhere", "never taken from its holder"
+    assert "from before 2026-12-07" in capsys.readouterr().err
 
 
-def full_disk_at(monkeypatch, target, n, partial=None):
-    """The n-th call of `target` (a module, a name) fails as a full disk does, after writing `partial`
-    (a half line) to its file, as a write cut short leaves it."""
+def full_disk_at(monkeypatch, target, n, partial=None, error=None):
+    """The n-th call of `target` (a module, a name) fails as a full disk does (`error`: an OSError,
+    or what the library raises), after writing `partial` (a half line) to its file, as a write cut
+    short leaves it."""
     module, name = target
     real, calls = getattr(module, name), []
 
@@ -224,26 +273,31 @@ def full_disk_at(monkeypatch, target, n, partial=None):
             if partial is not None:
                 with open(path, "a") as f:
                     f.write(partial)
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise error or OSError(errno.ENOSPC, "No space left on device")
         return real(path, *args, **kwargs)
     monkeypatch.setattr(module, name, failing)
 
 
-@pytest.mark.parametrize("where", ["a checkpoint's optimizer state", "a log line, half written"])
+@pytest.mark.parametrize("where", ["a checkpoint's optimizer state", "torch.save's own full-disk error",
+                                   "a log line, half written"])
 def test_a_full_disk_is_one_line_and_the_run_resumes_once_there_is_room(folders, tmp_path, monkeypatch, capsys,
                                                                         where):
     run = tmp_path / "run"
     if where == "a checkpoint's optimizer state":
         full_disk_at(monkeypatch, (torch, "save"), 2)
-        named = "resume/questioner_1_2"
+        named, says = "resume/questioner_1_2", "No space left on device"
+    elif where == "torch.save's own full-disk error":  # what torch.save raised on a full tmpfs
+        full_disk_at(monkeypatch, (torch, "save"), 2, error=RuntimeError(
+            "[enforce fail at inline_container.cc:672] . unexpected pos 1600 vs 1536"))
+        named, says = "resume/questioner_1_2", "unexpected pos"
     else:
         full_disk_at(monkeypatch, (runfolder, "append_jsonl"), 3, partial='{"phase": "quest')
-        named = "metrics.jsonl"
+        named, says = "metrics.jsonl", "No space left on device"
     capsys.readouterr()
     assert selfplay.main(flags(folders / "images", run)) == 1
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    assert named in err and "No space left on device" in err and "MiB free" in err and f"--resume {run}" in err
+    assert named in err and says in err and "MiB free" in err and f"--resume {run}" in err
     monkeypatch.undo()
     monkeypatch.setattr(selfplay, "stop_after_step_on_ctrl_c", lambda: None)
     assert selfplay.main(["--resume", str(run)]) == 0
