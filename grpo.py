@@ -208,7 +208,7 @@ def update(policy, optimizer, rollouts, advantages, ref_logp=None, *, temperatur
                           max_len=rollouts.max_new_tokens)  # Dr.GRPO's constant, not this batch's longest
             step = {}
             micro_batches = token_batches(minibatch, prompt_lengths, lengths, micro_batch_tokens)
-            padding = reduce.extra_passes(policy, len(micro_batches))
+            padding = reduce.extra_passes(policy, len(micro_batches))  # (a collective: before the passes)
             for rows in micro_batches:
                 logp, mask = rows_logprobs(policy, rollouts, rows, temperature)
                 T = mask.shape[1]

@@ -134,9 +134,9 @@ class CacheDecoder:
 @torch.no_grad()
 def sample(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0, keys=None,
            decoder=CacheDecoder):
-    """n completions of each prompt of `prompts` (a model.PromptBatch on the model's device) ->
-    Samples [B * n, T], T <= max_new_tokens. keys: one random stream per prompt (a machinery.keys.Keys
-    of B; unused at temperature 0): a prompt's samples depend on its key and the model alone."""
+    """n completions of each prompt of `prompts` (a model.PromptBatch on the model's device) -> Samples
+    [B * n, T], T <= max_new_tokens. keys: a random stream per prompt (machinery.keys.Keys; unused at
+    temperature 0), its samples' only randomness; decoder: CacheDecoder, or a class like it."""
     stop_ids = torch.tensor(model.generation_config.eos_token_id, device=model.device).flatten()
     pad_id, suppressed = model.generation_config.pad_token_id, suppressed_mask(model)
     source = decoder(model, prompts, n, max_new_tokens)

@@ -207,16 +207,17 @@ def curate(cfg, run, Q, R, images):
     """Q_k writes N candidates per image of the pool, R_{k-1} votes m times on each, and the
     confidence band keeps the questions the Reasoner will train on (METHOD.md, (24) and (11)).
     Every candidate goes to iter_k/questions.jsonl."""
-    writer = sampling_role(cfg, run.device, Q)
+    questioner_model = sampling_role(cfg, run.device, Q)
     processors = load_processors(cfg.model, cfg.min_pixels, cfg.max_pixels)
-    Q = as_sampler(cfg, writer, processors)
-    R = as_sampler(cfg, sampling_role(cfg, run.device, R, beside=writer), processors)
+    writer = as_sampler(cfg, questioner_model, processors)  # Q_k
+    voter = as_sampler(cfg, sampling_role(cfg, run.device, R, beside=questioner_model), processors)  # R_{k-1}
     pool, N, records = run.pool(images, cfg.curation_images), cfg.candidates_per_image, []
     for chunk in run.progress(pool.chunks(cfg.images_per_step), "curation"):
-        _, _, texts, parsed = questioner.write_questions(Q, chunk.images, chunk.keys("candidates"), n=N,
+        _, _, texts, parsed = questioner.write_questions(writer, chunk.images, chunk.keys("candidates"), n=N,
                                                          settings=sampling_settings(cfg).candidate,
                                                          fmt=cfg.question_format)
-        votes = reasoner.curate(R, chunk, texts, parsed, vote=curation_vote(cfg), band=(cfg.tau_low, cfg.tau_high))
+        votes = reasoner.curate(voter, chunk, texts, parsed, vote=curation_vote(cfg),
+                                band=(cfg.tau_low, cfg.tau_high))
         records += [{"image": chunk.paths[j // N], "image_index": chunk.items[j // N], **v}
                     for j, v in enumerate(votes)]
         run.bar.set_postfix(kept=sum(r["kept"] for r in records), of=len(records))

@@ -91,13 +91,18 @@ def silver_accuracy(run_dir):
     return {f"iter_{m['iteration']}": m.get("silver_accuracy") for m in lines if m["phase"] == "curation"}
 
 
-def demo(out, seed, plan=FULL):
-    """Pretrains, self-plays and evaluates into the folder `out`; returns what demo.json holds."""
+def demo(out, seed, plan=FULL, base=None):
+    """Pretrains, self-plays and evaluates into the folder `out`; returns what demo.json holds.
+    base: a folder tools/pretrain.py made, used instead of pretraining one."""
     start = time.perf_counter()
-    print("1/4 pretraining the base model ...", flush=True)
-    run([REPO / "tools" / "pretrain.py", "--output", out / "base", "--seed", seed, "--quiet", *plan.pretrain],
-        out / "pretrain.log")
-    cfg = pretrain.load_config(out / "base")
+    if base is None:
+        print("1/4 pretraining the base model ...", flush=True)
+        base = out / "base"
+        run([REPO / "tools" / "pretrain.py", "--output", base, "--seed", seed, "--quiet", *plan.pretrain],
+            out / "pretrain.log")
+    else:
+        print(f"1/4 the base model: {base}", flush=True)
+    cfg = pretrain.load_config(base)
     world, categories = cfg.world(), cfg.categories.split(",")
 
     print("2/4 writing unlabeled images and the held-out benchmark ...", flush=True)
@@ -106,13 +111,13 @@ def demo(out, seed, plan=FULL):
 
     print(f"3/4 self-play: {', '.join(plan.runs)} (two at a time) ...", flush=True)
     with ThreadPoolExecutor(max_workers=2) as pool:  # two cores: two runs of one thread each
-        list(pool.map(lambda name: run([REPO / "selfplay.py", PRESET, "--model", out / "base", "--images",
+        list(pool.map(lambda name: run([REPO / "selfplay.py", PRESET, "--model", base, "--images",
                                         out / "images", "--output", out / name, "--seed", seed, "--iterations",
                                         plan.iterations, *CONTROLS[name]], out / f"{name}.log"), plan.runs))
 
     print("4/4 evaluating ...", flush=True)
     last = f"iter_{plan.iterations}"
-    models = {"base": out / "base"}
+    models = {"base": base}
     if plan.every_iteration:
         models |= {f"iter_{k}": out / "selfplay" / f"iter_{k}" / "reasoner" for k in range(1, plan.iterations)}
     models |= {last if name == "selfplay" else name: out / name / last / "reasoner" for name in plan.runs}
@@ -146,6 +151,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seeds the pretraining, the images and self-play")
     parser.add_argument("--quick", action="store_true", help="the cut-down demonstration: a few minutes, "
                         "the method and the random-label control only, greedy accuracy on 200 questions")
+    parser.add_argument("--base", type=Path, help="a base tools/pretrain.py made, instead of pretraining one "
+                        "(examples/shapes_base is the --quick plan's at seed 0)")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     out = Path(args.out).resolve()  # the scripts it runs work from the repo's root
@@ -157,7 +164,7 @@ def main(argv=None):
           f"{len(plan.runs)} self-play runs of {plan.iterations} iterations (the method and "
           f"{len(plan.runs) - 1} control{'s' if len(plan.runs) > 2 else ''}), evaluation on {plan.held_out} held-out "
           f"questions. About {5 if args.quick else 15} minutes on 2 idle CPU cores.", flush=True)
-    result = demo(out, args.seed, plan)
+    result = demo(out, args.seed, plan, args.base and args.base.resolve())
     data.write_atomic(out / "demo.json", json.dumps(result, indent=2) + "\n")
     print(table(result["models"], plan.samples))
     shares = lambda by_iteration: ", ".join("-" if v is None else f"{v:.1%}" for v in by_iteration.values())
