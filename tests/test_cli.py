@@ -163,7 +163,7 @@ def test_a_missing_preset_is_one_line(tmp_path, capsys):
     assert stop.value.code == 2 and "cannot read the preset" in capsys.readouterr().err
 
 
-PRESETS = sorted((Path(__file__).resolve().parents[1] / "presets").glob("*.toml"))
+PRESETS = sorted((Path(__file__).resolve().parents[1] / "presets").rglob("*.toml"))
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
