@@ -24,7 +24,9 @@ import itertools
 import os
 import re
 import socket
+import threading
 import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -302,16 +304,25 @@ def _from_pretrained(cls, name_or_path, **kwargs):
 
 
 def hub_reachable(timeout=3.0):
-    """Whether the hub's host accepts a connection within `timeout` seconds (through a proxy, assumed so)."""
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
-                                       "all_proxy")):
-        return True
+    """Whether the hub's host accepts a connection within `timeout` seconds, its name looked up
+    included (through a proxy the environment names for it, assumed so)."""
     url = urllib.parse.urlparse(hub_constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    proxies = {scheme for scheme in urllib.request.getproxies_environment() if scheme != "no"}
+    if proxies and not urllib.request.proxy_bypass_environment(url.hostname):
         return True
-    except OSError:
-        return False
+    answer = []
+
+    def connect():  # in a thread: a name lookup has no timeout of its own
+        try:
+            port = url.port or (443 if url.scheme == "https" else 80)
+            socket.create_connection((url.hostname, port), timeout).close()
+            answer.append(True)
+        except OSError:
+            answer.append(False)
+    attempt = threading.Thread(target=connect, daemon=True)
+    attempt.start()
+    attempt.join(timeout)
+    return bool(answer and answer[0])
 
 
 # -----------------------------------------------------------------------------

@@ -206,6 +206,12 @@ def test_hub_id_without_a_network_fails_at_once(monkeypatch):
             monkeypatch.delenv(proxy, raising=False)
         assert M.hub_reachable()
     assert not M.hub_reachable()  # the same port, closed now
+    monkeypatch.setenv("all_proxy", "http://proxy.invalid:3128")
+    assert M.hub_reachable(), "through a proxy: assumed reachable"
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    assert not M.hub_reachable(), "a host the proxy is bypassed for is asked itself"
+    monkeypatch.delenv("all_proxy")
+    monkeypatch.delenv("no_proxy")
     monkeypatch.setattr(M.hub_constants, "HF_HUB_OFFLINE", False)
     with pytest.raises(ModelError, match="the hub cannot be reached") as err:
         load_vlm("no-such-org/no-such-model")
