@@ -192,9 +192,10 @@ def train_questioner(cfg, run, Q, R, images):
     reference, frozen_reasoner = frozen_models(cfg, trainee.model, Q, R)
     reward = partial(questioner.score_questions, as_sampler(cfg, frozen_reasoner, trainee.processors),
                      reward=questioner_reward_settings(cfg))
+    settings = sampling_settings(cfg).question
     for batch in run.batches("questioner", cfg.questioner_steps, range(len(images)), cfg.images_per_step, images):
-        rollouts, episodes = questioner.rollouts(trainee.sampler, batch, reward, G=cfg.group_size,
-                                                 settings=sampling_settings(cfg).question, fmt=cfg.question_format)
+        rollouts, episodes = questioner.rollouts(trainee.sampler, batch, reward, G=cfg.group_size, settings=settings,
+                                                 fmt=cfg.question_format)
         episodes = batch.gather(episodes, per=cfg.group_size)
         metrics = trainee.grpo_step(rollouts, reference, batch)
         metrics["valid_rate"] = float(np.mean([e["valid"] for e in episodes]))
@@ -212,12 +213,11 @@ def curate(cfg, run, Q, R, images):
     writer = as_sampler(cfg, questioner_model, processors)  # Q_k
     voter = as_sampler(cfg, sampling_role(cfg, run.device, R, beside=questioner_model), processors)  # R_{k-1}
     pool, N, records = run.pool(images, cfg.curation_images), cfg.candidates_per_image, []
+    settings, vote = sampling_settings(cfg).candidate, curation_vote(cfg)
     for chunk in run.progress(pool.chunks(cfg.images_per_step), "curation"):
         _, _, texts, parsed = questioner.write_questions(writer, chunk.images, chunk.keys("candidates"), n=N,
-                                                         settings=sampling_settings(cfg).candidate,
-                                                         fmt=cfg.question_format)
-        votes = reasoner.curate(voter, chunk, texts, parsed, vote=curation_vote(cfg),
-                                band=(cfg.tau_low, cfg.tau_high))
+                                                         settings=settings, fmt=cfg.question_format)
+        votes = reasoner.curate(voter, chunk, texts, parsed, vote=vote, band=(cfg.tau_low, cfg.tau_high))
         records += [{"image": chunk.paths[j // N], "image_index": chunk.items[j // N], **v}
                     for j, v in enumerate(votes)]
         run.bar.set_postfix(kept=sum(r["kept"] for r in records), of=len(records))
@@ -251,11 +251,10 @@ def train_reasoner(cfg, run, R, kept, images):
         return
     trainee = Trainee(cfg, R, run.device, run.checkpoint())
     reference, _ = frozen_models(cfg, trainee.model, R)
-    reward = partial(reasoner_reward, mode=cfg.reasoner_reward)
+    reward, settings = partial(reasoner_reward, mode=cfg.reasoner_reward), sampling_settings(cfg).answer
     for batch in run.batches("reasoner", cfg.reasoner_steps, kept, cfg.questions_per_step, images,
                              index=lambda record: record["image_index"]):
-        rollouts, episodes = reasoner.rollouts(trainee.sampler, batch, reward, G=cfg.group_size,
-                                               settings=sampling_settings(cfg).answer)
+        rollouts, episodes = reasoner.rollouts(trainee.sampler, batch, reward, G=cfg.group_size, settings=settings)
         metrics = trainee.grpo_step(rollouts, reference, batch)
         run.end_step(metrics, batch.gather(episodes), trainee.save_checkpoint)
     run.save_role("reasoner", trainee.save_role)

@@ -76,20 +76,6 @@ def release_lock(folder):
         f.close()
 
 
-def held(folder):
-    """Whether some process holds folder/lock now."""
-    path = Path(folder) / LOCK
-    if not path.exists():
-        return False
-    with open(path) as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(f, fcntl.LOCK_UN)
-    return False
-
-
 def damaged(path, what, fix="restore it from a copy, or start a new run"):
     return DataError(f"cannot resume: '{path}' is damaged ({what}): {fix}")
 

@@ -334,9 +334,7 @@ class Run:
                 write_json(self.dir / "state.json", dataclasses.asdict(self.state))
 
     def logs(self):
-        """The logs there are, and those state.json counts lines of."""
-        return sorted({path for pattern in LOGS for path in self.dir.glob(pattern)} |
-                      {self.dir / name for name, n in self.state.lines.items() if n})
+        return sorted(path for pattern in LOGS for path in self.dir.glob(pattern))
 
     def tidy(self):
         """Undoes what a kill left behind: appended lines of a step that never finished, the
@@ -348,8 +346,8 @@ class Run:
             if len(lines) != counted:
                 write_atomic(path, b"".join(lines[:counted]).decode("utf-8"))
         times = self.dir / "phase_times.jsonl"  # not counted (no two runs time alike): cut a half line
-        if times.exists() and not times.read_bytes().endswith(b"\n"):
-            text = times.read_bytes()
+        text = times.read_bytes() if times.exists() else b""
+        if text and not text.endswith(b"\n"):
             write_atomic(times, text[:text.rfind(b"\n") + 1].decode("utf-8", "replace"))
         self.remove_old_checkpoints()
         for path in [*self.dir.glob("*.tmp"), *self.dir.glob("iter_*/*.tmp")]:  # "*" matches dot files too
@@ -444,16 +442,12 @@ def create_folder(folder, write):
     try:
         write(tmp)
         os.rename(tmp, folder)
-    except OSError as err:
+    except BaseException as err:
         integrity.release_lock(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
-        if err.errno in (errno.ENOTEMPTY, errno.EEXIST):
+        if isinstance(err, OSError) and err.errno in (errno.ENOTEMPTY, errno.EEXIST):
             raise DataError(f"'{folder}' already holds a run (started at the same moment): pass --resume {folder} "
                             "to continue it, or another --output") from None
-        raise
-    except BaseException:
-        integrity.release_lock(tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
