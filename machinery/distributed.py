@@ -245,6 +245,7 @@ def reduce_for(share, group_size, sharded):
     policy is sharded (--fsdp, fsdp.py): its backward passes sum them, and every forward pass
     gathers its weights from all the processes, so each must make as many passes as the most any
     makes."""
+    alone = grpo.Reduce()  # what one process does: no passes to add, no gradients to sum
     return grpo.Reduce(positions=lambda n: share.rows(group_size), total=total, sum_metrics=sum_metrics,
-                       extra_passes=(lambda model, n: most(n) - n) if sharded else (lambda model, n: 0),
-                       sum_gradients=(lambda parameters: None) if sharded else sum_gradients)
+                       extra_passes=(lambda model, n: most(n) - n) if sharded else alone.extra_passes,
+                       sum_gradients=alone.sum_gradients if sharded else sum_gradients)
