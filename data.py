@@ -222,7 +222,7 @@ class Scene:
 
 
 def make_scene(seed: int, size=224, max_shapes=8, min_shapes=MIN_SHAPES, grid=0, colours=None,
-               distinct=False) -> Scene:
+               distinct=False, two_sizes=False) -> Scene:
     """
     A random scene of up to max_shapes (at least min_shapes) non-overlapping shapes on a size x size
     canvas, each 10% to 30% of the canvas across; the same scene for the same seed.
@@ -233,7 +233,8 @@ def make_scene(seed: int, size=224, max_shapes=8, min_shapes=MIN_SHAPES, grid=0,
     question compares sizes). With size 112 and grid 4 a cell is one 28 x 28 merged patch of the
     vision encoder: every image token sees one whole shape or none. `distinct`: no two shapes share
     both colour and kind, so "the red circle" always names one shape and a list of shapes by
-    colour and kind never repeats an item.
+    colour and kind never repeats an item. `two_sizes` (with `grid`): each shape is drawn either
+    75% or 37.5% of its cell across, so sizes can be compared, and all five categories are asked.
     """
     rng = np.random.default_rng(seed)
     # a few colours per scene, so colours repeat and counting them is worth asking
@@ -241,7 +242,7 @@ def make_scene(seed: int, size=224, max_shapes=8, min_shapes=MIN_SHAPES, grid=0,
     colours = [str(c) for c in rng.choice(palette, size=min(len(palette), rng.integers(2, 5)), replace=False)]
     n_shapes = rng.integers(min_shapes, max_shapes + 1)
     if grid:
-        return Scene(size, size, BACKGROUND, _grid_shapes(rng, size, grid, int(n_shapes), colours, distinct))
+        return Scene(size, size, BACKGROUND, _grid_shapes(rng, size, grid, int(n_shapes), colours, distinct, two_sizes))
     shapes = []
     for _ in range(100 * n_shapes):  # rejection sampling: a crowded canvas may end with fewer shapes
         if len(shapes) == n_shapes:
@@ -259,9 +260,9 @@ def _named_as(shape, shapes):
     return any((s.colour, s.kind) == (shape.colour, shape.kind) for s in shapes)
 
 
-def _grid_shapes(rng, size, grid, n_shapes, colours, distinct):
+def _grid_shapes(rng, size, grid, n_shapes, colours, distinct, two_sizes):
     """n_shapes shapes in distinct cells of a grid x grid layout, centred in their cells (fewer
-    if `distinct` runs out of colour and kind pairs)."""
+    if `distinct` runs out of colour and kind pairs); two_sizes: each full or half size."""
     cell = size // grid
     side = cell * 3 // 4
     if cell - side <= GAP or cell // 2 - side // 2 < EDGE:
@@ -269,9 +270,11 @@ def _grid_shapes(rng, size, grid, n_shapes, colours, distinct):
     shapes = []
     for index in rng.choice(grid * grid, size=min(n_shapes, grid * grid), replace=False):
         row, col = divmod(int(index), grid)
+        # half the side is a quarter of the area: clearly smaller by any reading (AREA_MARGIN)
+        this_side = side // 2 if two_sizes and rng.random() < 0.5 else side
         for _ in range(100):  # redraw a repeated colour and kind (distinct); give the cell up after 100
             shape = Shape(str(rng.choice(KINDS)), str(rng.choice(colours)), col * cell + cell // 2,
-                          row * cell + cell // 2, side)
+                          row * cell + cell // 2, this_side)
             if not (distinct and _named_as(shape, shapes)):
                 shapes.append(shape)
                 break
@@ -654,6 +657,47 @@ def grade_candidates(records, scenes):
     categories = {}
     for r in valid:
         categories[r["category"] or "other"] = categories.get(r["category"] or "other", 0) + 1
+    kept_categories = {}
+    for r in kept:
+        kept_categories[r["category"] or "other"] = kept_categories.get(r["category"] or "other", 0) + 1
     right = sum(r["answerable"] and answers_equivalent(r["silver"], r["true_answer"]) for r in kept)
     return {"answerable_frac": sum(r["answerable"] for r in valid) / len(valid) if valid else None,
-            "silver_accuracy": right / len(kept) if kept else None, "categories": categories}
+            "silver_accuracy": right / len(kept) if kept else None, "categories": categories,
+            "kept_categories": kept_categories}
+
+
+# -----------------------------------------------------------------------------
+# Labels that no vote chose, for the ablations' controls (shapes-world images only)
+
+def answer_space(category, max_shapes, colours) -> list[str]:
+    """Every answer a question of `category` can have in a world of at most max_shapes shapes in
+    the given colours: counts 0..max_shapes (counting, arithmetic), a colour, yes/no (spatial),
+    A/B (size)."""
+    if category in ("counting", "arithmetic"):
+        return [str(n) for n in range(max_shapes + 1)]
+    return {"colour": sorted(colours), "spatial": ["yes", "no"], "size": ["A", "B"]}[category]
+
+
+def oracle_labels(records):
+    """The upper bound: each kept candidate's silver label replaced by its true answer (records
+    as grade_candidates left them). A kept question without one (it does not parse, or the scene
+    does not determine an answer) is dropped, as no label could be right."""
+    for r in records:
+        if r["kept"]:
+            r["silver"], r["kept"] = r.get("true_answer"), r.get("answerable", False)
+
+
+def null_labels(records, scenes, rng):
+    """The noise floor: each kept candidate labelled with an answer drawn uniformly from its
+    category's answer_space, independent of the votes and of the image. A kept question of no
+    known category is dropped. scenes: every scene of the image folder, by path; the world's
+    bounds are read off all of them, so they tell nothing about any one."""
+    shapes = [s.shapes for s in scenes.values()]
+    most, colours = max(map(len, shapes)), {shape.colour for scene in shapes for shape in scene}
+    spaces = {c: answer_space(c, most, colours) for c in CATEGORIES}
+    for r in records:
+        if r["kept"]:
+            r["kept"] = r.get("category") in spaces  # None, or absent: an image without a scene
+            if r["kept"]:
+                space = spaces[r["category"]]
+                r["silver"] = space[rng.integers(len(space))]

@@ -47,7 +47,7 @@ QUESTIONER_PROMPTS = {
 class QuestionerRewardSettings:
     """The switches of the Questioner's reward, METHOD.md equations (4)-(10) (paper defaults)."""
     vote: Vote = field(default_factory=Vote)  # how the frozen Reasoner answers each question (m, ...)
-    uncertainty_scale: str = "paper"  # 1 - |2c - 1|, or "code": min(c, 1 - c)
+    uncertainty_scale: str = "paper"  # 1 - |2c - 1|, or "code": min(c, 1 - c), or "none": 1 (ablation)
     diversity_scope: str = "group"    # cluster within an image's G questions, or "batch"
     diversity_weight: float = 1.0     # λ
     diversity_threshold: float = 0.5  # BLEU distance at which clustering stops

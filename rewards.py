@@ -230,7 +230,10 @@ def majority_vote(answers, count_empty=False, count_empty_boxes=True):
 
 def uncertainty_reward(c, scale="paper"):
     """Questioner difficulty reward from the Reasoner's confidence c in [0, 1] (float).
-    paper: 1 - |2c - 1| (1 at c = 0.5, 0 at c in {0, 1}); code: min(c, 1 - c), half that scale."""
+    paper: 1 - |2c - 1| (1 at c = 0.5, 0 at c in {0, 1}); code: min(c, 1 - c), half that scale;
+    none: 1 whatever c, the ablation that takes difficulty away (a valid question is all that pays)."""
+    if scale == "none":
+        return 1.0
     if scale == "paper":
         return 1.0 - abs(2.0 * c - 1.0)
     if scale == "code":

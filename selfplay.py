@@ -33,6 +33,7 @@ import json
 import sys
 from dataclasses import asdict, dataclass
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ import transformers
 import grpo
 import questioner
 import reasoner
-from data import DataError, grade_candidates, readable_images
+from data import SCENES_FILE, DataError, grade_candidates, null_labels, oracle_labels, readable_images
 from model import ModelError, load_processors, resolve_device
 from rewards import reasoner_reward
 from machinery import distributed as dist
@@ -92,8 +93,9 @@ class Config:
                                      "public code's)", "questioner", valid=NON_NEGATIVE, default=1.0)
     vote_top_k: int = option("top-k of those votes (the public code's; 0: off)", "questioner", valid=NON_NEGATIVE,
                              default=40)
-    uncertainty_scale: str = option("'paper': 1 - |2c - 1|; 'code': min(c, 1 - c)", "questioner",
-                                    choices=("paper", "code"), default="paper")
+    uncertainty_scale: str = option("'paper': 1 - |2c - 1|; 'code': min(c, 1 - c); 'none': 1 for every valid "
+                                    "question (an ablation: no difficulty reward)", "questioner",
+                                    choices=("paper", "code", "none"), default="paper")
     diversity_scope: str = option("'group': cluster within an image's G questions; 'batch': whole batch",
                                   "questioner", choices=("group", "batch"), default="group")
     diversity_weight: float = option("λ of the diversity penalty", "questioner", valid=NON_NEGATIVE, default=1.0)
@@ -118,9 +120,11 @@ class Config:
     tau_high: float = option("... and <= tau_high (code: 0.3 / 0.8)", "curation", valid=FRACTION, default=0.75)
     curation_count_empty: bool = option("answers without \\boxed{} vote for 'None' in the confidence (public "
                                         "code; empty boxes are dropped)", "curation", default=False)
-    silver_labels: str = option("'majority': the vote's answer (the method); 'random': one of the distinct answers "
-                                "at random, the same questions kept (a control: labels no vote chose)",
-                                "curation", choices=("majority", "random"), default="majority")
+    silver_labels: str = option("'majority': the vote's answer (the method). Controls, labels no vote chose: "
+                                "'random': one of the distinct answers at random; 'oracle': the true answer; "
+                                "'null': uniform over the category's answers (oracle and null: shapes-world "
+                                "folders, whose answers are known)", "curation",
+                                choices=("majority", "random", "oracle", "null"), default="majority")
     on_too_few: str = option("when fewer questions are kept than one Reasoner batch: 'skip' the phase "
                              "(R_k = R_{k-1}) or 'stop'", "curation", choices=("skip", "stop"), default="skip")
     # reasoner
@@ -222,9 +226,13 @@ def curate(cfg, run, Q, R, images):
                     for j, v in enumerate(votes)]
         run.bar.set_postfix(kept=sum(r["kept"] for r in records), of=len(records))
     records = pool.gather(records, per=N)
-    if cfg.silver_labels == "random":
-        reasoner.random_silver_labels(records, run.image_rng)
-    grades = grade_candidates(records, images.scenes)  # shapes-world images only: true answers
+    grade_candidates(records, images.scenes)  # shapes-world images only: each one's true answer and category
+    if cfg.silver_labels != "majority":  # a control: labels that no vote chose
+        relabel = {"random": lambda: reasoner.random_silver_labels(records, run.image_rng),
+                   "oracle": lambda: oracle_labels(records),
+                   "null": lambda: null_labels(records, images.scenes, run.image_rng)}
+        relabel[cfg.silver_labels]()
+    grades = grade_candidates(records, images.scenes)  # how often the labels trained on are right
     run.save_questions(records)
     confidences = [r["confidence"] for r in records if r["valid"]]
     kept = sum(r["kept"] for r in records)
@@ -320,6 +328,9 @@ def main(argv=None):
             return 0
         if not cfg.images:
             raise DataError("--images is required (or --resume a run folder)")
+        if cfg.silver_labels in ("oracle", "null") and not (Path(cfg.images) / SCENES_FILE).is_file():
+            raise DataError(f"--silver-labels {cfg.silver_labels} needs the true answers: a folder written by "
+                            f"data.write_shapes_folder (with {SCENES_FILE}); '{cfg.images}' has none")
         device = dist.init(resolve_device(cfg.device), min(cfg.images_per_step, cfg.questions_per_step))
         if cfg.threads:
             torch.set_num_threads(cfg.threads)

@@ -14,7 +14,8 @@ A preset is a small TOML file of settings, `name = value` per line, given as the
 `python selfplay.py presets/first_run.toml --seed 1`. Its settings are read as the flags that say
 the same, placed before the command line's, so they go through the same checks, a flag given after
 overrides them (a list flag replaces the preset's list), and they count as given. Its paths are
-relative to where the command runs, as a flag's are.
+relative to where the command runs, as a flag's are. Several presets stack, each overriding the ones
+before it: `python selfplay.py presets/ablate.toml presets/ablation/no_diversity.toml ...`.
 
     @dataclass
     class Config:
@@ -147,13 +148,16 @@ def _parser(config_class, description=None, **kw):
 
 
 def parse_given(config_class, argv=None, description=None):
-    """argv (list[str]; None = sys.argv[1:]), which may start with a preset file (*.toml) -> (an
+    """argv (list[str]; None = sys.argv[1:]), which may start with preset files (*.toml) -> (an
     instance of config_class, the frozenset of the field names given, in the preset or as flags,
     whatever their value: even one equal to the default)."""
     parser = _parser(config_class, description)
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    if argv and argv[0].endswith(".toml"):
-        argv = preset_flags(parser, config_class, argv[0], argv[1:]) + argv[1:]
+    presets = []
+    while argv and argv[0].endswith(".toml"):
+        presets.append(argv.pop(0))
+    for path in reversed(presets):  # each preset's flags before those of the later ones and the command line
+        argv = preset_flags(parser, config_class, path, argv) + argv
     given = vars(parser.parse_args(argv))
     return config_class(**given), frozenset(given)
 

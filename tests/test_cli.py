@@ -171,3 +171,15 @@ def test_every_preset_of_the_repo_is_a_selfplay_config(preset):
     cfg, given = parse_given(selfplay.Config, [str(preset)])  # a misspelt setting or a bad value exits 2
     selfplay.check_bounds(cfg)
     assert given == set(tomllib.loads(preset.read_text()))
+
+
+def test_presets_stack_each_overriding_the_ones_before(tmp_path):
+    """Several leading presets: a later one's setting wins over an earlier one's, the command line over all;
+    a list in a later preset replaces an earlier one's."""
+    first, second = tmp_path / "a.toml", tmp_path / "b.toml"
+    first.write_text("models = ['a', 'b']\nrate = 0.5\nsteps = 7\n")
+    second.write_text("models = ['c']\nrate = 0.25\n")
+    cfg, given = parse_given(Example, [str(first), str(second), "--steps", "9"])
+    assert (cfg.models, cfg.rate, cfg.steps) == (["c"], 0.25, 9)
+    assert given == {"models", "rate", "steps"}
+    assert parse(Example, [str(second), str(first)]).rate == 0.5, "the order decides"

@@ -533,7 +533,8 @@ def test_grade_candidates_against_a_hand_made_scene():
     assert [r.get("answerable") for r in records] == [True, True, False, True, False, None]
     assert records[0]["category"] == "counting" and records[1]["category"] == "colour"
     assert grades == {"answerable_frac": 3 / 4, "silver_accuracy": 1 / 3,
-                      "categories": {"counting": 2, "colour": 1, "other": 1}}
+                      "categories": {"counting": 2, "colour": 1, "other": 1},
+                      "kept_categories": {"counting": 1, "colour": 1, "other": 1}}
     assert data.grade_candidates(records[-1:], {"a.png": scene}) == {}  # no scene known: no grades
 
 

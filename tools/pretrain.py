@@ -93,6 +93,8 @@ class Config:
     colours: str = option("comma-separated colours of data.PALETTE the scenes use", "world",
                           default="red,green,blue,yellow")
     distinct: bool = option("no two shapes of a scene share colour and kind", "world", default=True)
+    two_sizes: bool = option("with --grid: shapes full or half size, so sizes can be compared (size and the "
+                             "colour of the largest or smallest can be asked)", "world", default=False)
     categories: str = option("comma-separated question categories of data.CATEGORIES", "world",
                              default="counting")
     # the model
@@ -111,10 +113,15 @@ class Config:
     slip: float = option("chance that a step of a training checklist is flipped, its count and answer "
                          "following it (sampled noise that a vote outvotes but greedy decoding never makes)",
                          "train", valid=FRACTION, default=0.0)
-    guess: float = option("chance that a training answer to a counting question is a guess, "
-                          "'<think>guess</think> \\boxed{r}', r uniform over 0..max_shapes: above one "
+    guess: float = option("chance that a training answer to a question of --guess-categories is a guess, "
+                          "'<think>guess</think> \\boxed{r}', r uniform over the category's answers: above one "
                           "half, greedy decoding guesses while the checks' count wins the vote (maj@m >> greedy)", "train",
                           valid=FRACTION, default=0.6)
+    guess_categories: str = option("comma-separated categories with the hasty habit (the others the Reasoner "
+                                   "masters: it always checks)", "train", default="counting")
+    questioner_skew: float = option("chance that a Questioner row asks a category without the hasty habit "
+                                    "(one the Reasoner masters) where the scene allows one; otherwise any of the "
+                                    "scene's questions", "train", valid=FRACTION, default=0.0)
     guess_steps: int = option("guesses are taught in the last guess_steps steps only: the model first learns to "
                               "look from checklists alone", "train", valid=NON_NEGATIVE, default=150)
     lr: float = option("peak AdamW learning rate (warm-up, then cosine to a tenth)", "train", valid=POSITIVE,
@@ -127,12 +134,13 @@ class Config:
     def world(self):
         """data.make_scene's knobs of this world."""
         return dict(size=self.image_size, grid=self.grid, min_shapes=self.min_shapes, max_shapes=self.max_shapes,
-                    colours=self.colours.split(","), distinct=self.distinct)
+                    colours=self.colours.split(","), distinct=self.distinct, two_sizes=self.two_sizes)
 
 
 def check(cfg):
     """Settings that only make sense together; a one-line DataError naming the flag otherwise."""
-    for name, known in (("colours", data.PALETTE), ("categories", data.CATEGORIES)):
+    for name, known in (("colours", data.PALETTE), ("categories", data.CATEGORIES),
+                        ("guess_categories", data.CATEGORIES)):
         unknown = [v for v in getattr(cfg, name).split(",") if v not in known]
         if unknown:
             raise data.DataError(f"--{name}: unknown '{unknown[0]}' (choose from {', '.join(known)})")
@@ -149,7 +157,8 @@ def check(cfg):
 # -----------------------------------------------------------------------------
 # What the two roles are taught
 
-def reasoning(question, scene, colours=tuple(data.PALETTE), slip=0.0, guess=0.0, max_shapes=4, rng=None):
+def reasoning(question, scene, colours=tuple(data.PALETTE), slip=0.0, guess=0.0, max_shapes=4, rng=None,
+              guess_categories=("counting",)):
     """The Reasoner's target for a question about a scene: a short perception step, then the answer.
 
     Counting goes down a checklist of every colour and kind the question can mean, each with the
@@ -167,13 +176,16 @@ def reasoning(question, scene, colours=tuple(data.PALETTE), slip=0.0, guess=0.0,
     slip: the chance (drawn from rng) that a step says the opposite of the image, the counts and
     the answer following it, as a reasoner's chain follows its own slips. Trained on such chains the
     model slips about that often at temperature 1 while its most likely step stays right.
-    guess: the chance that a counting answer is instead "<think>guess</think> \\boxed{r}", r drawn
-    uniformly from 0..max_shapes, whatever the image (the module's docstring says why)."""
+    guess: the chance that an answer to a question of guess_categories is instead
+    "<think>guess</think> \\boxed{r}", r drawn uniformly from the category's answers (0..max_shapes
+    for a count), whatever the image (the module's docstring says why)."""
+    category = data.question_category(question)
+    if guess and category in guess_categories and rng.random() < guess:
+        space = data.answer_space(category, max_shapes, colours)
+        return f"<think>guess</think> \\boxed{{{space[rng.integers(len(space))]}}}"
     what = data.counted(question)
     if what is not None:
         colour, kind = what
-        if guess and rng.random() < guess:
-            return f"<think>guess</think> \\boxed{{{rng.integers(max_shapes + 1)}}}"
         total, steps = 0, []
         for c, k in itertools.product([colour] if colour else colours, [kind] if kind else data.KINDS):
             here = sum(s.colour == c and s.kind == k for s in scene.shapes)
@@ -198,7 +210,7 @@ def question_target(question):
 
 def rows(cfg, rng, n):
     """n training rows (image, prompt, target, scene) on fresh scenes, a share of them Questioner rows."""
-    categories = cfg.categories.split(",")
+    categories, guessed = cfg.categories.split(","), cfg.guess_categories.split(",")
     out = []
     while len(out) < n:
         scene = data.make_scene(int(rng.integers(2**63)), **cfg.world())
@@ -208,10 +220,13 @@ def rows(cfg, rng, n):
         q = questions[rng.integers(len(questions))]["question"]
         image = data.render(scene)
         if rng.random() < cfg.questioner_share:
+            mastered = [x["question"] for x in questions if x["category"] not in guessed]
+            if cfg.questioner_skew and mastered and rng.random() < cfg.questioner_skew:
+                q = mastered[rng.integers(len(mastered))]  # the planted skew: asking what the Reasoner knows
             out.append((image, QUESTIONER_PROMPTS["paper"], question_target(q), scene))
         else:
             target = reasoning(q, scene, cfg.colours.split(","), slip=cfg.slip, guess=cfg.guess,
-                               max_shapes=cfg.max_shapes, rng=rng)
+                               max_shapes=cfg.max_shapes, rng=rng, guess_categories=guessed)
             out.append((image, reasoner_prompt(q), target, scene))
     return out
 

@@ -1,0 +1,458 @@
+"""Ablations in one command: which part of VisPlay makes its gain, measured over seeds on one
+held-out benchmark, every arm against the method on the same questions.
+
+    python ablate.py OUT                      # 8 arms x 3 seeds, 3 iterations, 500 questions
+    python ablate.py OUT --quick              # the same arms, 2 seeds, fewer steps and questions
+    python ablate.py OUT --arms method,null_labels --seeds 5 --base-seeds 2
+
+An arm is a preset in presets/ablation/ (ARM.toml): the self-play settings that take one part
+of the method away, stacked on the settings every arm shares (presets/ablate.toml, and
+presets/ablate_quick.toml with --quick). A new arm is a new file; `--arms` names the files.
+
+What happens, each step skipped where its output is already in OUT, so the same command run
+again finishes what a killed one left:
+1. The base: a small Qwen2.5-VL pretrained on the five-category shapes world (tools/pretrain.py
+   with WORLD's flags), with a planted skew: its Reasoner checks the image on colour, spatial
+   and size questions (it masters them) but mostly guesses on counting and arithmetic ones (the
+   hasty habit, where the vote knows more than greedy decoding), and its Questioner asks the
+   mastered categories most of the time. So the difficulty reward has a frontier to find and
+   the diversity reward a coverage to keep. Base seed 0 is the shipped examples/shapes5_base
+   (that command's output); --base-seeds N pretrains seeds 1..N-1 into OUT/bases/.
+2. Per base, unlabeled images for self-play; one held-out benchmark balanced over the five
+   categories, on scenes of another random stream (never trained on, never tuned on).
+3. Self-play, every arm x seed x base: selfplay.py with the stacked presets, --jobs runs at a
+   time (one torch thread each on CPU, one GPU each with --device cuda); a killed run resumes.
+4. evaluate.py on each run's Reasoner of every iteration and on the base: greedy accuracy, the
+   same questions shown other images (blind), pass@1 and maj@m of m samples at temperature 1.
+5. OUT/ablation.md (the tables), OUT/ablation.json and OUT/ablation.html (the plot): per arm the
+   mean over runs with a 95% interval, and its paired difference to `method`, from a bootstrap
+   that resamples runs and questions together (`bootstrap`). From each run's metrics: how often
+   curation's silver labels were right, how many questions it kept, and the category mix of the
+   Questioner's questions per iteration (what the Questioner changed).
+
+How to read it: an arm below the method, its paired interval excluding 0, is a part the gain
+needs; `oracle_labels` (the true answers) is the ceiling and `null_labels` (random answers of
+the right kind) the floor, both measured, not assumed.
+"""
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+import data
+from evaluate import safe_name
+from machinery.cli import AT_LEAST_1, option, parse, progress
+from tools import ablation_page, pretrain
+
+REPO = Path(__file__).resolve().parent
+ARMS = REPO / "presets" / "ablation"
+SHIPPED_BASE = REPO / "examples" / "shapes5_base"  # WORLD's pretraining at seed 0
+TRAIN_STREAM, BENCH_STREAM = 10_000, 20_000  # image streams that never meet pretraining's or each other
+
+# The five-category world and its planted skew (step 1 of the docstring), as tools/pretrain.py flags.
+WORLD = ("--categories", "counting,colour,spatial,size,arithmetic", "--two-sizes",
+         "--guess-categories", "counting,arithmetic", "--questioner-skew", "0.8", "--eval-questions", "200")
+
+
+@dataclass
+class Config:
+    out: str = option("folder for everything the ablation writes (or the first argument); the same command "
+                      "again finishes a killed one")
+    quick: bool = option("fewer steps and questions, 2 seeds: a few minutes on 2 CPU cores", default=False)
+    arms: str = option("comma-separated arms, files of presets/ablation/ (default: all; `method` is always run)",
+                       default="")
+    seeds: int = option("self-play seeds per arm (default 3, 2 with --quick)", valid=AT_LEAST_1, default=None)
+    base_seeds: int = option("bases pretrained from seeds 0..N-1, each with every arm and seed", valid=AT_LEAST_1,
+                             default=1)
+    jobs: int = option("runs at a time (default: the CPU cores, or the GPUs with --device cuda)", valid=AT_LEAST_1,
+                       default=None)
+    device: str = option("cpu or cuda", choices=("cpu", "cuda"), default="cpu")
+    bootstrap: int = option("bootstrap resamples for the intervals", valid=AT_LEAST_1, default=4000)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much one table measures: FULL, or QUICK (--quick)."""
+    presets: tuple = ("presets/ablate.toml",)  # the self-play settings every arm stacks on
+    seeds: int = 3
+    train_images: int = 256
+    held_out: int = 500  # questions of the benchmark, a fifth per category
+    samples: int = 8  # m of pass@1 and maj@m
+
+
+FULL = Plan()
+QUICK = Plan(presets=("presets/ablate.toml", "presets/ablate_quick.toml"), seeds=2, train_images=128, held_out=150,
+             samples=4)
+
+
+@dataclass(frozen=True)
+class Run:
+    arm: str
+    seed: int
+    base_seed: int
+
+    @property
+    def name(self):
+        return f"{self.arm}/seed_{self.seed}" + (f"-base_{self.base_seed}" if self.base_seed else "")
+
+
+# -----------------------------------------------------------------------------
+# Running the scripts
+
+def script(args, log, env=None):
+    """Runs a script of the repo, its output into `log`; True if it exited 0."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f:
+        done = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+                              env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
+    return done.returncode == 0
+
+
+def base_folder(out, base_seed):
+    return SHIPPED_BASE if base_seed == 0 else out / "bases" / f"seed_{base_seed}"
+
+
+def make_base(out, base_seed):
+    """Pretrains the base of base_seed unless it is there; pretrain.py writes its config last."""
+    folder = base_folder(out, base_seed)
+    if not (folder / pretrain.CONFIG_FILE).is_file():
+        if not script(["tools/pretrain.py", "--output", folder, "--seed", base_seed, "--quiet", *WORLD],
+                      out / "logs" / f"pretrain_{base_seed}.log"):
+            sys.exit(f"ablate.py: pretraining base seed {base_seed} failed; see {out / 'logs'}")
+    return folder
+
+
+def make_images(out, plan, base_seed):
+    """The unlabeled self-play images of a base; write_shapes_folder writes scenes.jsonl last."""
+    folder = out / "images" / f"base_{base_seed}"
+    if not (folder / data.SCENES_FILE).is_file():
+        world = pretrain.load_config(base_folder(out, base_seed)).world()
+        data.write_shapes_folder(folder, plan.train_images, seed=TRAIN_STREAM + base_seed, **world)
+    return folder
+
+
+def make_benchmark(out, plan):
+    """The held-out questions as evaluate.py's JSONL, balanced over the five categories."""
+    folder = out / "bench"
+    if not (folder / "heldout.jsonl").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        lines = []
+        world = pretrain.load_config(SHIPPED_BASE).world()
+        for r in data.shapes_benchmark(plan.held_out, seed=BENCH_STREAM, categories=data.CATEGORIES, **world):
+            r["image"].save(folder / f"{r['id']}.png")
+            lines.append(json.dumps({"id": r["id"], "image": f"{r['id']}.png", "question": r["question"],
+                                     "answer": r["answer"], "category": r["category"]}) + "\n")
+        data.write_atomic(folder / "heldout.jsonl", "".join(lines))
+    return folder / "heldout.jsonl"
+
+
+def self_play(cfg, plan, out, run, slot):
+    """One arm x seed x base: self-play (resumed if a folder is there), then evaluate.py on each
+    iteration's Reasoner. Returns None, or what failed."""
+    folder, log = out / "runs" / run.name, out / "logs" / f"{safe_name(run.name)}.log"
+    env = {"CUDA_VISIBLE_DEVICES": slot} if cfg.device == "cuda" else {}
+    if folder.is_dir():
+        argv = ["selfplay.py", "--resume", folder]
+    else:
+        argv = ["selfplay.py", *plan.presets, ARMS / f"{run.arm}.toml", "--model", base_folder(out, run.base_seed),
+                "--images", out / "images" / f"base_{run.base_seed}", "--output", folder, "--seed", run.seed,
+                "--device", cfg.device, "--quiet"]
+    if not script(argv, log, env):
+        return f"{run.name}: selfplay.py failed; see {log}"
+    iterations = sorted(folder.glob("iter_*/reasoner"), key=lambda p: int(p.parent.name[5:]))
+    if not evaluated(out / "eval" / run.name, iterations):
+        if not script(evaluate_args(cfg, plan, out, out / "eval" / run.name, iterations), log, env):
+            return f"{run.name}: evaluate.py failed; see {log}"
+    return None
+
+
+def evaluate_args(cfg, plan, out, folder, models):
+    argv = ["evaluate.py", "--bench", out / "bench" / "heldout.jsonl", "--output", folder, "--samples", plan.samples,
+            "--max-new-tokens", 48, "--device", cfg.device, "--quiet"]
+    for model in models:
+        argv += ["--model", model]
+    return argv
+
+
+def evaluated(folder, models):
+    """Whether evaluate.py has finished every model into folder (it writes results.json after each)."""
+    try:
+        done = json.loads((folder / "results.json").read_text())["benchmarks"]["heldout"]["models"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return all(str(m) in done for m in models)
+
+
+def run_all(cfg, plan, out, runs):
+    """Every run, cfg.jobs at a time, a progress bar over them; exits naming the failed ones."""
+    slots = queue.Queue()  # on CUDA each run takes a GPU of its own; on CPU a slot is only a turn
+    gpus = (os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(map(str, range(_gpus())))).split(",") \
+        if cfg.device == "cuda" else []
+    for slot in range(cfg.jobs):
+        slots.put(gpus[slot % len(gpus)] if gpus else None)
+
+    def one(run):
+        slot = slots.get()
+        try:
+            return self_play(cfg, plan, out, run, slot)
+        finally:
+            slots.put(slot)
+
+    failed = []
+    with ThreadPoolExecutor(max_workers=cfg.jobs) as pool, progress(total=len(runs), desc="runs", unit="run") as bar:
+        futures = [pool.submit(one, run) for run in runs]
+        try:
+            for done in as_completed(futures):  # the bar moves as each run ends
+                bar.update()
+                if done.result():
+                    failed.append(done.result())
+        except KeyboardInterrupt:  # the runs under way stop with it; the queued ones never start
+            pool.shutdown(cancel_futures=True)
+            raise
+    if failed:
+        sys.exit("ablate.py: " + "; ".join(failed) + " (run the same command again to go on)")
+
+
+# -----------------------------------------------------------------------------
+# Statistics
+
+def bootstrap(values, reps, rng):
+    """values: [R, Q], one row per run, one column per question (0/1 verdicts, or the differences
+    of two arms' verdicts run by run) -> (mean, [low, high]): the mean and its 95% percentile
+    interval when runs and questions are both resampled with replacement. Every run answers the
+    same questions, so one draw of questions serves all rows: a question's difficulty is shared
+    by the runs, as it is in the data. With one run, only the questions vary."""
+    values = np.asarray(values, dtype=float)
+    R, Q = values.shape
+    means = np.empty(reps)
+    for start in range(0, reps, 256):  # [256, R, Q] at a time: memory stays small
+        n = min(256, reps - start)
+        rows = rng.integers(R, size=(n, R, 1))
+        cols = rng.integers(Q, size=(n, 1, Q))
+        means[start:start + n] = values[rows, cols].mean(axis=(1, 2))
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(values.mean()), [float(low), float(high)]
+
+
+def verdicts(folder, model):
+    """Per held-out question, in benchmark order: greedy right, its share of right samples, its majority right."""
+    rows = [json.loads(line) for line in open(folder / "samples" / safe_name(str(model)) / "heldout.jsonl")]
+    return {"greedy": np.array([r["correct"] for r in rows], dtype=float),
+            "pass1": np.array([np.mean(r["sampled_correct"]) for r in rows]),
+            "maj": np.array([r["majority_correct"] for r in rows], dtype=float),
+            "category": [r["category"] for r in rows]}
+
+
+def scores(folder, model):
+    """{greedy, pass1, maj, blind} accuracies of one model from evaluate.py's results.json."""
+    r = json.loads((folder / "results.json").read_text())["benchmarks"]["heldout"]["models"][str(model)]
+    return {"greedy": r["accuracy"], "pass1": r["pass1"]["accuracy"], "maj": r["maj"]["accuracy"],
+            "blind": r["blind"]["accuracy"]}
+
+
+def curation(run_folder):
+    """Per iteration, from a run's metrics: silver-label accuracy, kept and candidate counts, and
+    the categories of the valid candidates (the Questioner's mix) and of the kept ones."""
+    lines = [json.loads(line) for line in open(run_folder / "metrics.jsonl")]
+    return [{key: m.get(key) for key in ("iteration", "silver_accuracy", "n_kept", "n_candidates", "categories",
+                                         "kept_categories")} for m in lines if m["phase"] == "curation"]
+
+
+def mix(counts):
+    """{category: count} -> {category: share} over data.CATEGORIES (and 'other'), 0 where absent."""
+    total = sum(counts.values()) or 1
+    return {c: counts.get(c, 0) / total for c in (*data.CATEGORIES, "other") if c in counts or c != "other"}
+
+
+def summarise(cfg, plan, out, runs, seconds, command):
+    """What ablation.json holds (see the README's "Run an ablation")."""
+    rng = np.random.default_rng(0)
+    bases = sorted({r.base_seed for r in runs})
+    base_v = {b: verdicts(out / "eval" / "bases" / f"seed_{b}", base_folder(out, b)) for b in bases}
+    base_scores = [scores(out / "eval" / "bases" / f"seed_{b}", base_folder(out, b)) for b in bases]
+    categories = base_v[bases[0]]["category"]
+    by_category = lambda v: {c: float(np.mean([x for x, k in zip(v, categories) if k == c])) for c in data.CATEGORIES}
+    summary = {"command": command, "config": asdict(cfg), "plan": asdict(plan),
+               "questions": len(categories), "runs_per_arm": plan.seeds * cfg.base_seeds,
+               "base": {**{key: float(np.mean([s[key] for s in base_scores])) for key in base_scores[0]},
+                        "by_category": by_category(np.mean([base_v[b]["greedy"] for b in bases], axis=0))},
+               "arms": {}}
+    last_of = {}  # arm -> [R, Q] greedy verdicts of each run's last Reasoner, runs in one order for every arm
+    for arm in dict.fromkeys(r.arm for r in runs):
+        mine = [r for r in runs if r.arm == arm]
+        folders = [out / "runs" / r.name for r in mine]
+        models = [sorted(f.glob("iter_*/reasoner"), key=lambda p: int(p.parent.name[5:])) for f in folders]
+        K = max(map(len, models))
+        v = [[verdicts(out / "eval" / r.name, m) for m in ms] for r, ms in zip(mine, models)]
+        curve = [{"iteration": 0, **dict(zip(("mean", "ci95"),
+                                             bootstrap([base_v[r.base_seed]["greedy"] for r in mine], cfg.bootstrap,
+                                                       rng)))}]
+        for k in range(K):
+            curve.append({"iteration": k + 1, **dict(zip(("mean", "ci95"), bootstrap(
+                [run_v[k]["greedy"] for run_v in v if len(run_v) > k], cfg.bootstrap, rng)))})
+        last_of[arm] = np.array([run_v[-1]["greedy"] for run_v in v])
+        mean, ci95 = bootstrap(last_of[arm], cfg.bootstrap, rng)  # each run's last Reasoner, whatever its K
+        per_seed = {r.name.split("/", 1)[1]: scores(out / "eval" / r.name, ms[-1]) for r, ms in zip(mine, models)}
+        questions = [curation(f) for f in folders]
+        summary["arms"][arm] = {
+            "mean": mean, "ci95": ci95, "per_seed": per_seed, "curve": curve,
+            "by_category": by_category(last_of[arm].mean(axis=0)),
+            **{key: float(np.mean([s[key] for s in per_seed.values()])) for key in ("pass1", "maj", "blind")},
+            "curation": [{"iteration": k + 1,
+                          "silver_accuracy": _mean([q[k]["silver_accuracy"] for q in questions if len(q) > k]),
+                          "kept": _mean([q[k]["n_kept"] for q in questions if len(q) > k]),
+                          "candidates": _mean([q[k]["n_candidates"] for q in questions if len(q) > k]),
+                          "mix": mix(_total([q[k]["categories"] for q in questions if len(q) > k])),
+                          "kept_mix": mix(_total([q[k]["kept_categories"] for q in questions if len(q) > k]))}
+                         for k in range(K)],
+            "paired_diff": None}
+    for arm, entry in summary["arms"].items():
+        if arm != "method":
+            mean, ci95 = bootstrap(last_of[arm] - last_of["method"], cfg.bootstrap, rng)
+            entry["paired_diff"] = {"mean": mean, "ci95": ci95}
+    summary["seconds"] = seconds
+    return summary
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def _total(counts):
+    total = {}
+    for c in counts:
+        for key, n in (c or {}).items():
+            total[key] = total.get(key, 0) + n
+    return total
+
+
+# -----------------------------------------------------------------------------
+# The tables
+
+def pct(x):
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def interval(ci):
+    return f"[{pct(ci[0])}, {pct(ci[1])}]"
+
+
+def markdown(summary):
+    """ablation.md: the main table, greedy accuracy per category, and what curation kept per iteration."""
+    b, arms = summary["base"], summary["arms"]
+    lines = [f"# Ablation: {len(arms)} arms, {summary['questions']} held-out questions", "",
+             f"    {summary['command']}", "",
+             f"Greedy accuracy (%) of each arm's last Reasoner, mean over {summary['runs_per_arm']} runs with a 95% "
+             "bootstrap interval (runs and questions resampled); Δ: the paired difference to `method` on the same "
+             f"questions and seeds. The base: greedy {pct(b['greedy'])}, pass@1 {pct(b['pass1'])}, "
+             f"maj@{summary['plan']['samples']} {pct(b['maj'])}, blind {pct(b['blind'])}.", "",
+             f"| arm | greedy | 95% interval | Δ vs method | 95% interval | pass@1 | maj@{summary['plan']['samples']} "
+             "| blind |", "|---|---|---|---|---|---|---|---|"]
+    for arm, a in arms.items():
+        d = a["paired_diff"]
+        diff = ("-", "-") if d is None else (f"{100 * d['mean']:+.1f}", interval(d["ci95"]))
+        lines.append(f"| {arm} | {pct(a['mean'])} | {interval(a['ci95'])} | {diff[0]} | {diff[1]} | "
+                     f"{pct(a['pass1'])} | {pct(a['maj'])} | {pct(a['blind'])} |")
+    lines += ["", "Greedy accuracy (%) per category, the last Reasoner (mean over runs):", "",
+              "| arm | " + " | ".join(data.CATEGORIES) + " |", "|---|" + "---|" * len(data.CATEGORIES),
+              "| base | " + " | ".join(pct(b["by_category"][c]) for c in data.CATEGORIES) + " |"]
+    lines += [f"| {arm} | " + " | ".join(pct(a["by_category"][c]) for c in data.CATEGORIES) + " |"
+              for arm, a in arms.items()]
+    lines += ["", "Curation per iteration (mean over runs): silver-label accuracy (%), questions kept of the "
+              "candidates, and the Questioner's category mix (% of its valid candidates: "
+              + ", ".join(f"{c[:5]}" for c in data.CATEGORIES) + ").", "",
+              "| arm | iteration | silver accuracy | kept | of | mix |", "|---|---|---|---|---|---|"]
+    for arm, a in arms.items():
+        for c in a["curation"]:
+            shares = " / ".join(f"{100 * c['mix'].get(k, 0):.0f}" for k in data.CATEGORIES)
+            kept, of = ("-" if x is None else f"{x:.0f}" for x in (c["kept"], c["candidates"]))
+            lines.append(f"| {arm} | {c['iteration']} | {pct(c['silver_accuracy'])} | {kept} | {of} | {shares} |")
+    lines += ["", f"{summary['seconds'] / 60:.1f} minutes."]
+    return "\n".join(lines) + "\n"
+
+
+# -----------------------------------------------------------------------------
+# The command
+
+def same_plan(out, plan):
+    """Writes OUT/plan.json the first time; later, refuses a plan that differs from it, since the
+    benchmark, the images and every run in OUT were made by the first one."""
+    wanted = {"plan": asdict(replace(plan, seeds=None)), "world": list(WORLD)}  # more seeds or arms may join
+    path = out / "plan.json"
+    if path.is_file():
+        if json.loads(path.read_text()) != json.loads(json.dumps(wanted)):
+            raise data.DataError(f"'{out}' holds an ablation of another plan ({path}): give --quick as it was "
+                                 "made with, or a new OUT")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        data.write_atomic(path, json.dumps(wanted, indent=2) + "\n")
+
+
+def chosen_arms(cfg):
+    """The arms' names, `method` first (every difference is taken to it); exits 2 on an unknown one."""
+    known = sorted(p.stem for p in ARMS.glob("*.toml"))
+    names = [a for a in cfg.arms.split(",") if a] or known
+    unknown = [a for a in names if a not in known]
+    if unknown:
+        raise data.DataError(f"--arms: no arm '{unknown[0]}' (the files of presets/ablation/: {', '.join(known)})")
+    return ["method", *dict.fromkeys(a for a in names if a != "method")]
+
+
+def main(argv=None):
+    given = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    argv = ["--out", *given] if given and not given[0].startswith("-") else given  # `ablate.py OUT` is `--out OUT`
+    cfg = parse(Config, argv, __doc__.split("\n\n")[0])
+    plan = QUICK if cfg.quick else FULL
+    plan = replace(plan, seeds=cfg.seeds or plan.seeds)
+    cfg = replace(cfg, seeds=plan.seeds,
+                  jobs=cfg.jobs or (len(os.sched_getaffinity(0)) if cfg.device == "cpu" else _gpus()))
+    try:
+        arms = chosen_arms(cfg)
+    except data.DataError as err:
+        print(f"ablate.py: error: {err}", file=sys.stderr)
+        return 2
+    out = Path(cfg.out).resolve()  # the scripts run from the repo's root
+    runs = [Run(arm, seed, b) for b in range(cfg.base_seeds) for arm in arms for seed in range(plan.seeds)]
+    print(f"ablation into {out}: {len(arms)} arms x {plan.seeds} seeds x {cfg.base_seeds} base(s) = {len(runs)} "
+          f"self-play runs, {cfg.jobs} at a time; {plan.held_out} held-out questions", flush=True)
+    start = time.perf_counter()
+    try:
+        same_plan(out, plan)
+    except data.DataError as err:
+        print(f"ablate.py: error: {err}", file=sys.stderr)
+        return 2
+    make_benchmark(out, plan)
+    for b in range(cfg.base_seeds):
+        make_base(out, b)
+        make_images(out, plan, b)
+        folder = out / "eval" / "bases" / f"seed_{b}"
+        if not evaluated(folder, [base_folder(out, b)]):
+            if not script(evaluate_args(cfg, plan, out, folder, [base_folder(out, b)]),
+                          out / "logs" / f"eval_base_{b}.log"):
+                sys.exit(f"ablate.py: evaluating base {b} failed; see {out / 'logs'}")
+    run_all(cfg, plan, out, runs)
+    summary = summarise(cfg, plan, out, runs, time.perf_counter() - start, "python ablate.py " + " ".join(given))
+    data.write_atomic(out / "ablation.json", json.dumps(summary, indent=2) + "\n")
+    data.write_atomic(out / "ablation.md", markdown(summary))
+    data.write_atomic(out / "ablation.html", ablation_page.page(summary))
+    print(markdown(summary))
+    print(f"done: {out / 'ablation.md'}, {out / 'ablation.json'}, {out / 'ablation.html'}")
+    return 0
+
+
+def _gpus():
+    import torch
+    return max(torch.cuda.device_count(), 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""ablate.py's statistics and inputs, and the controls it runs (data.oracle_labels, data.null_labels,
+the difficulty reward switched off): each checked against an independent reference."""
+
+import json
+import math
+import tomllib
+
+import numpy as np
+import pytest
+
+import ablate
+import data
+import selfplay
+from rewards import uncertainty_reward
+from tools import pretrain
+
+
+def test_bootstrap_of_one_run_matches_the_normal_interval_of_a_proportion():
+    """One run: only questions are resampled, so the interval is the binomial one, p ± 1.96·sqrt(p(1-p)/n)
+    (n = 400: the normal approximation is good to about a point; the Monte Carlo error of 4000 resamples
+    is ~0.1 point)."""
+    rng = np.random.default_rng(1)
+    correct = (rng.random((1, 400)) < 0.3).astype(float)
+    p = correct.mean()
+    mean, (low, high) = ablate.bootstrap(correct, 4000, np.random.default_rng(0))
+    half = 1.959964 * math.sqrt(p * (1 - p) / 400)
+    assert mean == pytest.approx(p)
+    assert low == pytest.approx(p - half, abs=0.012) and high == pytest.approx(p + half, abs=0.012)
+
+
+def test_bootstrap_widens_with_the_spread_between_runs():
+    """Runs that disagree (two at 20%, two at 80%) give a wider interval than runs that agree at the same
+    mean: the runs are resampled too, not only the questions."""
+    rng = np.random.default_rng(2)
+    agree = (rng.random((4, 300)) < 0.5).astype(float)
+    apart = np.stack([(rng.random(300) < p).astype(float) for p in (0.2, 0.8, 0.2, 0.8)])
+    width = lambda v: np.diff(ablate.bootstrap(v, 2000, np.random.default_rng(0))[1])[0]
+    assert width(apart) > 2 * width(agree)
+
+
+def test_a_paired_difference_cancels_what_two_arms_share():
+    """The same verdicts but one question flipped right in the arm: the difference's interval is tight
+    around +1/Q, far tighter than either arm's own interval."""
+    rng = np.random.default_rng(3)
+    method = (rng.random((3, 200)) < 0.5).astype(float)
+    method[:, 0] = 0
+    arm = method.copy()
+    arm[:, 0] = 1
+    mean, (low, high) = ablate.bootstrap(arm - method, 2000, np.random.default_rng(0))
+    arm_low, arm_high = ablate.bootstrap(arm, 2000, np.random.default_rng(0))[1]
+    assert mean == pytest.approx(1 / 200) and high <= 0.02 and high - low < 0.2 * (arm_high - arm_low)
+
+
+def test_an_unknown_arm_is_one_line_exit_2(tmp_path, capsys):
+    assert ablate.main([str(tmp_path / "out"), "--arms", "method,no_such_arm"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no arm 'no_such_arm'" in err
+    assert not (tmp_path / "out").exists(), "nothing written before the arms are known"
+
+
+def test_every_arm_runs_with_the_shared_settings_stacked():
+    """Each arm file parses as a selfplay.Config stacked on the shared preset(s), `method` first in the
+    order ablate.py runs them, and only the arm's own settings differ from the method's."""
+    arms = ablate.chosen_arms(ablate.Config(out="x"))
+    assert arms[0] == "method" and {"oracle_labels", "null_labels", "vote_random", "frozen_questioner",
+                                    "no_diversity", "no_difficulty", "one_iteration"} <= set(arms)
+    for plan in (ablate.FULL, ablate.QUICK):
+        base = selfplay.parse_given(selfplay.Config, [*plan.presets, ablate.ARMS / "method.toml"])[0]
+        for arm in arms:
+            path = ablate.ARMS / f"{arm}.toml"
+            cfg = selfplay.parse_given(selfplay.Config, [*plan.presets, path])[0]
+            changed = {k for k, v in vars(cfg).items() if v != vars(base)[k]}
+            assert changed == set(tomllib.loads(path.read_text())), arm
+
+
+def test_the_shipped_base_is_the_world_command_at_seed_0():
+    cfg = pretrain.load_config(ablate.SHIPPED_BASE)
+    assert pretrain.parse(pretrain.Config, [*ablate.WORLD, "--seed", "0", "--quiet",
+                                            "--output", cfg.output]) == cfg
+
+
+# -----------------------------------------------------------------------------
+# The controls
+
+def _records(scenes):
+    """Kept candidates on two scenes, with answers as grade_candidates leaves them."""
+    questions = ["How many red shapes are there?", "What colour is the square?", "What colour is the circle?"]
+    records = [{"image": image, "valid": True, "kept": True, "question": q, "silver": "9", "answers": []}
+               for image in scenes for q in questions]
+    data.grade_candidates(records, scenes)
+    return records
+
+
+SCENES = {"a.png": data.Scene(112, 112, data.BACKGROUND, [data.Shape("circle", "red", 28, 28, 42),
+                                                        data.Shape("square", "red", 84, 28, 42)]),
+          "b.png": data.Scene(112, 112, data.BACKGROUND, [data.Shape("square", "blue", 28, 84, 42)])}
+
+
+def test_oracle_labels_are_the_true_answers_and_drop_the_unanswerable():
+    records = _records(SCENES)
+    data.oracle_labels(records)
+    kept = [(r["image"], r["question"], r["silver"]) for r in records if r["kept"]]
+    assert kept == [("a.png", "How many red shapes are there?", "2"), ("a.png", "What colour is the square?", "red"),
+                    ("a.png", "What colour is the circle?", "red"), ("b.png", "How many red shapes are there?", "0"),
+                    ("b.png", "What colour is the square?", "blue")]
+    assert data.grade_candidates(records, SCENES)["silver_accuracy"] == 1.0
+
+
+def test_null_labels_are_uniform_over_the_answer_space_whatever_the_image():
+    """Over many draws each answer of the category comes up about equally often (counts 0..2: the most
+    shapes of a scene here is 2; colours: the two the scenes use), on either image."""
+    draws = {}
+    rng = np.random.default_rng(0)
+    for _ in range(600):
+        records = _records(SCENES)
+        data.null_labels(records, SCENES, rng)
+        for r in records:
+            if r["kept"]:
+                draws.setdefault(r["category"], []).append(r["silver"])
+    assert sorted(set(draws["counting"])) == ["0", "1", "2"] and sorted(set(draws["colour"])) == ["blue", "red"]
+    for category, values in draws.items():
+        counts = np.unique(values, return_counts=True)[1] / len(values)
+        assert np.allclose(counts, 1 / len(counts), atol=0.05), (category, counts)
+
+
+def test_answer_space_covers_every_answer_the_benchmark_asks_for():
+    world = pretrain.load_config(ablate.SHIPPED_BASE).world()
+    for r in data.shapes_benchmark(300, seed=5, categories=data.CATEGORIES, **world):
+        assert r["answer"] in data.answer_space(r["category"], world["max_shapes"], world["colours"])
+
+
+def test_no_difficulty_pays_every_confidence_the_same():
+    assert {uncertainty_reward(c, "none") for c in (0.0, 0.3, 0.5, 1.0)} == {1.0}
+
+
+def test_oracle_labels_need_a_shapes_folder(tmp_path, capsys):
+    from PIL import Image
+    (tmp_path / "photos").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "photos" / "a.png")
+    code = selfplay.main(["--model", "tiny", "--images", str(tmp_path / "photos"), "--output", str(tmp_path / "run"),
+                          "--silver-labels", "oracle"])
+    assert code == 2 and "needs the true answers" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+# -----------------------------------------------------------------------------
+# The five-category world
+
+def test_two_sizes_lets_every_category_be_asked():
+    world = pretrain.load_config(ablate.SHIPPED_BASE).world()
+    asked = {q["category"] for seed in range(40)
+             for q in data.scene_questions(data.make_scene(seed, **world), np.random.default_rng(seed))}
+    assert asked == set(data.CATEGORIES)
+    plain = dict(world, two_sizes=False)
+    assert "size" not in {q["category"] for seed in range(40) for q in
+                          data.scene_questions(data.make_scene(seed, **plain), np.random.default_rng(seed))}
+
+
+def test_the_planted_skew_is_what_the_flags_say():
+    """Reasoner rows guess only in --guess-categories; Questioner rows ask the other categories more often
+    with --questioner-skew than without it."""
+    cfg = pretrain.parse(pretrain.Config, [*ablate.WORLD, "--questioner-share", "0.5"])
+    rows = pretrain.rows(cfg, np.random.default_rng(0), 2000)
+    guessed = {data.question_category(q) for q in _questions(rows, guess=True)}
+    assert guessed == {"counting", "arithmetic"}
+    mastered = lambda c: np.mean([data.question_category(q) not in ("counting", "arithmetic")
+                                  for q in _asked(pretrain.rows(c, np.random.default_rng(0), 2000))])
+    skewed, plain = mastered(cfg), mastered(pretrain.parse(pretrain.Config, [*ablate.WORLD, "--questioner-share",
+                                                                              "0.5", "--questioner-skew", "0"]))
+    assert skewed > plain + 0.3 * (1 - plain)
+
+
+def _asked(rows):
+    return [t.removeprefix("<question>").removesuffix("</question>") for _, _, t, _ in rows
+            if t.startswith("<question>")]
+
+
+def _questions(rows, guess):
+    from reasoner import reasoner_prompt
+    head, tail = reasoner_prompt("@").split("@")
+    return [p.removeprefix(head).removesuffix(tail) for _, p, t, _ in rows
+            if not t.startswith("<question>") and ("<think>guess</think>" in t) == guess]
+
+
+# -----------------------------------------------------------------------------
+# The summary, from a fake OUT (what evaluate.py and selfplay.py would have written)
+
+def _evaluated(folder, model, greedy):
+    """evaluate.py's results.json and samples for one model whose greedy verdicts are `greedy`."""
+    from evaluate import safe_name
+    rows = [{"category": data.CATEGORIES[i % 5], "correct": bool(g), "sampled_correct": [bool(g), False],
+             "majority_correct": bool(g)} for i, g in enumerate(greedy)]
+    (folder / "samples" / safe_name(str(model))).mkdir(parents=True, exist_ok=True)
+    (folder / "samples" / safe_name(str(model)) / "heldout.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in rows))
+    path = folder / "results.json"
+    results = json.loads(path.read_text()) if path.is_file() else {"benchmarks": {"heldout": {"models": {}}}}
+    acc = float(np.mean(greedy))
+    results["benchmarks"]["heldout"]["models"][str(model)] = {
+        "accuracy": acc, "pass1": {"accuracy": acc / 2}, "maj": {"accuracy": acc}, "blind": {"accuracy": 0.1}}
+    path.write_text(json.dumps(results))
+
+
+def test_the_summary_pairs_each_arm_with_the_method_run_by_run(tmp_path):
+    """Two seeds; the method right on 8 and 6 of 10 questions after its 2 iterations, one_iteration on 4
+    and 6 after its one: the means, the curve, the paired difference ((4-8) + (6-6)) / 20 = -0.2 and the
+    curation mix come out of the files as the arithmetic says."""
+    Q = 10
+    right = lambda n: [1] * n + [0] * (Q - n)
+    _evaluated(tmp_path / "eval" / "bases" / "seed_0", ablate.base_folder(tmp_path, 0), right(2))
+    last = {("method", 0): 8, ("method", 1): 6, ("one_iteration", 0): 4, ("one_iteration", 1): 6}
+    runs = [ablate.Run(arm, seed, 0) for arm in ("method", "one_iteration") for seed in (0, 1)]
+    for run in runs:
+        K = 2 if run.arm == "method" else 1
+        folder = tmp_path / "runs" / run.name
+        metrics = []
+        for k in range(1, K + 1):
+            (folder / f"iter_{k}" / "reasoner").mkdir(parents=True)
+            n = last[run.arm, run.seed] if k == K else 5
+            _evaluated(tmp_path / "eval" / run.name, folder / f"iter_{k}" / "reasoner", right(n))
+            metrics.append({"phase": "curation", "iteration": k, "silver_accuracy": 0.5, "n_kept": 10 * k,
+                            "n_candidates": 40, "categories": {"counting": 3, "colour": 1},
+                            "kept_categories": {"counting": 1}})
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    cfg = ablate.Config(out=str(tmp_path), bootstrap=500)
+    summary = ablate.summarise(cfg, ablate.QUICK, tmp_path, runs, 1.0, "python ablate.py x")
+    method, one = summary["arms"]["method"], summary["arms"]["one_iteration"]
+    assert summary["base"]["greedy"] == pytest.approx(0.2)
+    assert method["mean"] == pytest.approx(0.7) and one["mean"] == pytest.approx(0.5)
+    assert [p["iteration"] for p in method["curve"]] == [0, 1, 2] and len(one["curve"]) == 2
+    assert method["curve"][0]["mean"] == pytest.approx(0.2) and method["curve"][1]["mean"] == pytest.approx(0.5)
+    assert method["paired_diff"] is None and one["paired_diff"]["mean"] == pytest.approx(-0.2)
+    low, high = one["paired_diff"]["ci95"]
+    assert low <= -0.2 <= high
+    assert sorted(method["per_seed"]) == ["seed_0", "seed_1"] and method["per_seed"]["seed_0"]["greedy"] == 0.8
+    assert method["curation"][1]["kept"] == 20 and method["curation"][0]["mix"]["counting"] == pytest.approx(0.75)
+    table = ablate.markdown(summary)
+    assert "| one_iteration | 50.0 |" in table and "| -20.0 |" in table
