@@ -176,7 +176,7 @@ def self_play(cfg, plan, out, run, slot):
 
 def evaluate_args(cfg, plan, out, folder, models):
     argv = ["evaluate.py", "--bench", out / "bench" / "heldout.jsonl", "--output", folder, "--samples", plan.samples,
-            "--max-new-tokens", 48, "--device", cfg.device, "--quiet"]
+            "--max-new-tokens", 48, "--batch-size", 48, "--device", cfg.device, "--quiet"]
     for model in models:
         argv += ["--model", model]
     return argv

@@ -21,6 +21,7 @@ from model import ModelError, encode_prompts, load_vlm, resolve_device
 from reasoner import reasoner_prompt
 from machinery.keys import prompt_keys
 from sampler import sample
+from tools import pretrain
 
 FIXTURES = Path(__file__).parent / "fixtures" / "benchmarks"
 OURS = FIXTURES / "ours" / "questions.jsonl"
@@ -554,15 +555,18 @@ def colour_records(colours):
 
 def fake_answers(shown, responses=lambda question, colour, n, seed: ["\\boxed{1}"] * n):
     """A stand-in for evaluate.answer_batch: records (question, colour of its image, n, seed) in
-    `shown` and answers with responses(question, colour, n, seed); seed is the pair's random key
-    (None: greedy)."""
-    def answer_batch(model, tokenizer, image_processor, images, prompts, *, max_new_tokens, n=1, keys=None):
-        texts = []
+    `shown`, once greedy (n = 1, seed None) and with m > 0 once for the samples (n = m, seed the
+    pair's random key), and answers with responses(question, colour, n, seed)."""
+    def answer_batch(model, tokenizer, image_processor, images, prompts, *, max_new_tokens, m=0, keys=None):
+        greedy, sampled = [], []
         for i, (image, prompt) in enumerate(zip(images, prompts, strict=True)):
-            question, seed = prompt.split("\n")[0], None if keys is None else int(keys.values[i])
-            shown.append((question, image.getpixel((0, 0)), n, seed))
-            texts += responses(question, image.getpixel((0, 0)), n, seed)
-        return texts
+            question, colour = prompt.split("\n")[0], image.getpixel((0, 0))
+            shown.append((question, colour, 1, None))
+            greedy += responses(question, colour, 1, None)
+            if m:
+                shown.append((question, colour, m, int(keys.values[i])))
+                sampled += responses(question, colour, m, int(keys.values[i]))
+        return greedy, sampled
     return answer_batch
 
 
@@ -681,21 +685,50 @@ def test_results_and_table_carry_the_blind_pass1_and_maj_figures(tmp_path, monke
 
 
 def test_sampled_answers_come_from_the_sampler_at_temperature_1(tiny):
-    """answer_batch's draws: n per prompt, the same for the same seed, the full distribution."""
+    """answer_batch's draws: m per prompt, the same for the same seed, the full distribution."""
     model, tok, ip = tiny
     images = [Image.new("RGB", (32, 32), c) for c in (RED, BLUE)]
     prompts = [reasoner_prompt("How many?"), reasoner_prompt("Which colour?")]
-    draw = lambda seed: evaluate.answer_batch(model, tok, ip, images, prompts, max_new_tokens=6, n=3,
+    draw = lambda seed: evaluate.answer_batch(model, tok, ip, images, prompts, max_new_tokens=6, m=3,
                                               keys=prompt_keys(seed, n=2))
-    first = draw(7)
-    assert len(first) == 6 and first == draw(7) and first != draw(8)
+    greedy, first = draw(7)
+    assert len(first) == 6 and first == draw(7)[1] and first != draw(8)[1]
     assert len(set(first)) > 1  # a random tiny model at temperature 1 does not repeat itself
-    greedy = evaluate.answer_batch(model, tok, ip, images, prompts, max_new_tokens=6)
+    assert evaluate.answer_batch(model, tok, ip, images, prompts, max_new_tokens=6) == (greedy, [])
     encoded = encode_prompts(tok, ip, images, prompts)
     assert greedy == sample(model, encoded, max_new_tokens=6, temperature=0.0).texts(tok)
     expected = sample(model, encoded, n=3, max_new_tokens=6, temperature=1.0, top_k=0, top_p=1.0,
                       keys=prompt_keys(7, n=2)).texts(tok)
     assert first == expected
+
+
+SHAPES_BASE = Path(__file__).resolve().parents[1] / "examples" / "shapes_base"
+
+
+def test_a_questions_answers_do_not_depend_on_its_batch():
+    """Neither the questions beside one in its batch nor which of the batch's rows have stopped (on
+    CPU evaluate.py stops computing them) change its answers: batch sizes 12 and 5 give the same
+    responses, samples and verdicts, and they are the reference decoder's (sampler.CacheDecoder,
+    all 12 questions in one call, every row to the end). On the shipped shapes model, whose answers
+    stop at different lengths."""
+    world = pretrain.load_config(SHAPES_BASE)
+    questions = data.shapes_benchmark(12, seed=20000, categories=world.categories.split(","), **world.world())
+    records = [make_record(q["id"], q["image"], q["question"], q["answer"], q["category"], choices=q["choices"] or [],
+                           choices_in_question=bool(q["choices"])) for q in questions]
+    model, tok, ip = load_vlm(str(SHAPES_BASE))
+    bench, cfg = evaluate.Benchmark("shapes", records), EvalConfig(model=["base"], samples=4, max_new_tokens=40,
+                                                                   quiet=True, batch_size=12)
+    whole = evaluate.answer_benchmark(model, tok, ip, bench, cfg, "base")
+    assert evaluate.answer_benchmark(model, tok, ip, bench, replace(cfg, batch_size=5), "base") == whole
+    encoded = encode_prompts(tok, ip, [evaluate.open_image(r) for r in records],
+                             [reasoner_prompt(r.question) for r in records])
+    greedy = sample(model, encoded, max_new_tokens=40, temperature=0.0)
+    sampled = sample(model, encoded, n=4, max_new_tokens=40, temperature=1.0, top_k=0, top_p=1.0,
+                     keys=prompt_keys(cfg.eval_seed, "samples", n=12))
+    assert [row["prediction"] for row in whole] == greedy.texts(tok)
+    assert [text for row in whole for text in row["sampled"]] == sampled.texts(tok)
+    lengths = torch.cat([greedy.mask.sum(1), sampled.mask.sum(1)])
+    assert lengths.max() >= 2 * lengths.min()  # rows stop at different steps, so some were dropped early
 
 
 def test_an_image_path_that_leaves_the_benchmarks_folder_is_refused_unless_asked(tmp_path):
