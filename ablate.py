@@ -141,17 +141,14 @@ def make_images(out, plan, base_seed):
 
 def make_benchmark(out, plan):
     """The held-out questions as evaluate.py's JSONL, balanced over the five categories."""
-    folder = out / "bench"
-    if not (folder / "heldout.jsonl").is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        lines = []
-        world = pretrain.load_config(SHIPPED_BASE).world()
-        for r in data.shapes_benchmark(plan.held_out, seed=BENCH_STREAM, categories=data.CATEGORIES, **world):
-            r["image"].save(folder / f"{r['id']}.png")
-            lines.append(json.dumps({"id": r["id"], "image": f"{r['id']}.png", "question": r["question"],
-                                     "answer": r["answer"], "category": r["category"]}) + "\n")
-        data.write_atomic(folder / "heldout.jsonl", "".join(lines))
-    return folder / "heldout.jsonl"
+    if not (out / "bench" / "heldout.jsonl").is_file():
+        data.write_benchmark(out / "bench", plan.held_out, seed=BENCH_STREAM,
+                             **pretrain.load_config(SHIPPED_BASE).world())
+
+
+def reasoners(run_folder):
+    """A run's Reasoner of every iteration it has finished, in iteration order."""
+    return sorted(run_folder.glob("iter_*/reasoner"), key=lambda p: int(p.parent.name[5:]))
 
 
 def self_play(cfg, plan, out, run, slot):
@@ -167,7 +164,7 @@ def self_play(cfg, plan, out, run, slot):
                 "--device", cfg.device, "--quiet"]
     if not script(argv, log, env):
         return f"{run.name}: selfplay.py failed; see {log}"
-    iterations = sorted(folder.glob("iter_*/reasoner"), key=lambda p: int(p.parent.name[5:]))
+    iterations = reasoners(folder)
     if not evaluated(out / "eval" / run.name, iterations):
         if not script(evaluate_args(cfg, plan, out, out / "eval" / run.name, iterations), log, env):
             return f"{run.name}: evaluate.py failed; see {log}"
@@ -289,7 +286,7 @@ def summarise(cfg, plan, out, runs, seconds, command):
     for arm in dict.fromkeys(r.arm for r in runs):
         mine = [r for r in runs if r.arm == arm]
         folders = [out / "runs" / r.name for r in mine]
-        models = [sorted(f.glob("iter_*/reasoner"), key=lambda p: int(p.parent.name[5:])) for f in folders]
+        models = [reasoners(f) for f in folders]
         K = max(map(len, models))
         v = [[verdicts(out / "eval" / r.name, m) for m in ms] for r, ms in zip(mine, models)]
         curve = [{"iteration": 0, **dict(zip(("mean", "ci95"),

@@ -337,6 +337,20 @@ def shapes_benchmark(n_questions=500, seed=0, size=224, categories=CATEGORIES, *
     return records
 
 
+def write_benchmark(folder, n, seed, categories=CATEGORIES, **world) -> Path:
+    """shapes_benchmark(n, seed, categories, **world) written as evaluate.py's JSONL
+    (folder/heldout.jsonl, written last) with the images beside it; returns the JSONL's path."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for r in shapes_benchmark(n, seed=seed, categories=categories, **world):
+        r["image"].save(folder / f"{r['id']}.png")
+        lines.append(json.dumps({"id": r["id"], "image": f"{r['id']}.png", "question": r["question"],
+                                 "answer": r["answer"], "category": r["category"]}) + "\n")
+    write_atomic(folder / "heldout.jsonl", "".join(lines))
+    return folder / "heldout.jsonl"
+
+
 def shapes_images(n, seed=0, size=224, **world) -> list[Image.Image]:
     """n rendered scenes, for self-play on generated images; world: make_scene's knobs."""
     return [render(make_scene(s, size, **world)) for s in _image_seeds(n, seed)]

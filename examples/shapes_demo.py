@@ -73,18 +73,6 @@ def run(args, log):
         sys.exit(f"{Path(args[0]).name} failed (exit {done.returncode}); see {log}")
 
 
-def write_benchmark(folder, n, world, categories, seed):
-    """n questions on fresh scenes as evaluate.py's JSONL, images beside it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for r in data.shapes_benchmark(n, seed=seed, categories=categories, **world):
-        r["image"].save(folder / f"{r['id']}.png")
-        lines.append(json.dumps({"id": r["id"], "image": f"{r['id']}.png", "question": r["question"],
-                                 "answer": r["answer"], "category": r["category"]}) + "\n")
-    data.write_atomic(folder / "heldout.jsonl", "".join(lines))
-    return folder / "heldout.jsonl"
-
-
 def silver_accuracy(run_dir):
     """{iter_k: the share of curation's kept questions whose silver label is the true answer}."""
     lines = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
@@ -107,7 +95,7 @@ def demo(out, seed, plan=FULL, base=None):
 
     print("2/4 writing unlabeled images and the held-out benchmark ...", flush=True)
     data.write_shapes_folder(out / "images", plan.train_images, seed=TRAIN_STREAM + seed, **world)
-    bench = write_benchmark(out / "bench", plan.held_out, world, categories, seed=BENCH_STREAM + seed)
+    bench = data.write_benchmark(out / "bench", plan.held_out, seed=BENCH_STREAM + seed, categories=categories, **world)
 
     print(f"3/4 self-play: {', '.join(plan.runs)} (two at a time) ...", flush=True)
     with ThreadPoolExecutor(max_workers=2) as pool:  # two cores: two runs of one thread each
