@@ -22,8 +22,10 @@ again finishes what a killed one left:
    categories, on scenes of another random stream (never trained on, never tuned on).
 3. Self-play, every arm x seed x base: selfplay.py with the stacked presets, --jobs runs at a
    time (one torch thread each on CPU, one GPU each with --device cuda); a killed run resumes.
-4. evaluate.py on each run's Reasoner of every iteration and on the base: greedy accuracy, the
-   same questions shown other images (blind), pass@1 and maj@m of m samples at temperature 1.
+   The scripts run in --jobs worker processes that import torch and transformers once.
+4. evaluate.py on each run's last Reasoner and on the base: greedy accuracy, the same questions
+   shown other images (blind), pass@1 and maj@m of m samples at temperature 1; on the Reasoners
+   of the earlier iterations greedy accuracy alone, the curve, all the table takes from them.
 5. OUT/ablation.md (the tables), OUT/ablation.json and OUT/ablation.html (the plot): per arm the
    mean over runs with a 95% interval, and its paired difference to `method`, from a bootstrap
    that resamples runs and questions together (`bootstrap`). From each run's metrics: how often
@@ -35,13 +37,15 @@ needs; `oracle_labels` (the true answers) is the ceiling and `null_labels` (rand
 the right kind) the floor, both measured, not assumed.
 """
 
+import contextlib
+import importlib
 import json
+import multiprocessing
 import os
-import queue
-import subprocess
+import signal
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+import traceback
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -89,7 +93,7 @@ class Plan:
 
 
 FULL = Plan()
-QUICK = Plan(presets=("presets/ablate.toml", "presets/ablate_quick.toml"), seeds=2, train_images=128, held_out=150,
+QUICK = Plan(presets=("presets/ablate.toml", "presets/ablate_quick.toml"), seeds=2, train_images=128, held_out=100,
              samples=4)
 
 
@@ -105,15 +109,44 @@ class Run:
 
 
 # -----------------------------------------------------------------------------
-# Running the scripts
+# Running the scripts: in --jobs worker processes, each importing them once
 
-def script(args, log, env=None):
-    """Runs a script of the repo, its output into `log`; True if it exited 0."""
+def start_worker(slots, device):
+    """A worker's set-up: one torch thread on CPU, its own GPU (a slot) on CUDA. Ctrl-C is the
+    parent's to handle (it stops the workers, and a killed run resumes); selfplay.py still stops
+    after its step when it sees one."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.chdir(REPO)  # where the scripts' relative paths (the presets) start
+    slot = slots.get()
+    if device == "cuda":
+        os.environ["CUDA_VISIBLE_DEVICES"] = slot  # before this process first touches CUDA
+    else:
+        import torch
+        torch.set_num_threads(1)
+
+
+def script(args, log):
+    """Runs a script of the repo (its main) in this process, its output into `log`; True if it
+    exited 0. A worker imports torch and transformers once for all its scripts: a new process
+    per script would spend ~7 s importing them each time."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a") as f:
-        done = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
-                              env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
-    return done.returncode == 0
+    module = importlib.import_module(Path(args[0]).with_suffix("").as_posix().replace("/", "."))
+    sys.stdout.flush(), sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        os.dup2(f.fileno(), 1), os.dup2(f.fileno(), 2)  # and what C code prints (torch's warnings)
+        try:
+            code = module.main([str(a) for a in args[1:]])
+        except SystemExit as stop:
+            code = stop.code
+        except Exception:
+            traceback.print_exc()
+            code = 1
+        finally:
+            f.flush()
+            os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+            os.close(saved[0]), os.close(saved[1])
+    return code in (0, None)
 
 
 def base_folder(out, base_seed):
@@ -121,13 +154,13 @@ def base_folder(out, base_seed):
 
 
 def make_base(out, base_seed):
-    """Pretrains the base of base_seed unless it is there; pretrain.py writes its config last."""
-    folder = base_folder(out, base_seed)
-    if not (folder / pretrain.CONFIG_FILE).is_file():
-        if not script(["tools/pretrain.py", "--output", folder, "--seed", base_seed, "--quiet", *WORLD],
-                      out / "logs" / f"pretrain_{base_seed}.log"):
-            sys.exit(f"ablate.py: pretraining base seed {base_seed} failed; see {out / 'logs'}")
-    return folder
+    """Pretrains the base of base_seed unless it is there (pretrain.py writes its config last):
+    None, or what failed. A worker's task."""
+    folder, log = base_folder(out, base_seed), out / "logs" / f"pretrain_{base_seed}.log"
+    if (folder / pretrain.CONFIG_FILE).is_file() or \
+            script(["tools/pretrain.py", "--output", folder, "--seed", base_seed, "--quiet", *WORLD], log):
+        return None
+    return f"pretraining base seed {base_seed} failed; see {log}"
 
 
 def make_images(out, plan, base_seed):
@@ -151,32 +184,48 @@ def reasoners(run_folder):
     return sorted(run_folder.glob("iter_*/reasoner"), key=lambda p: int(p.parent.name[5:]))
 
 
-def self_play(cfg, plan, out, run, slot):
-    """One arm x seed x base: self-play (resumed if a folder is there), then evaluate.py on each
-    iteration's Reasoner. Returns None, or what failed."""
+def evaluate_base(cfg, plan, out, base_seed):
+    """evaluate.py on a base, unless done: None, or what failed. A worker's task."""
+    folder, log = out / "eval" / "bases" / f"seed_{base_seed}", out / "logs" / f"eval_base_{base_seed}.log"
+    models = [base_folder(out, base_seed)]
+    if evaluated(folder, models) or script(evaluate_args(cfg, out, folder, models, plan.samples), log):
+        return None
+    return f"evaluating base {base_seed} failed; see {log}"
+
+
+def self_play(cfg, plan, out, run):
+    """One arm x seed x base: self-play (resumed if a folder is there), then evaluate.py on its
+    Reasoners (`eval_folder`): None, or what failed. A worker's task."""
     folder, log = out / "runs" / run.name, out / "logs" / f"{safe_name(run.name)}.log"
-    env = {"CUDA_VISIBLE_DEVICES": slot} if cfg.device == "cuda" else {}
     if folder.is_dir():
         argv = ["selfplay.py", "--resume", folder]
     else:
         argv = ["selfplay.py", *plan.presets, ARMS / f"{run.arm}.toml", "--model", base_folder(out, run.base_seed),
                 "--images", out / "images" / f"base_{run.base_seed}", "--output", folder, "--seed", run.seed,
                 "--device", cfg.device, "--quiet"]
-    if not script(argv, log, env):
+    if not script(argv, log):
         return f"{run.name}: selfplay.py failed; see {log}"
-    iterations = reasoners(folder)
-    if not evaluated(out / "eval" / run.name, iterations):
-        if not script(evaluate_args(cfg, plan, out, out / "eval" / run.name, iterations), log, env):
+    *earlier, last = reasoners(folder)
+    for where, models, samples in ((eval_folder(out, run, last=True), [last], plan.samples),
+                                   (eval_folder(out, run, last=False), earlier, 0)):
+        if models and not evaluated(where, models) and \
+                not script(evaluate_args(cfg, out, where, models, samples, blind=samples > 0), log):
             return f"{run.name}: evaluate.py failed; see {log}"
     return None
 
 
-def evaluate_args(cfg, plan, out, folder, models):
-    argv = ["evaluate.py", "--bench", out / "bench" / "heldout.jsonl", "--output", folder, "--samples", plan.samples,
+def eval_folder(out, run, last):
+    """Where a run's last Reasoner is evaluated in full (greedy, blind, m samples), and where its
+    earlier ones are, for the curve: greedy alone, all the table takes from them."""
+    return out / "eval" / run.name / ("" if last else "curve")
+
+
+def evaluate_args(cfg, out, folder, models, samples, blind=True):
+    argv = ["evaluate.py", "--bench", out / "bench" / "heldout.jsonl", "--output", folder, "--samples", samples,
             "--max-new-tokens", 48, "--batch-size", 48, "--device", cfg.device, "--quiet"]
     for model in models:
         argv += ["--model", model]
-    return argv
+    return argv + ([] if blind else ["--no-blind"])
 
 
 def evaluated(folder, models):
@@ -188,31 +237,36 @@ def evaluated(folder, models):
     return all(str(m) in done for m in models)
 
 
-def run_all(cfg, plan, out, runs):
-    """Every run, cfg.jobs at a time, a progress bar over them; exits naming the failed ones."""
-    slots = queue.Queue()  # on CUDA each run takes a GPU of its own; on CPU a slot is only a turn
+def workers(cfg):
+    """cfg.jobs worker processes (start_worker): on CUDA each holds a GPU of its own."""
     gpus = (os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(map(str, range(_gpus())))).split(",") \
         if cfg.device == "cuda" else []
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no CUDA state, no threads inherited
+    slots = context.Queue()
     for slot in range(cfg.jobs):
         slots.put(gpus[slot % len(gpus)] if gpus else None)
+    return context.Pool(cfg.jobs, initializer=start_worker, initargs=(slots, cfg.device))
 
-    def one(run):
-        slot = slots.get()
-        try:
-            return self_play(cfg, plan, out, run, slot)
-        finally:
-            slots.put(slot)
 
+def call(task):
+    function, args = task
+    return function(*args)
+
+
+def run_tasks(pool, tasks, desc):
+    """Runs (function, args) tasks on the workers, a progress bar over them; exits naming the
+    failed ones. Ctrl-C stops the workers at once (a killed run resumes where it was)."""
+    if not tasks:
+        return
     failed = []
-    with ThreadPoolExecutor(max_workers=cfg.jobs) as pool, progress(total=len(runs), desc="runs", unit="run") as bar:
-        futures = [pool.submit(one, run) for run in runs]
+    with progress(total=len(tasks), desc=desc, unit="job") as bar:
         try:
-            for done in as_completed(futures):  # the bar moves as each run ends
+            for failure in pool.imap_unordered(call, tasks):  # the bar moves as each task ends
                 bar.update()
-                if done.result():
-                    failed.append(done.result())
-        except KeyboardInterrupt:  # the runs under way stop with it; the queued ones never start
-            pool.shutdown(cancel_futures=True)
+                if failure:
+                    failed.append(failure)
+        except KeyboardInterrupt:
+            pool.terminate()
             raise
     if failed:
         sys.exit("ablate.py: " + "; ".join(failed) + " (run the same command again to go on)")
@@ -240,12 +294,9 @@ def bootstrap(values, reps, rng):
 
 
 def verdicts(folder, model):
-    """Per held-out question, in benchmark order: greedy right, its share of right samples, its majority right."""
+    """Per held-out question, in benchmark order: whether the greedy answer is right, and its category."""
     rows = [json.loads(line) for line in open(folder / "samples" / safe_name(str(model)) / "heldout.jsonl")]
-    return {"greedy": np.array([r["correct"] for r in rows], dtype=float),
-            "pass1": np.array([np.mean(r["sampled_correct"]) for r in rows]),
-            "maj": np.array([r["majority_correct"] for r in rows], dtype=float),
-            "category": [r["category"] for r in rows]}
+    return {"greedy": np.array([r["correct"] for r in rows], dtype=float), "category": [r["category"] for r in rows]}
 
 
 def scores(folder, model):
@@ -288,7 +339,8 @@ def summarise(cfg, plan, out, runs, seconds, command):
         folders = [out / "runs" / r.name for r in mine]
         models = [reasoners(f) for f in folders]
         K = max(map(len, models))
-        v = [[verdicts(out / "eval" / r.name, m) for m in ms] for r, ms in zip(mine, models)]
+        v = [[verdicts(eval_folder(out, r, last=k == len(ms) - 1), m) for k, m in enumerate(ms)]
+             for r, ms in zip(mine, models)]
         curve = [{"iteration": 0, **dict(zip(("mean", "ci95"),
                                              bootstrap([base_v[r.base_seed]["greedy"] for r in mine], cfg.bootstrap,
                                                        rng)))}]
@@ -297,7 +349,8 @@ def summarise(cfg, plan, out, runs, seconds, command):
                 [run_v[k]["greedy"] for run_v in v if len(run_v) > k], cfg.bootstrap, rng)))})
         last_of[arm] = np.array([run_v[-1]["greedy"] for run_v in v])
         mean, ci95 = bootstrap(last_of[arm], cfg.bootstrap, rng)  # each run's last Reasoner, whatever its K
-        per_seed = {r.name.split("/", 1)[1]: scores(out / "eval" / r.name, ms[-1]) for r, ms in zip(mine, models)}
+        per_seed = {r.name.split("/", 1)[1]: scores(eval_folder(out, r, last=True), ms[-1])
+                    for r, ms in zip(mine, models)}
         questions = [curation(f) for f in folders]
         summary["arms"][arm] = {
             "mean": mean, "ci95": ci95, "per_seed": per_seed, "curve": curve,
@@ -420,7 +473,8 @@ def main(argv=None):
     out = Path(cfg.out).resolve()  # the scripts run from the repo's root
     runs = [Run(arm, seed, b) for b in range(cfg.base_seeds) for arm in arms for seed in range(plan.seeds)]
     print(f"ablation into {out}: {len(arms)} arms x {plan.seeds} seeds x {cfg.base_seeds} base(s) = {len(runs)} "
-          f"self-play runs, {cfg.jobs} at a time; {plan.held_out} held-out questions", flush=True)
+          f"self-play runs and {cfg.base_seeds} base evaluation(s), {cfg.jobs} at a time; {plan.held_out} held-out "
+          "questions", flush=True)
     start = time.perf_counter()
     try:
         same_plan(out, plan)
@@ -428,15 +482,13 @@ def main(argv=None):
         print(f"ablate.py: error: {err}", file=sys.stderr)
         return 2
     make_benchmark(out, plan)
-    for b in range(cfg.base_seeds):
-        make_base(out, b)
-        make_images(out, plan, b)
-        folder = out / "eval" / "bases" / f"seed_{b}"
-        if not evaluated(folder, [base_folder(out, b)]):
-            if not script(evaluate_args(cfg, plan, out, folder, [base_folder(out, b)]),
-                          out / "logs" / f"eval_base_{b}.log"):
-                sys.exit(f"ablate.py: evaluating base {b} failed; see {out / 'logs'}")
-    run_all(cfg, plan, out, runs)
+    with workers(cfg) as pool:
+        run_tasks(pool, [(make_base, (out, b)) for b in range(cfg.base_seeds)
+                         if not (base_folder(out, b) / pretrain.CONFIG_FILE).is_file()], "bases")
+        for b in range(cfg.base_seeds):
+            make_images(out, plan, b)
+        run_tasks(pool, [(evaluate_base, (cfg, plan, out, b)) for b in range(cfg.base_seeds)] +
+                  [(self_play, (cfg, plan, out, run)) for run in runs], "runs")
     summary = summarise(cfg, plan, out, runs, time.perf_counter() - start, "python ablate.py " + " ".join(given))
     data.write_atomic(out / "ablation.json", json.dumps(summary, indent=2) + "\n")
     data.write_atomic(out / "ablation.md", markdown(summary))

@@ -13,7 +13,7 @@ What happens, in order:
    batched through our sampler. The models are loaded one at a time. With --samples M it also
    draws M answers per record at temperature 1 (the full distribution, as GRPO samples the policy)
    for pass@1 and maj@M. A batch is encoded once for both; on CPU it is also prefilled once, and
-   its rows that have stopped are dropped from the decoding (`ShrinkingDecoder`): the answers are
+   its rows that have stopped are dropped from the decoding (machinery/cpu_decode.py): the answers are
    the reference decoder's, whatever the batch size (each question draws from its own random
    stream). Unless --no-blind, it then answers everything again with the images deranged among
    the benchmark's records (`derangement`): the blind baseline, what the questions alone earn,
@@ -53,18 +53,17 @@ from pathlib import Path
 import torch
 import transformers
 from PIL import Image
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 from tqdm import tqdm
 
 from machinery.cli import AT_LEAST_1, NON_NEGATIVE, option, parse, progress
 from data import DataError, decode_image, load_image, shapes_benchmark, write_atomic
-from model import ModelError, encode_prompts, load_processors, load_vlm, prompt_embeddings, resolve_device
+from model import ModelError, encode_prompts, load_processors, load_vlm, resolve_device
 from reasoner import reasoner_prompt
 from rewards import answers_equivalent, as_number, extract_boxed, majority_vote, normalize_answer
+from machinery.cpu_decode import Prefill, ShrinkingDecoder
 from machinery.fast_decode import decoder_for
 from machinery.keys import prompt_keys
-from sampler import CacheDecoder, sample
+from sampler import sample
 
 # -----------------------------------------------------------------------------
 # Config: one dataclass; the command-line flags are generated from its fields
@@ -637,102 +636,6 @@ def derangement(images, seed):
 # Answering: a batch encoded once; on CPU also prefilled once, and its stopped rows dropped
 
 
-class GrowingLayer(DynamicLayer):
-    """One layer of a KV cache that grows in place. HF's DynamicLayer appends a token by
-    concatenation, which copies the layer's whole cache every step (on CPU, a decode step's largest
-    cost); this one copies only when its storage is full, into storage twice the size, and hands
-    out views of the filled part. A view holds the numbers the concatenation would, in its shape,
-    so attention computes exactly the same."""
-
-    def __init__(self, keys, values):  # [rows, heads, length, head_dim] each; taken over, not copied
-        super().__init__()
-        self.key_store, self.value_store = keys, values
-        self.device, self.length, self.is_initialized = keys.device, keys.shape[2], True
-        self._views()
-
-    @staticmethod
-    def _widened(filled, capacity):
-        store = filled.new_empty(*filled.shape[:2], capacity, filled.shape[3])
-        store[:, :, :filled.shape[2]] = filled
-        return store
-
-    def _views(self):
-        self.keys = self.key_store[:, :, :self.length]
-        self.values = self.value_store[:, :, :self.length]
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        end = self.length + key_states.shape[2]
-        if end > self.key_store.shape[2]:
-            self.key_store, self.value_store = (self._widened(filled, 2 * end) for filled in (self.keys, self.values))
-        self.key_store[:, :, self.length:end] = key_states
-        self.value_store[:, :, self.length:end] = value_states
-        self.length = end
-        self._views()
-        return self.keys, self.values
-
-    def batch_select_indices(self, indices):
-        self.key_store, self.value_store = self.key_store[indices], self.value_store[indices]
-        self._views()
-
-
-class Prefill:
-    """A batch of prompts run through the model once, for its greedy answers and its samples alike:
-    each layer's keys and values and the hidden state that predicts each prompt's first token,
-    computed as sampler.CacheDecoder computes them. `decoder` is a decoder for sampler.sample that
-    starts from them."""
-
-    def __init__(self, model, prompts):
-        self.model, self.prompts = model, prompts
-        cache = DynamicCache(config=model.config)
-        out = model.model(inputs_embeds=prompt_embeddings(model, prompts), attention_mask=prompts.attention_mask,
-                          position_ids=prompts.position_ids, cache=cache, use_cache=True)
-        self.layers = [(layer.keys, layer.values) for layer in cache.layers]
-        self.last_hidden = out.last_hidden_state[:, -1]
-
-    def decoder(self, model, prompts, n, max_new_tokens):
-        """sample(model, prompts, ..., decoder=prefill.decoder), for the prompts of this prefill."""
-        if model is not self.model or prompts is not self.prompts:
-            raise ValueError("a Prefill decodes the model and prompts it was made from")
-        return ShrinkingDecoder(self, n)
-
-
-class ShrinkingDecoder(CacheDecoder):
-    """sampler.CacheDecoder started from a Prefill (n rows a prompt), its cache grown in place
-    (GrowingLayer), that stops computing the rows that have stopped. A stopped row decodes pad,
-    which the sampler discards, and a benchmark's answers differ in length (the shapes model's
-    guesses stop after 15 tokens, its checks after about 30), so most of a batch's rows would
-    otherwise decode pad most of the time. The rows still going go through CacheDecoder's step,
-    HF's forward, which on CPU gives a row the same numbers whichever rows are beside it (a test
-    holds evaluate.py to it): the answers are CacheDecoder's."""
-
-    def __init__(self, prefill, n):
-        model = self.model = prefill.model
-        self.cache = DynamicCache(config=model.config)
-        self.cache.layers = [GrowingLayer(keys.repeat_interleave(n, dim=0), values.repeat_interleave(n, dim=0))
-                             for keys, values in prefill.layers]
-        self.first_hidden = prefill.last_hidden.repeat_interleave(n, dim=0)
-        self.head_weight = model.lm_head.weight
-        self.attention_mask = prefill.prompts.attention_mask.repeat_interleave(n, dim=0)
-        self.positions = prefill.prompts.next_position.repeat_interleave(n, dim=0)
-        self.stop_ids = torch.tensor(model.generation_config.eos_token_id, device=model.device).flatten()
-        self.computed = torch.arange(len(self.first_hidden), device=model.device)  # the rows still in the cache
-        self.stopped = torch.zeros(len(self.computed), dtype=torch.bool, device=model.device)  # not yet dropped
-        self.hidden = self.first_hidden.clone()  # a dropped row keeps its last (unused) state
-
-    def step(self, tokens):
-        tokens = tokens[self.computed]
-        self.stopped |= torch.isin(tokens, self.stop_ids)  # as the sampler marks its finished rows
-        # Dropping rows copies the cache of the rows kept, about what a step costs: so it waits until
-        # a quarter of the computed rows have stopped. (Never all of them: the sampler stops first.)
-        if int(self.stopped.sum()) >= len(self.stopped) / 4:
-            keep = (~self.stopped).nonzero().flatten()
-            self.cache.batch_select_indices(keep)
-            self.attention_mask, self.positions = self.attention_mask[keep], self.positions[keep]
-            self.computed, self.stopped, tokens = self.computed[keep], self.stopped[keep], tokens[keep]
-        self.hidden[self.computed] = super().step(tokens)
-        return self.hidden
-
-
 @torch.no_grad()
 def answer_batch(model, tokenizer, image_processor, images, prompts, *, max_new_tokens, m=0, keys=None):
     """The model's responses to (image, prompt) pairs -> (greedy, sampled): greedy a list[str], one
@@ -743,7 +646,7 @@ def answer_batch(model, tokenizer, image_processor, images, prompts, *, max_new_
     each call keeps fast_decode's decoder, whose CUDA graph wants fixed shapes."""
     encoded = encode_prompts(tokenizer, image_processor, images, prompts).to(model.device)
     decoder = decoder_for(model.device)
-    if decoder is CacheDecoder:
+    if decoder is ShrinkingDecoder:
         decoder = Prefill(model, encoded).decoder
     greedy = sample(model, encoded, max_new_tokens=max_new_tokens, temperature=0.0, decoder=decoder)
     sampled = sample(model, encoded, n=m, max_new_tokens=max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,

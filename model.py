@@ -10,7 +10,8 @@ other file needs from it.
 2. `encode_prompts` turns (image, text) pairs into a left-padded `PromptBatch`, with the 3-D M-RoPE
    positions computed here (one image per prompt: the prompts of METHOD.md, equations (1) and (2)).
 3. `completion_logprobs` gives the per-token log-probs of completions given their prompts, in
-   chunks, so no float32 [batch, length, vocab] tensor is ever built. GRPO uses exactly this.
+   chunks, so no float32 [batch, length, vocab] tensor is ever built; a prompt shared by several
+   rows (a GRPO group's) runs once. GRPO uses exactly this.
 4. `token_batches` cuts rows into batches by padded tokens: GRPO's micro-batches, the sampler's calls.
 
 Which tokens a policy may never emit (vision placeholders, and the embedding rows past the
@@ -41,6 +42,7 @@ from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     AutoTokenizer,
+    DynamicCache,
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -523,17 +525,27 @@ def prompt_embeddings(model, prompts):
     return embeds.masked_scatter(is_image, image.to(embeds.dtype))
 
 
-def completion_logprobs(model, prompts, completion_ids, completion_mask, temperature=1.0, chunk_tokens=1024):
-    """Per-token log-probs of `completion_ids` [B, T] after `prompts`, under the temperature-scaled,
-    untruncated distribution (the same as `sampler.sample` reports). Returns logp [B, T] float32,
-    0 where `completion_mask` is 0. Differentiable.
+def shared_prompts(prompts):
+    """The rows that show the same prompt (image and text; a GRPO group's G rows do) -> unique [U]
+    long: the first row of each distinct prompt, and row_prompt [B] long: each row's prompt among
+    those U."""
+    _, _, row_image = prompts.distinct_images()
+    index, unique, row_prompt = {}, [], []
+    for b in range(len(prompts)):
+        key = (int(row_image[b]), tuple(prompts.input_ids[b][prompts.attention_mask[b].bool()].tolist()))
+        if key not in index:
+            index[key] = len(unique)
+            unique.append(b)
+        row_prompt.append(index[key])
+    device = prompts.input_ids.device
+    return torch.tensor(unique, device=device), torch.tensor(row_prompt, device=device)
 
-    The head runs over `chunk_tokens` completion tokens at a time; with gradients on, each chunk is
-    recomputed in the backward pass (checkpointed), so neither pass holds [B, T, V] in float32
-    (a chunk's float32 logits are 0.6 GB with Qwen's 152k vocabulary).
-    """
-    B, T = completion_ids.shape
-    L = prompts.input_ids.shape[1]
+
+def completion_hidden(model, prompts, completion_ids, completion_mask):
+    """[B, T, H]: the hidden state that predicts each completion token (at position p, the one
+    that predicts token p + 1: the last prompt token's predicts the first completion token), from
+    one forward pass over prompt and completion together."""
+    L, T = prompts.input_ids.shape[1], completion_ids.shape[1]
     embeds = torch.cat([prompt_embeddings(model, prompts), model.model.get_input_embeddings()(completion_ids)], dim=1)
     out = model.model(
         inputs_embeds=embeds,
@@ -541,9 +553,52 @@ def completion_logprobs(model, prompts, completion_ids, completion_mask, tempera
         position_ids=torch.cat([prompts.position_ids, completion_positions(prompts, T)], dim=2),
         use_cache=False,
     )
-    # The hidden state at position p predicts token p + 1: the last prompt token predicts the first
-    # completion token.
-    hidden = out.last_hidden_state[:, L - 1:L + T - 1].reshape(B * T, -1)
+    return out.last_hidden_state[:, L - 1:L + T - 1]
+
+
+def shared_completion_hidden(model, prompts, unique, row_prompt, completion_ids, completion_mask):
+    """completion_hidden's [B, T, H], each distinct prompt (`shared_prompts`: unique, row_prompt)
+    run through the model once: its keys and values are copied into the rows that show it, and
+    the completions run over them. The same function of the weights, so the same gradient (a
+    prompt's gradient is the sum over its rows), at a fraction of the cost: a prompt (the image's
+    tokens above all) is most of a row, and a GRPO group's G rows share one."""
+    shared = prompts.select(unique.tolist())
+    cache = DynamicCache(config=model.config)
+    first = model.model(inputs_embeds=prompt_embeddings(model, shared), attention_mask=shared.attention_mask,
+                        position_ids=shared.position_ids, cache=cache, use_cache=True)
+    hidden = first.last_hidden_state[row_prompt, -1:]  # [B, 1, H]: predicts each row's first token
+    T = completion_ids.shape[1]
+    if T > 1:
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[row_prompt], layer.values[row_prompt]
+        mask = shared.attention_mask[row_prompt]
+        out = model.model(inputs_embeds=model.model.get_input_embeddings()(completion_ids[:, :-1]),
+                          attention_mask=torch.cat([mask, completion_mask[:, :-1].to(mask.dtype)], dim=1),
+                          position_ids=completion_positions(shared, T - 1)[:, row_prompt], cache=cache,
+                          use_cache=True)
+        hidden = torch.cat([hidden, out.last_hidden_state], dim=1)
+    return hidden
+
+
+def completion_logprobs(model, prompts, completion_ids, completion_mask, temperature=1.0, chunk_tokens=1024):
+    """Per-token log-probs of `completion_ids` [B, T] after `prompts`, under the temperature-scaled,
+    untruncated distribution (the same as `sampler.sample` reports). Returns logp [B, T] float32,
+    0 where `completion_mask` is 0. Differentiable.
+
+    When rows repeat a prompt, each distinct prompt runs once (`shared_completion_hidden`); not
+    under activation checkpointing, which recomputes each layer alone and so keeps no cache.
+    The head runs over `chunk_tokens` completion tokens at a time; with gradients on, each chunk is
+    recomputed in the backward pass (checkpointed), so neither pass holds [B, T, V] in float32
+    (a chunk's float32 logits are 0.6 GB with Qwen's 152k vocabulary).
+    """
+    B, T = completion_ids.shape
+    unique, row_prompt = shared_prompts(prompts)
+    checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in model.model.language_model.modules())
+    if len(unique) < B and not checkpointing:
+        hidden = shared_completion_hidden(model, prompts, unique, row_prompt, completion_ids, completion_mask)
+    else:
+        hidden = completion_hidden(model, prompts, completion_ids, completion_mask)
+    hidden = hidden.reshape(B * T, -1)
     targets = completion_ids.reshape(B * T)
     keep = completion_mask.reshape(B * T).bool()
     suppressed = suppressed_mask(model)

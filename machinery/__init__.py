@@ -9,6 +9,7 @@ random streams) as plain arguments.
     keys.py              a random stream per prompt, whatever batch or process it is sampled in
     batch.py             a step's prompts as the method sees them: this process's share, their keys
     fast_decode.py       the sampler's CUDA-graph decoder
+    cpu_decode.py        the sampler's CPU decoder: a cache grown in place, stopped rows dropped
     vision_attention.py  the vision tower's windowed attention, one call per layer
     lora.py              LoRA adapters
     policies.py          the roles' weights: the role in training (AdamW, a GRPO step, checkpoints), frozen ones

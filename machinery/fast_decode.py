@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from machinery.cpu_decode import ShrinkingDecoder
 from machinery.lora import LoRALinear
 from model import PromptBatch, prompt_embeddings
 from sampler import CacheDecoder
@@ -124,9 +125,10 @@ def rope(x, cos, sin_signed):
 
 
 def decoder_for(device):
-    """The sampler's decoder on `device`: StaticDecoder and its CUDA graph on a GPU, the reference
-    elsewhere (on CPU the static step is no faster)."""
-    return StaticDecoder if device.type == "cuda" else CacheDecoder
+    """The sampler's decoder on `device`: StaticDecoder and its CUDA graph on a GPU; elsewhere
+    cpu_decode.ShrinkingDecoder, the reference's numbers without its copies and stopped rows (on
+    CPU the static step is no faster)."""
+    return StaticDecoder if device.type == "cuda" else ShrinkingDecoder
 
 
 class StaticDecoder:

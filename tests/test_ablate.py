@@ -217,7 +217,7 @@ def test_the_summary_pairs_each_arm_with_the_method_run_by_run(tmp_path):
         for k in range(1, K + 1):
             (folder / f"iter_{k}" / "reasoner").mkdir(parents=True)
             n = last[run.arm, run.seed] if k == K else 5
-            _evaluated(tmp_path / "eval" / run.name, folder / f"iter_{k}" / "reasoner", right(n))
+            _evaluated(ablate.eval_folder(tmp_path, run, last=k == K), folder / f"iter_{k}" / "reasoner", right(n))
             metrics.append({"phase": "curation", "iteration": k, "silver_accuracy": 0.5, "n_kept": 10 * k,
                             "n_candidates": 40, "categories": {"counting": 3, "colour": 1},
                             "kept_categories": {"counting": 1}})
@@ -236,3 +236,15 @@ def test_the_summary_pairs_each_arm_with_the_method_run_by_run(tmp_path):
     assert method["curation"][1]["kept"] == 20 and method["curation"][0]["mix"]["counting"] == pytest.approx(0.75)
     table = ablate.markdown(summary)
     assert "| one_iteration | 50.0 |" in table and "| -20.0 |" in table
+
+
+def test_a_script_runs_in_the_worker_its_output_and_exit_code_kept(tmp_path, capsys):
+    """ablate.script runs a script's main in this process: what it prints goes to the log (and
+    not to this process's output), a user error returns False, --help True."""
+    log = tmp_path / "logs" / "run.log"
+    assert not ablate.script(["selfplay.py", "--images", tmp_path / "none", "--output", tmp_path / "run"], log)
+    assert ablate.script(["evaluate.py", "--help"], log)
+    text = log.read_text()
+    assert "error:" in text and "usage:" in text and not (tmp_path / "run").exists()
+    out, err = capsys.readouterr()
+    assert "error:" not in out + err

@@ -104,14 +104,14 @@ def test_more_minibatches_than_rows_gives_one_step_per_row(tiny):
     assert metrics["n_steps"] == len(rollouts) and torch.equal(too_many, one_per_row)
 
 
-def test_checkpointing_recomputes_the_layers(tiny, monkeypatch):
+def test_checkpointing_recomputes_the_layers_and_shared_prompts_run_once(tiny, monkeypatch):
     model, tok, ip = tiny
     rollouts = rollout_batch(model, tok, ip)
     mlp_class = type(model.model.language_model.layers[0].mlp)
-    forward, calls = mlp_class.forward, []
+    forward, tokens = mlp_class.forward, []
 
     def counted(self, x):  # module hooks do not fire in the recompute; the forward itself does
-        calls.append(1)
+        tokens.append(x.shape[0] * x.shape[1])
         return forward(self, x)
 
     monkeypatch.setattr(mlp_class, "forward", counted)
@@ -120,10 +120,15 @@ def test_checkpointing_recomputes_the_layers(tiny, monkeypatch):
         policy = copy.deepcopy(model)
         if enabled:
             policy.activation_checkpointing_enable()
-        calls.clear()
+        tokens.clear()
         step_delta(policy, rollouts, None, micro_batch_tokens=ONE_MICRO_BATCH, kl_coef=0.0)
-        counts[enabled] = len(calls)
-    layers = len(model.model.language_model.layers)
-    # one step per batch: only the training forward (old = its own log-probs, detached); with
-    # checkpointing each layer runs once more in the backward
-    assert counts[False] == layers and counts[True] == 2 * layers
+        counts[enabled] = sum(tokens)
+    layers, B = len(model.model.language_model.layers), len(rollouts)
+    L, T = rollouts.prompts.input_ids.shape[1], int(rollouts.mask.sum(1).max())
+    n_prompts, G = len(PROMPTS), rollouts.group_size
+    # one step per batch: only the training forward (old = its own log-probs, detached). With
+    # checkpointing every row runs whole (prompt and completion), and each layer once more in the
+    # backward; without, each group's prompt runs once, then its G completions over its cache.
+    assert counts[True] == 2 * layers * B * (L + T)
+    assert counts[False] == layers * (n_prompts * L + B * (T - 1))
+    assert B == n_prompts * G and G > 1

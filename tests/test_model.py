@@ -158,6 +158,36 @@ def test_an_image_in_several_rows_is_encoded_once_with_the_same_logprobs_and_gra
     assert torch.allclose(grads[0], grads[1].float(), atol=1e-5, rtol=1e-3)
 
 
+def test_a_prompt_shared_by_several_rows_runs_once_with_hf_logprobs_and_gradients(tiny):
+    """A GRPO group's G rows share one prompt: completion_logprobs runs it once and the completions
+    over its cache. Against HF's full forward of every row: the same log-probs, the same gradient
+    of every weight (float32 sums in another order: the tolerance of the other tests here)."""
+    model, tok, ip = tiny
+    images = random_images(7)
+    prompts = encode_prompts(tok, ip, [images[0], images[0], images[1], images[0], images[1]],
+                             [PROMPTS[1], PROMPTS[1], PROMPTS[2], PROMPTS[1], PROMPTS[2]])
+    unique, row_prompt = M.shared_prompts(prompts)
+    assert unique.tolist() == [0, 2] and row_prompt.tolist() == [0, 0, 1, 0, 1]
+    ids, mask = completions(tok, ["a b", "c d e f", "g", "h", "i j k"])  # unequal lengths: pads among the rows
+    embedded = []
+    handle = model.model.language_model.embed_tokens.register_forward_hook(
+        lambda mod, args, out: embedded.append(args[0].shape[0] * args[0].shape[1]))
+    ours = completion_logprobs(model, prompts, ids, mask)
+    handle.remove()
+    L, T = prompts.input_ids.shape[1], ids.shape[1]
+    assert sum(embedded) <= 2 * L + 5 * (T - 1), "each distinct prompt is embedded once"
+    reference = hf_logprobs(model, prompts, ids, mask, 1.0)
+    assert (ours.double() - reference).abs().max() < 1e-4
+
+    grads = []
+    for logprobs in (lambda: completion_logprobs(model, prompts, ids, mask), lambda: hf_logprobs(model, prompts, ids, mask, 1.0)):
+        model.zero_grad()
+        logprobs().sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert grads[0].abs().sum() > 0
+    assert torch.allclose(grads[0], grads[1].float(), atol=1e-5, rtol=1e-3)
+
+
 def test_prompt_batch_select_matches_encoding_the_rows_alone(tiny):
     model, tok, ip = tiny
     images = random_images(5)
