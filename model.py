@@ -580,21 +580,23 @@ def shared_completion_hidden(model, prompts, unique, row_prompt, completion_ids,
     return hidden
 
 
-def completion_logprobs(model, prompts, completion_ids, completion_mask, temperature=1.0, chunk_tokens=1024):
+def completion_logprobs(model, prompts, completion_ids, completion_mask, temperature=1.0, chunk_tokens=1024,
+                        share=True):
     """Per-token log-probs of `completion_ids` [B, T] after `prompts`, under the temperature-scaled,
     untruncated distribution (the same as `sampler.sample` reports). Returns logp [B, T] float32,
     0 where `completion_mask` is 0. Differentiable.
 
     When rows repeat a prompt, each distinct prompt runs once (`shared_completion_hidden`); not
-    under activation checkpointing, which recomputes each layer alone and so keeps no cache.
+    under activation checkpointing, which recomputes each layer alone and so keeps no cache, nor
+    with share=False (a sharded model: every process must gather the layers as often as the others).
     The head runs over `chunk_tokens` completion tokens at a time; with gradients on, each chunk is
     recomputed in the backward pass (checkpointed), so neither pass holds [B, T, V] in float32
     (a chunk's float32 logits are 0.6 GB with Qwen's 152k vocabulary).
     """
     B, T = completion_ids.shape
-    unique, row_prompt = shared_prompts(prompts)
     checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in model.model.language_model.modules())
-    if len(unique) < B and not checkpointing:
+    unique, row_prompt = shared_prompts(prompts) if share and not checkpointing else (range(B), None)
+    if len(unique) < B:
         hidden = shared_completion_hidden(model, prompts, unique, row_prompt, completion_ids, completion_mask)
     else:
         hidden = completion_hidden(model, prompts, completion_ids, completion_mask)

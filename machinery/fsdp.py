@@ -54,7 +54,7 @@ def shard(model):
     # rather than calling its forward, so it becomes a forward method of the root, which gathers
     # the root's weights around it and reduce-scatters their gradients. (A copy, not its view of the
     # log-probs: FSDP warns of a view, which an in-place op would cut off from its backward hook.)
-    model.completion_logprobs = lambda *args: completion_logprobs(model, *args).clone()
+    model.completion_logprobs = lambda *args: completion_logprobs(model, *args, share=False).clone()
     register_fsdp_forward_method(model, "completion_logprobs")
 
 
