@@ -17,7 +17,7 @@ What happens, in order:
    the reference decoder's, whatever the batch size (each question draws from its own random
    stream). Unless --no-blind, it then answers everything again with the images deranged among
    the benchmark's records (`derangement`): the blind baseline, what the questions alone earn,
-   scored the same way.
+   scored the same way (greedy only with --no-blind-samples).
 3. The prediction is the last \\boxed{} of the response, else its first 100 characters (the
    paper's fallback), and `score` decides by rules per answer type.
 4. Out come a markdown table on stdout (models as columns, benchmarks as rows, accuracy with its
@@ -96,7 +96,10 @@ class EvalConfig:
     blind: bool = option(
         "also score the blind baseline: the same questions, each shown another record's image (a fixed "
         "derangement by --eval-seed), scored the same way, to tell a score from a question prior. "
-        "Doubles the evaluation time; --no-blind skips it", default=True)
+        "Doubles the evaluation time (less with --no-blind-samples); --no-blind skips it", default=True)
+    blind_samples: bool = option(
+        "the blind run samples --samples answers too (pass@1 and maj@M of the questions alone); "
+        "--no-blind-samples scores it greedy only, in a fraction of the time", default=True)
     samples: int = option(
         "M answers per question sampled at temperature 1 (top-p 1, top-k 0: the full distribution, as "
         "GRPO samples the policy), for pass@1 and maj@M beside the greedy accuracy; 0 = off. Each batch "
@@ -758,7 +761,7 @@ def cell(result, key=None):
     ('21.3 [17.9, 25.1]' for pass@1, whose right answers are shares)."""
     blind = result.get("blind")
     if key is not None:
-        result, blind = result[key], blind and blind[key]
+        result, blind = result[key], blind and blind.get(key)  # a greedy-only blind run has no pass1, maj
     if not result["scored"]:
         return "n/a (0/0)"
     low, high = result["wilson95"]
@@ -834,9 +837,10 @@ def evaluate(cfg, judge=None):
             result = summarize(samples, time.perf_counter() - start, cfg.samples)
             if cfg.blind:  # after the real run, which has marked the images that do not open
                 start = time.perf_counter()
-                blind = answer_benchmark(model, tokenizer, image_processor, bench, cfg, spec, judge, blind=True)
+                blind_cfg = cfg if cfg.blind_samples else replace(cfg, samples=0)
+                blind = answer_benchmark(model, tokenizer, image_processor, bench, blind_cfg, spec, judge, blind=True)
                 write_jsonl(out / "samples" / safe_name(spec) / "blind" / f"{safe_name(bench.name)}.jsonl", blind)
-                result["blind"] = summarize(blind, time.perf_counter() - start, cfg.samples)
+                result["blind"] = summarize(blind, time.perf_counter() - start, blind_cfg.samples)
             entry["models"][spec] = result
             entry["skipped"] = bench.skipped()
         del model  # one model in memory at a time

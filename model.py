@@ -525,6 +525,14 @@ def prompt_embeddings(model, prompts):
     return embeds.masked_scatter(is_image, image.to(embeds.dtype))
 
 
+def prefill(model, prompts, cache):
+    """The prompts run through the language model, their keys and values written into `cache` (a
+    DynamicCache, filled in place) -> hidden [B, L, H]; [:, -1] predicts each first token. Every
+    decoder, and a GRPO forward that shares its prompts, starts here."""
+    return model.model(inputs_embeds=prompt_embeddings(model, prompts), attention_mask=prompts.attention_mask,
+                       position_ids=prompts.position_ids, cache=cache, use_cache=True).last_hidden_state
+
+
 def shared_prompts(prompts):
     """The rows that show the same prompt (image and text; a GRPO group's G rows do) -> unique [U]
     long: the first row of each distinct prompt, and row_prompt [B] long: each row's prompt among
@@ -564,9 +572,7 @@ def shared_completion_hidden(model, prompts, unique, row_prompt, completion_ids,
     tokens above all) is most of a row, and a GRPO group's G rows share one."""
     shared = prompts.select(unique.tolist())
     cache = DynamicCache(config=model.config)
-    first = model.model(inputs_embeds=prompt_embeddings(model, shared), attention_mask=shared.attention_mask,
-                        position_ids=shared.position_ids, cache=cache, use_cache=True)
-    hidden = first.last_hidden_state[row_prompt, -1:]  # [B, 1, H]: predicts each row's first token
+    hidden = prefill(model, shared, cache)[row_prompt, -1:]  # [B, 1, H]: predicts each row's first token
     T = completion_ids.shape[1]
     if T > 1:
         for layer in cache.layers:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from model import next_token_logits, prompt_embeddings, suppressed_mask, token_batches
+from model import next_token_logits, prefill, suppressed_mask, token_batches
 
 
 @dataclass
@@ -113,10 +113,9 @@ class CacheDecoder:
     def __init__(self, model, prompts, n, max_new_tokens=None):  # (the cache grows as it goes)
         self.model = model
         self.cache = DynamicCache(config=model.config)
-        out = model.model(inputs_embeds=prompt_embeddings(model, prompts), attention_mask=prompts.attention_mask,
-                          position_ids=prompts.position_ids, cache=self.cache, use_cache=True)
+        last = prefill(model, prompts, self.cache)[:, -1]
         self.cache.batch_repeat_interleave(n)  # the prompt's keys and values, copied into its n rows
-        self.first_hidden = out.last_hidden_state[:, -1].repeat_interleave(n, dim=0)
+        self.first_hidden = last.repeat_interleave(n, dim=0)
         self.head_weight = model.lm_head.weight
         self.attention_mask = prompts.attention_mask.repeat_interleave(n, dim=0)
         self.positions = prompts.next_position.repeat_interleave(n, dim=0)

@@ -18,7 +18,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from model import prompt_embeddings
+from model import prefill
 from sampler import CacheDecoder
 
 
@@ -69,10 +69,8 @@ class Prefill:
     def __init__(self, model, prompts):
         self.model, self.prompts = model, prompts
         cache = DynamicCache(config=model.config)
-        out = model.model(inputs_embeds=prompt_embeddings(model, prompts), attention_mask=prompts.attention_mask,
-                          position_ids=prompts.position_ids, cache=cache, use_cache=True)
+        self.last_hidden = prefill(model, prompts, cache)[:, -1]
         self.layers = [(layer.keys, layer.values) for layer in cache.layers]
-        self.last_hidden = out.last_hidden_state[:, -1]
 
     def decoder(self, model, prompts, n, max_new_tokens):
         """sample(model, prompts, ..., decoder=prefill.decoder), for the prompts of this prefill."""

@@ -16,7 +16,7 @@ add two thin matmuls to each adapted projection rather than a merged copy of its
 Why it is simple. During decoding every token is text, and text tokens have equal t/h/w
 positions, so Qwen2.5-VL's M-RoPE reduces to plain 1-D RoPE at the row's next position
 (`PromptBatch.next_position` + steps so far): no vision logic is needed after the prefill, which
-still runs through HF's model (over `model.prompt_embeddings`, which hold the image). The step is
+still runs through HF's model (`model.prefill`, over the embeddings that hold the image). The step is
 the Qwen2 decoder layer: RMSNorm -> q/k/v (with bias) -> RoPE -> grouped-query attention over the
 cache -> o_proj -> residual -> RMSNorm -> SiLU-gated MLP -> residual, then the final norm.
 
@@ -31,7 +31,7 @@ from transformers import DynamicCache
 
 from machinery.cpu_decode import ShrinkingDecoder
 from machinery.lora import LoRALinear
-from model import PromptBatch, prompt_embeddings
+from model import PromptBatch, prefill
 from sampler import CacheDecoder
 
 
@@ -156,10 +156,9 @@ class StaticDecoder:
         # Prefill once per prompt through HF's text model, then copy the cache into n rows each.
         cache = DynamicCache(config=model.config)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.device.type == "cuda"):
-            out = model.model(inputs_embeds=prompt_embeddings(model, prompts), attention_mask=prompts.attention_mask,
-                              position_ids=prompts.position_ids, cache=cache, use_cache=True)
+            last = prefill(model, prompts, cache)[:, -1]
         # (float32 after float32 weights: autocast leaves the residual stream alone)
-        self.first_hidden = out.last_hidden_state[:, -1].to(self.dtype).repeat_interleave(n, dim=0)
+        self.first_hidden = last.to(self.dtype).repeat_interleave(n, dim=0)
         N, L = len(prompts) * n, prompts.input_ids.shape[1]
         # Cache slots past the last token are masked; a multiple of 16 suits the attention kernels.
         self.prompt_len, self.max_len = L, -(-(L + max_new_tokens) // 16) * 16

@@ -73,6 +73,34 @@ def test_every_arm_runs_with_the_shared_settings_stacked():
             assert changed == set(tomllib.loads(path.read_text())), arm
 
 
+def test_an_arm_that_is_another_stopped_early_is_not_trained_again(tmp_path, monkeypatch):
+    """`shortened` holds the arms whose settings, stacked as selfplay.py stacks them, are another
+    arm's but for fewer iterations: in the shipped arms one_iteration is the method's first; an arm
+    that changes anything else besides is trained. `tasks` trains each run once, the longest
+    first, and hands it the shortened runs of its seed and base."""
+    arms = ablate.chosen_arms(ablate.Config(out="x"))
+    for plan in (ablate.FULL, ablate.QUICK):
+        assert ablate.shortened(plan, arms) == {"one_iteration": ("method", 1)}
+    for name, text in {"method": "", "two": "iterations = 2", "one": "iterations = 1", "lr": "lr = 1e-4",
+                       "lr_one": "iterations = 1\nlr = 1e-4", "lr_five": "iterations = 5\nlr = 1e-4"}.items():
+        (tmp_path / f"{name}.toml").write_text(text + "\n")
+    monkeypatch.setattr(ablate, "ARMS", tmp_path)
+    arms = ["method", "two", "one", "lr", "lr_one", "lr_five"]
+    short = ablate.shortened(ablate.FULL, arms)
+    assert short == {"two": ("method", 2), "one": ("method", 1), "lr": ("lr_five", 3), "lr_one": ("lr_five", 1)}
+
+    runs = [ablate.Run(arm, seed, b, *short.get(arm, ("", 0))) for b in (0, 1) for arm in arms for seed in (0, 1)]
+    cfg = ablate.Config(out=str(tmp_path))
+    todo = ablate.tasks(cfg, ablate.FULL, tmp_path, runs)
+    assert [(f.__name__, args[-1]) for f, args in todo[:2]] == [("evaluate_base", 0), ("evaluate_base", 1)]
+    trained = [(args[3], args[4]) for _, args in todo[2:]]
+    assert [run.arm for run, _ in trained] == ["lr_five"] * 4 + ["method"] * 4  # 5 iterations, then 3
+    for run, served in trained:
+        assert {(r.arm, r.seed, r.base_seed) for r in served} == {
+            (arm, run.seed, run.base_seed) for arm, (source, _) in short.items() if source == run.arm}
+    assert sorted(r.name for _, served in trained for r in served) == sorted(r.name for r in runs if r.source)
+
+
 def test_the_shipped_base_is_the_world_command_at_seed_0():
     cfg = pretrain.load_config(ablate.SHIPPED_BASE)
     assert pretrain.parse(pretrain.Config, [*ablate.WORLD, "--seed", "0", "--quiet",
@@ -185,8 +213,9 @@ def _questions(rows, guess):
 # -----------------------------------------------------------------------------
 # The summary, from a fake OUT (what evaluate.py and selfplay.py would have written)
 
-def _evaluated(folder, model, greedy):
-    """evaluate.py's results.json and samples for one model whose greedy verdicts are `greedy`."""
+def _evaluated(folder, model, greedy, full=True):
+    """evaluate.py's results.json and samples for one model whose greedy verdicts are `greedy`;
+    full=False: greedy alone, as ablate.py evaluates a curve (no pass@1, maj@m or blind)."""
     from evaluate import safe_name
     rows = [{"category": data.CATEGORIES[i % 5], "correct": bool(g), "sampled_correct": [bool(g), False],
              "majority_correct": bool(g)} for i, g in enumerate(greedy)]
@@ -196,32 +225,39 @@ def _evaluated(folder, model, greedy):
     path = folder / "results.json"
     results = json.loads(path.read_text()) if path.is_file() else {"benchmarks": {"heldout": {"models": {}}}}
     acc = float(np.mean(greedy))
-    results["benchmarks"]["heldout"]["models"][str(model)] = {
-        "accuracy": acc, "pass1": {"accuracy": acc / 2}, "maj": {"accuracy": acc}, "blind": {"accuracy": 0.1}}
+    results["benchmarks"]["heldout"]["models"][str(model)] = {"accuracy": acc} | (
+        {"pass1": {"accuracy": acc / 2}, "maj": {"accuracy": acc}, "blind": {"accuracy": 0.1}} if full else {})
     path.write_text(json.dumps(results))
 
 
 def test_the_summary_pairs_each_arm_with_the_method_run_by_run(tmp_path):
-    """Two seeds; the method right on 8 and 6 of 10 questions after its 2 iterations, one_iteration on 4
-    and 6 after its one: the means, the curve, the paired difference ((4-8) + (6-6)) / 20 = -0.2 and the
-    curation mix come out of the files as the arithmetic says."""
+    """Two seeds; the method right on 4 and 6 of 10 questions after its first iteration, 8 and 6
+    after its second; one_iteration is its first iteration (a shortened run, not trained again):
+    the means, the curve, the paired difference ((4-8) + (6-6)) / 20 = -0.2 and the curation mix
+    come out of the files as the arithmetic says."""
     Q = 10
     right = lambda n: [1] * n + [0] * (Q - n)
     _evaluated(tmp_path / "eval" / "bases" / "seed_0", ablate.base_folder(tmp_path, 0), right(2))
-    last = {("method", 0): 8, ("method", 1): 6, ("one_iteration", 0): 4, ("one_iteration", 1): 6}
-    runs = [ablate.Run(arm, seed, 0) for arm in ("method", "one_iteration") for seed in (0, 1)]
-    for run in runs:
-        K = 2 if run.arm == "method" else 1
+    first, second = {0: 4, 1: 6}, {0: 8, 1: 6}
+    methods = [ablate.Run("method", seed, 0) for seed in (0, 1)]
+    shortened = [ablate.Run("one_iteration", seed, 0, "method", 1) for seed in (0, 1)]
+    for run in methods:
         folder = tmp_path / "runs" / run.name
         metrics = []
-        for k in range(1, K + 1):
+        for k, n in ((1, first[run.seed]), (2, second[run.seed])):
             (folder / f"iter_{k}" / "reasoner").mkdir(parents=True)
-            n = last[run.arm, run.seed] if k == K else 5
-            _evaluated(ablate.eval_folder(tmp_path, run, last=k == K), folder / f"iter_{k}" / "reasoner", right(n))
+            _evaluated(ablate.eval_folder(tmp_path, run, last=k == 2), folder / f"iter_{k}" / "reasoner", right(n),
+                       full=k == 2)
             metrics.append({"phase": "curation", "iteration": k, "silver_accuracy": 0.5, "n_kept": 10 * k,
                             "n_candidates": 40, "categories": {"counting": 3, "colour": 1},
                             "kept_categories": {"counting": 1}})
         (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    for run in shortened:  # its last Reasoner is the method's first, evaluated in full in its own folder
+        assert ablate.reasoners(tmp_path, run) == [tmp_path / "runs" / run.trained.name / "iter_1" / "reasoner"]
+        assert ablate.eval_folder(tmp_path, run, last=True) == tmp_path / "eval" / run.name
+        _evaluated(ablate.eval_folder(tmp_path, run, last=True), *ablate.reasoners(tmp_path, run),
+                   right(first[run.seed]))
+    runs = methods + shortened
     cfg = ablate.Config(out=str(tmp_path), bootstrap=500)
     summary = ablate.summarise(cfg, ablate.QUICK, tmp_path, runs, 1.0, "python ablate.py x")
     method, one = summary["arms"]["method"], summary["arms"]["one_iteration"]
@@ -234,6 +270,7 @@ def test_the_summary_pairs_each_arm_with_the_method_run_by_run(tmp_path):
     assert low <= -0.2 <= high
     assert sorted(method["per_seed"]) == ["seed_0", "seed_1"] and method["per_seed"]["seed_0"]["greedy"] == 0.8
     assert method["curation"][1]["kept"] == 20 and method["curation"][0]["mix"]["counting"] == pytest.approx(0.75)
+    assert [c["kept"] for c in one["curation"]] == [10]  # the method's first iteration only
     table = ablate.markdown(summary)
     assert "| one_iteration | 50.0 |" in table and "| -20.0 |" in table
 

@@ -658,7 +658,7 @@ def test_results_and_table_carry_the_blind_pass1_and_maj_figures(tmp_path, monke
                                     "maj"}
     assert (result["accuracy"], result["pass1"]["accuracy"], result["maj"]["accuracy"]) == pytest.approx(
         (1 / 3, 1.25 / 3, 1 / 3))
-    blind = result["blind"]
+    blind, sampled_blind_result = result["blind"], result  # (result is reused for the runs below)
     assert (blind["accuracy"], blind["pass1"]["accuracy"], blind["maj"]["accuracy"], blind["scored"]) == (0, 0, 0, 3)
 
     def interval(low_high):
@@ -682,6 +682,26 @@ def test_results_and_table_carry_the_blind_pass1_and_maj_figures(tmp_path, monke
     assert table[2] == f"| canned | 33.3 (1/3) {interval(wilson_interval(1, 3))} | 0 |" and len(table) == 6
     assert table[5] == f"done: {tmp_path / 'plain'} (results.json, table.md, samples/)"
     assert not (tmp_path / "plain" / "samples" / "tiny" / "blind").exists()
+
+    # --no-blind-samples: the seen run as before, the blind run greedy only (no draws asked for)
+    shown = []
+    monkeypatch.setattr(evaluate, "answer_batch", fake_answers(shown, responses))
+    assert evaluate.main(["--model", "tiny", "--bench", str(tmp_path / "canned.jsonl"), "--samples", "4",
+                          "--no-blind-samples", "--device", "cpu", "--quiet", "--output", str(tmp_path / "bg")]) == 0
+    table = capsys.readouterr().out.splitlines()
+    greedy_blind = json.loads((tmp_path / "bg" / "results.json").read_text())["benchmarks"]["canned"]["models"]["tiny"]
+    assert {k: v for k, v in greedy_blind.items() if k not in ("seconds", "blind")} == \
+        {k: v for k, v in sampled_blind_result.items() if k not in ("seconds", "blind")}
+    assert set(greedy_blind["blind"]) == {"correct", "scored", "accuracy", "wilson95", "by_category", "seconds"}
+    assert (greedy_blind["blind"]["accuracy"], greedy_blind["blind"]["scored"]) == (0, 3)
+    # seen: greedy then 4 draws per question; blind: greedy alone
+    assert [(n, own[q] == colour) for q, colour, n, _ in shown] == [(1, True), (4, True)] * 3 + [(1, False)] * 3
+    assert table[2] == f"| canned | 33.3 (1/3) {interval(wilson_interval(1, 3))} (blind 0.0) | 0 |"
+    assert table[3] == f"| canned pass@1 (T=1, m=4) | 41.7 {interval(wilson_interval(1.25, 3))} |  |"
+    assert table[4] == f"| canned maj@4 | 33.3 (1/3) {interval(wilson_interval(1, 3))} |  |"
+    blind_rows = [json.loads(line) for line in
+                  (tmp_path / "bg" / "samples" / "tiny" / "blind" / "canned.jsonl").read_text().splitlines()]
+    assert all("sampled" not in s and s["image_of"] != s["id"] for s in blind_rows)
 
 
 def test_sampled_answers_come_from_the_sampler_at_temperature_1(tiny):
