@@ -57,9 +57,8 @@ from pathlib import Path
 import numpy as np
 
 import data
-import selfplay
 from evaluate import safe_name
-from machinery.cli import AT_LEAST_1, option, parse, progress
+from machinery.cli import AT_LEAST_1, option, parse, progress, read_preset
 from tools import ablation_page, pretrain
 
 REPO = Path(__file__).resolve().parent
@@ -122,10 +121,16 @@ class Run:
 
 
 def settings(plan, arm=None):
-    """The self-play settings a run of `arm` gets (all of selfplay.Config, its presets stacked as
-    selfplay.py stacks them), or with arm None those every arm shares; exits 2 on a bad file."""
-    presets = [REPO / p for p in plan.presets] + ([ARMS / f"{arm}.toml"] if arm else [])
-    return vars(selfplay.parse_given(selfplay.Config, presets)[0])
+    """The settings a run of `arm` gets from its preset files, later files over earlier ones as
+    selfplay.py stacks them, or with arm None those every arm shares (the shared presets set
+    `iterations`). DataError in one line on a file that cannot be read."""
+    stacked = {}
+    for path in [REPO / p for p in plan.presets] + ([ARMS / f"{arm}.toml"] if arm else []):
+        try:
+            stacked |= read_preset(path)
+        except ValueError as err:
+            raise data.DataError(str(err)) from None
+    return stacked
 
 
 def shortened(plan, arms):
@@ -502,7 +507,8 @@ def chosen_arms(cfg):
 def tasks(cfg, plan, out, runs):
     """The workers' tasks after pretraining: each base's evaluation, then the runs that train, the
     longest first (so no core waits long for the last one), each with the shortened runs it serves."""
-    trained = sorted((r for r in runs if not r.source), key=lambda r: -settings(plan, r.arm)["iterations"])
+    iterations = {arm: settings(plan, arm)["iterations"] for arm in {r.arm for r in runs}}
+    trained = sorted((r for r in runs if not r.source), key=lambda r: -iterations[r.arm])
     return [(evaluate_base, (cfg, plan, out, b)) for b in sorted({r.base_seed for r in runs})] + \
         [(self_play, (cfg, plan, out, run, [r for r in runs if r.source and r.trained == run])) for run in trained]
 
@@ -521,7 +527,11 @@ def main(argv=None):
         print(f"ablate.py: error: {err}", file=sys.stderr)
         return 2
     out = Path(cfg.out).resolve()  # the scripts run from the repo's root
-    short = shortened(plan, arms)
+    try:
+        short = shortened(plan, arms)
+    except data.DataError as err:
+        print(f"ablate.py: error: {err}", file=sys.stderr)
+        return 2
     runs = [Run(arm, seed, b, *short.get(arm, ("", 0))) for b in range(cfg.base_seeds) for arm in arms
             for seed in range(plan.seeds)]
     again = "".join(f"; {arm}: the first {k} iteration(s) of {source}" for arm, (source, k) in short.items())

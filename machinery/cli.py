@@ -120,13 +120,21 @@ def settings_flags(parser, config_class, settings, source, later=()):
     return flags
 
 
+def read_preset(path):
+    """The settings {name: value} of the preset file `path`; ValueError in one line if it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot read the preset '{path}': {err}") from None
+
+
 def preset_flags(parser, config_class, path, later=()):
     """The flags that say what the preset file `path` says (see the module's docstring)."""
     try:
-        with open(path, "rb") as f:
-            settings = tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        parser.error(f"cannot read the preset '{path}': {err}")
+        settings = read_preset(path)
+    except ValueError as err:
+        parser.error(str(err))
     return settings_flags(parser, config_class, settings, path, later)
 
 

@@ -73,6 +73,16 @@ def test_every_arm_runs_with_the_shared_settings_stacked():
             assert changed == set(tomllib.loads(path.read_text())), arm
 
 
+def test_an_arm_file_that_does_not_parse_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    (tmp_path / "method.toml").write_text("")
+    (tmp_path / "bad.toml").write_text("iterations = \n")
+    monkeypatch.setattr(ablate, "ARMS", tmp_path)
+    assert ablate.main([str(tmp_path / "out"), "--arms", "bad"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot read the preset" in err and "bad.toml" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_arm_that_is_another_stopped_early_is_not_trained_again(tmp_path, monkeypatch):
     """`shortened` holds the arms whose settings, stacked as selfplay.py stacks them, are another
     arm's but for fewer iterations: in the shipped arms one_iteration is the method's first; an arm
