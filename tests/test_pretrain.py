@@ -118,6 +118,7 @@ def test_same_seed_same_weights_and_the_folder_loads_as_a_model(tmp_path, capsys
     assert pretrain.main(SMALL + ["--output", str(tmp_path / "a")]) == 0
     out = capsys.readouterr().out
     assert "held-out accuracy (4 questions): greedy" in out and "shuffled" in out and "maj@8" in out
+    assert "greedy / shuffled by category: counting" in out and "of those have an answer in their scene" in out
     assert pretrain.main(SMALL + ["--output", str(tmp_path / "b")]) == 0
     assert pretrain.main(SMALL + ["--output", str(tmp_path / "c"), "--seed", "1"]) == 0
     a, b, c = (weights(tmp_path / x) for x in "abc")
@@ -173,4 +174,46 @@ def test_the_check_at_the_end_scores_greedy_shuffled_pass1_and_majority(monkeypa
 
     monkeypatch.setattr(pretrain, "answers", canned)
     scores = pretrain.held_out_accuracy(cfg, None, None, None, m=4)
+    by_category = scores.pop("by category")
     assert scores == pytest.approx({"greedy": 1 / 3, "shuffled": 0.0, "pass@1": 6 / 12, "maj@4": 1 / 3})
+    assert by_category == {"counting": pytest.approx({"greedy": 1 / 3, "shuffled": 0.0})}
+
+
+def test_the_by_category_check_splits_the_questions_by_their_category(monkeypatch):
+    cfg = pretrain.Config(eval_questions=40, categories="counting,colour", guess=0.0)
+    records = pretrain.held_out(cfg, 40)
+    colour = [r["category"] == "colour" for r in records]
+    assert 0 < sum(colour) < 40
+
+    def canned(model, tokenizer, processor, images, questions, n=1, temperature=0.0, **settings):
+        # right on every colour question and wrong on every count, shown any image
+        return [[r["answer"] if r["category"] == "colour" else "9"] * n for r in records]
+
+    monkeypatch.setattr(pretrain, "answers", canned)
+    scores = pretrain.held_out_accuracy(cfg, None, None, None, m=2)
+    assert scores["greedy"] == pytest.approx(sum(colour) / 40)
+    assert scores["by category"] == {"counting": {"greedy": 0.0, "shuffled": 0.0},
+                                     "colour": {"greedy": 1.0, "shuffled": 1.0}}
+
+
+def test_answerable_questions_grades_the_questioners_samples_against_their_own_scenes(monkeypatch):
+    cfg = pretrain.Config(categories="counting,colour,spatial,size,arithmetic", two_sizes=True)
+    monkeypatch.setattr(pretrain.data, "render", lambda scene: scene)  # each "image" is its scene
+
+    def canned(model, tokenizer, processor, images, prompts, n=1, **settings):
+        assert (n, settings["temperature"], settings["top_p"]) == (4, 1.0, 0.95) and len(images) == 10
+        assert len({repr(scene) for scene in images}) == 10  # fresh scenes, not one
+        out = []
+        for i, scene in enumerate(images):
+            # per scene: one of its own questions, one of another scene's that this one cannot
+            # answer, and two outputs that do not parse
+            own = data.scene_questions(scene, np.random.default_rng(i))[0]["question"]
+            other = next(q["question"] for j, o in enumerate(images) if j != i
+                         for q in data.scene_questions(o, np.random.default_rng(j))
+                         if data.true_answer(q["question"], scene) is None)
+            out.append([f"<question>{own}</question>", f"<question>{other}</question>", "no tags",
+                        "<question></question>"])
+        return out
+
+    monkeypatch.setattr(pretrain, "generate", canned)
+    assert pretrain.answerable_questions(cfg, None, None, None, images=10) == (0.5, 0.5)

@@ -39,7 +39,9 @@ with guesses over 0..4 and over the counts each question allows; without slips, 
 Output: a save_pretrained folder (weights, tokenizer, image processor with the small pixel bounds,
 pretrain_config.json) that model.load_vlm and every script's --model read. At the end, on held-out
 questions: greedy accuracy, the same with the images shuffled among the questions (the gap is what
-the model takes from the image), pass@1 of 8 samples at temperature 1 and their majority's (maj@8).
+the model takes from the image), pass@1 of 8 samples at temperature 1 and their majority's (maj@8);
+greedy and shuffled per category (a category no better seen than shuffled is one the base does
+not look at); and the share of its Questioner's sampled questions that their scene answers.
 
 Left out: a learning-rate search, mixed precision, a GPU path, data beyond the shapes world.
 """
@@ -68,7 +70,7 @@ from model import (QWEN_PRETOKENIZE_REGEX, QWEN_SPECIAL_TOKENS, QWEN_VL_CHAT_TEM
                    _set_generation_config, completion_logprobs, encode_prompts)
 from questioner import QUESTIONER_PROMPTS
 from reasoner import reasoner_prompt
-from rewards import answers_equivalent, extract_boxed, majority_vote
+from rewards import answers_equivalent, extract_boxed, majority_vote, parse_question
 from machinery.fast_decode import decoder_for
 from machinery.keys import prompt_keys
 from sampler import sample
@@ -414,15 +416,43 @@ def accuracy(answered, records):
 
 def held_out_accuracy(cfg, model, tokenizer, processor, m=8):
     """On held-out questions: {greedy accuracy, the same with each question shown the next record's
-    image (shuffled), pass@1 of m samples at temperature 1, their majority's accuracy (maj@m)}."""
+    image (shuffled), pass@1 of m samples at temperature 1, their majority's accuracy (maj@m),
+    "by category": {category: {greedy, shuffled}}}. A category whose greedy accuracy is no higher
+    than its shuffled accuracy is one the base answers without looking at the image."""
     records = held_out(cfg, cfg.eval_questions)
     images = [r["image"] for r in records]
     questions = [r["question"] for r in records]
     sampled = answers(model, tokenizer, processor, images, questions, n=m, temperature=1.0, seed=cfg.seed)
-    return {"greedy": accuracy(answers(model, tokenizer, processor, images, questions), records),
-            "shuffled": accuracy(answers(model, tokenizer, processor, images[1:] + images[:1], questions), records),
+    greedy = answers(model, tokenizer, processor, images, questions)
+    shuffled = answers(model, tokenizer, processor, images[1:] + images[:1], questions)
+    by_category = {}
+    for category in cfg.categories.split(","):
+        of = [i for i, r in enumerate(records) if r["category"] == category]
+        if not of:
+            continue
+        by_category[category] = {"greedy": accuracy([greedy[i] for i in of], [records[i] for i in of]),
+                                 "shuffled": accuracy([shuffled[i] for i in of], [records[i] for i in of])}
+    return {"greedy": accuracy(greedy, records), "shuffled": accuracy(shuffled, records),
             "pass@1": float(np.mean([answers_equivalent(a, r["answer"]) for s, r in zip(sampled, records) for a in s])),
-            f"maj@{m}": accuracy([[majority_vote(s)[0]] for s in sampled], records)}
+            f"maj@{m}": accuracy([[majority_vote(s)[0]] for s in sampled], records), "by category": by_category}
+
+
+QUESTION_CHECK = dict(n=4, temperature=1.0, top_p=0.95, max_new_tokens=64)  # self-play's sampling, room to finish
+
+
+def answerable_questions(cfg, model, tokenizer, processor, images=96):
+    """The Questioner sampled as self-play samples it (QUESTION_CHECK's n questions on each of
+    `images` fresh scenes): (the share of its outputs that parse as a question, the share of those
+    that data.true_answer answers from their own scene). A question about shapes the image does
+    not hold has no silver label worth learning."""
+    rng = np.random.default_rng((cfg.seed, 3))  # scenes neither training nor held_out draws
+    scenes = [data.make_scene(int(rng.integers(2**63)), **cfg.world()) for _ in range(images)]
+    texts = generate(model, tokenizer, processor, [data.render(s) for s in scenes],
+                     [QUESTIONER_PROMPTS["paper"]] * images, seed=cfg.seed, **QUESTION_CHECK)
+    asked = [(parse_question(t), scene) for scene, group in zip(scenes, texts) for t in group]
+    valid = [(p["question"], scene) for p, scene in asked if p is not None]
+    answered = sum(data.true_answer(q, scene) is not None for q, scene in valid)
+    return len(valid) / len(asked), answered / max(1, len(valid))
 
 
 def save(cfg, model, tokenizer, processor):
@@ -465,9 +495,17 @@ def main(argv=None):
     print(f"saved {n_params / 1e6:.2f}M parameters to {cfg.output} ({time.perf_counter() - start:.0f} s)")
     if cfg.eval_questions:
         scores = held_out_accuracy(cfg, model, tokenizer, processor)
+        by_category = scores.pop("by category")
         print(f"held-out accuracy ({cfg.eval_questions} questions): " +
               ", ".join(f"{name} {value:.1%}" for name, value in scores.items()) +
               " (shuffled: greedy with the images shuffled among the questions)")
+        print("greedy / shuffled by category: " +
+              ", ".join(f"{c} {v['greedy']:.0%} / {v['shuffled']:.0%}" for c, v in by_category.items()))
+        images = min(96, cfg.eval_questions)
+        parsed, answered = answerable_questions(cfg, model, tokenizer, processor, images)
+        print(f"the Questioner ({QUESTION_CHECK['n']} questions on {images} fresh scenes, temperature "
+              f"{QUESTION_CHECK['temperature']:g}, top-p {QUESTION_CHECK['top_p']:g}): {parsed:.0%} parse as a "
+              f"question, {answered:.0%} of those have an answer in their scene")
     return 0
 
 
