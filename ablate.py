@@ -523,15 +523,11 @@ def main(argv=None):
                   jobs=cfg.jobs or (len(os.sched_getaffinity(0)) if cfg.device == "cpu" else _gpus()))
     try:
         arms = chosen_arms(cfg)
-    except data.DataError as err:
-        print(f"ablate.py: error: {err}", file=sys.stderr)
-        return 2
-    out = Path(cfg.out).resolve()  # the scripts run from the repo's root
-    try:
         short = shortened(plan, arms)
     except data.DataError as err:
         print(f"ablate.py: error: {err}", file=sys.stderr)
         return 2
+    out = Path(cfg.out).resolve()  # the scripts run from the repo's root
     runs = [Run(arm, seed, b, *short.get(arm, ("", 0))) for b in range(cfg.base_seeds) for arm in arms
             for seed in range(plan.seeds)]
     again = "".join(f"; {arm}: the first {k} iteration(s) of {source}" for arm, (source, k) in short.items())

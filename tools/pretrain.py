@@ -440,7 +440,7 @@ def held_out_accuracy(cfg, model, tokenizer, processor, m=8):
 QUESTION_CHECK = dict(n=4, temperature=1.0, top_p=0.95, max_new_tokens=64)  # self-play's sampling, room to finish
 
 
-def answerable_questions(cfg, model, tokenizer, processor, images=96):
+def answerable_questions(cfg, model, tokenizer, processor, images):
     """The Questioner sampled as self-play samples it (QUESTION_CHECK's n questions on each of
     `images` fresh scenes): (the share of its outputs that parse as a question, the share of those
     that data.true_answer answers from their own scene). A question about shapes the image does
