@@ -42,6 +42,7 @@ needs; `oracle_labels` (the true answers) is the ceiling and `null_labels` (rand
 the right kind) the floor, both measured, not assumed.
 """
 
+import concurrent.futures
 import contextlib
 import importlib
 import json
@@ -133,17 +134,16 @@ def settings(plan, arm=None):
     return stacked
 
 
-def shortened(plan, arms):
-    """{arm: (source, iterations)} for each arm whose settings are another's but for fewer
-    iterations: its runs are that arm's runs stopped early. Self-play's iteration k does not depend
-    on how many iterations follow (a finished run resumed with more goes on the same way; the
-    method's first iteration and `one_iteration`'s Reasoner were the same byte for byte), so such
-    an arm is not trained again: its Reasoners are its source's first ones."""
-    stacked = {arm: settings(plan, arm) for arm in arms}
+def shortened(stacked):
+    """stacked: {arm: its settings} -> {arm: (source, iterations)} for each arm whose settings are
+    another's but for fewer iterations: its runs are that arm's runs stopped early. Self-play's
+    iteration k does not depend on how many iterations follow (a finished run resumed with more
+    goes on the same way; the method's first iteration and `one_iteration`'s Reasoner were the same
+    byte for byte), so such an arm is not trained again: its Reasoners are its source's first ones."""
     rest = lambda arm: {k: v for k, v in stacked[arm].items() if k != "iterations"}
     found = {}
-    for arm in arms:
-        longer = [o for o in arms if rest(o) == rest(arm) and stacked[o]["iterations"] > stacked[arm]["iterations"]]
+    for arm in stacked:
+        longer = [o for o in stacked if rest(o) == rest(arm) and stacked[o]["iterations"] > stacked[arm]["iterations"]]
         if longer:
             found[arm] = (max(longer, key=lambda o: stacked[o]["iterations"]), stacked[arm]["iterations"])
     return found
@@ -289,10 +289,13 @@ def workers(cfg):
     gpus = (os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(map(str, range(_gpus())))).split(",") \
         if cfg.device == "cuda" else []
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no CUDA state, no threads inherited
-    slots = context.Queue()
+    slots = context.SimpleQueue()
     for slot in range(cfg.jobs):
         slots.put(gpus[slot % len(gpus)] if gpus else None)
-    return context.Pool(cfg.jobs, initializer=start_worker, initargs=(slots, cfg.device))
+    # an executor, not a multiprocessing.Pool: a worker the OS kills (out of memory) fails its
+    # task with BrokenProcessPool, where a Pool would start another worker and wait forever
+    return concurrent.futures.ProcessPoolExecutor(cfg.jobs, mp_context=context, initializer=start_worker,
+                                                  initargs=(slots, cfg.device))
 
 
 def call(task):
@@ -308,12 +311,15 @@ def run_tasks(pool, tasks, desc):
     failed = []
     with progress(total=len(tasks), desc=desc, unit="job") as bar:
         try:
-            for failure in pool.imap_unordered(call, tasks):  # the bar moves as each task ends
-                bar.update()
-                if failure:
+            for done in concurrent.futures.as_completed([pool.submit(call, task) for task in tasks]):
+                bar.update()  # the bar moves as each task ends
+                if failure := done.result():
                     failed.append(failure)
+        except concurrent.futures.process.BrokenProcessPool:
+            failed.append("a worker process died (killed by the OS: out of memory?)")
         except KeyboardInterrupt:
-            pool.terminate()
+            for child in multiprocessing.active_children():  # the workers, mid-task
+                child.terminate()
             raise
     if failed:
         sys.exit("ablate.py: " + "; ".join(failed) + " (run the same command again to go on)")
@@ -504,10 +510,10 @@ def chosen_arms(cfg):
     return ["method", *dict.fromkeys(a for a in names if a != "method")]
 
 
-def tasks(cfg, plan, out, runs):
+def tasks(cfg, plan, out, runs, iterations):
     """The workers' tasks after pretraining: each base's evaluation, then the runs that train, the
-    longest first (so no core waits long for the last one), each with the shortened runs it serves."""
-    iterations = {arm: settings(plan, arm)["iterations"] for arm in {r.arm for r in runs}}
+    longest first (so no core waits long for the last one; iterations: {arm: its iterations}),
+    each with the shortened runs it serves."""
     trained = sorted((r for r in runs if not r.source), key=lambda r: -iterations[r.arm])
     return [(evaluate_base, (cfg, plan, out, b)) for b in sorted({r.base_seed for r in runs})] + \
         [(self_play, (cfg, plan, out, run, [r for r in runs if r.source and r.trained == run])) for run in trained]
@@ -522,16 +528,16 @@ def main(argv=None):
     cfg = replace(cfg, seeds=plan.seeds,
                   jobs=cfg.jobs or (len(os.sched_getaffinity(0)) if cfg.device == "cpu" else _gpus()))
     try:
-        arms = chosen_arms(cfg)
-        short = shortened(plan, arms)
+        stacked = {arm: settings(plan, arm) for arm in chosen_arms(cfg)}
+        short = shortened(stacked)
     except data.DataError as err:
         print(f"ablate.py: error: {err}", file=sys.stderr)
         return 2
     out = Path(cfg.out).resolve()  # the scripts run from the repo's root
-    runs = [Run(arm, seed, b, *short.get(arm, ("", 0))) for b in range(cfg.base_seeds) for arm in arms
+    runs = [Run(arm, seed, b, *short.get(arm, ("", 0))) for b in range(cfg.base_seeds) for arm in stacked
             for seed in range(plan.seeds)]
     again = "".join(f"; {arm}: the first {k} iteration(s) of {source}" for arm, (source, k) in short.items())
-    print(f"ablation into {out}: {len(arms)} arms x {plan.seeds} seeds x {cfg.base_seeds} base(s) = {len(runs)} "
+    print(f"ablation into {out}: {len(stacked)} arms x {plan.seeds} seeds x {cfg.base_seeds} base(s) = {len(runs)} "
           f"runs ({sum(not r.source for r in runs)} trained{again}) and {cfg.base_seeds} base evaluation(s), "
           f"{cfg.jobs} at a time; {plan.held_out} held-out questions", flush=True)
     start = time.perf_counter()
@@ -546,7 +552,7 @@ def main(argv=None):
                          if not (base_folder(out, b) / pretrain.CONFIG_FILE).is_file()], "bases")
         for b in range(cfg.base_seeds):
             make_images(out, plan, b)
-        run_tasks(pool, tasks(cfg, plan, out, runs), "runs")
+        run_tasks(pool, tasks(cfg, plan, out, runs, {arm: s["iterations"] for arm, s in stacked.items()}), "runs")
     summary = summarise(cfg, plan, out, runs, time.perf_counter() - start, "python ablate.py " + " ".join(given))
     data.write_atomic(out / "ablation.json", json.dumps(summary, indent=2) + "\n")
     data.write_atomic(out / "ablation.md", markdown(summary))

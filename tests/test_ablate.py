@@ -3,10 +3,12 @@ the difficulty reward switched off): each checked against an independent referen
 
 import json
 import math
+import os
 import tomllib
 
 import numpy as np
 import pytest
+from transformers import PreTrainedTokenizerFast
 
 import ablate
 import data
@@ -90,18 +92,19 @@ def test_an_arm_that_is_another_stopped_early_is_not_trained_again(tmp_path, mon
     first, and hands it the shortened runs of its seed and base."""
     arms = ablate.chosen_arms(ablate.Config(out="x"))
     for plan in (ablate.FULL, ablate.QUICK):
-        assert ablate.shortened(plan, arms) == {"one_iteration": ("method", 1)}
+        assert ablate.shortened({arm: ablate.settings(plan, arm) for arm in arms}) == {"one_iteration": ("method", 1)}
     for name, text in {"method": "", "two": "iterations = 2", "one": "iterations = 1", "lr": "lr = 1e-4",
                        "lr_one": "iterations = 1\nlr = 1e-4", "lr_five": "iterations = 5\nlr = 1e-4"}.items():
         (tmp_path / f"{name}.toml").write_text(text + "\n")
     monkeypatch.setattr(ablate, "ARMS", tmp_path)
     arms = ["method", "two", "one", "lr", "lr_one", "lr_five"]
-    short = ablate.shortened(ablate.FULL, arms)
+    stacked = {arm: ablate.settings(ablate.FULL, arm) for arm in arms}
+    short = ablate.shortened(stacked)
     assert short == {"two": ("method", 2), "one": ("method", 1), "lr": ("lr_five", 3), "lr_one": ("lr_five", 1)}
 
     runs = [ablate.Run(arm, seed, b, *short.get(arm, ("", 0))) for b in (0, 1) for arm in arms for seed in (0, 1)]
     cfg = ablate.Config(out=str(tmp_path))
-    todo = ablate.tasks(cfg, ablate.FULL, tmp_path, runs)
+    todo = ablate.tasks(cfg, ablate.FULL, tmp_path, runs, {arm: s["iterations"] for arm, s in stacked.items()})
     assert [(f.__name__, args[-1]) for f, args in todo[:2]] == [("evaluate_base", 0), ("evaluate_base", 1)]
     trained = [(args[3], args[4]) for _, args in todo[2:]]
     assert [run.arm for run, _ in trained] == ["lr_five"] * 4 + ["method"] * 4  # 5 iterations, then 3
@@ -192,6 +195,20 @@ def test_two_sizes_lets_every_category_be_asked():
     plain = dict(world, two_sizes=False)
     assert "size" not in {q["category"] for seed in range(40) for q in
                           data.scene_questions(data.make_scene(seed, **plain), np.random.default_rng(seed))}
+
+
+def test_the_questioner_has_room_for_every_question_of_the_world():
+    """The shared question budget holds the longest question the base was taught to write, its tags
+    and end token (a size question is 27 tokens: with 24 the Questioner could never ask one)."""
+    budget = ablate.settings(ablate.FULL)["question_max_tokens"]
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(ablate.SHIPPED_BASE)
+    world, rng = pretrain.load_config(ablate.SHIPPED_BASE).world(), np.random.default_rng(0)
+    longest = {}
+    for seed in range(200):
+        for q in data.scene_questions(data.make_scene(seed, **world), rng):
+            n = len(tokenizer(pretrain.question_target(q["question"]))["input_ids"]) + 1  # and <|im_end|>
+            longest[q["category"]] = max(longest.get(q["category"], 0), n)
+    assert set(longest) == set(data.CATEGORIES) and max(longest.values()) <= budget
 
 
 def test_the_planted_skew_is_what_the_flags_say():
@@ -295,3 +312,13 @@ def test_a_script_runs_in_the_worker_its_output_and_exit_code_kept(tmp_path, cap
     assert "error:" in text and "usage:" in text and not (tmp_path / "run").exists()
     out, err = capsys.readouterr()
     assert "error:" not in out + err
+
+
+def test_a_worker_the_os_kills_ends_the_table_with_one_message_not_a_hang():
+    """A worker that dies mid-task (here os._exit, as the OS's out-of-memory killer would end it)
+    stops run_tasks with a message saying so and how to go on; the task before it still counts."""
+    cfg = ablate.Config(out="x", jobs=1)
+    with ablate.workers(cfg) as pool:
+        with pytest.raises(SystemExit) as stop:
+            ablate.run_tasks(pool, [(str, ("",)), (os._exit, (9,))], "tasks")
+    assert "worker process died" in str(stop.value) and "run the same command again" in str(stop.value)
