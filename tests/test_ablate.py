@@ -8,11 +8,11 @@ import tomllib
 
 import numpy as np
 import pytest
-from transformers import PreTrainedTokenizerFast
 
 import ablate
 import data
 import selfplay
+from model import load_processors
 from rewards import uncertainty_reward
 from tools import pretrain
 
@@ -201,14 +201,12 @@ def test_the_questioner_has_room_for_every_question_of_the_world():
     """The shared question budget holds the longest question the base was taught to write, its tags
     and end token (a size question is 27 tokens: with 24 the Questioner could never ask one)."""
     budget = ablate.settings(ablate.FULL)["question_max_tokens"]
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(ablate.SHIPPED_BASE)
+    tokenizer, _ = load_processors(ablate.SHIPPED_BASE)
     world, rng = pretrain.load_config(ablate.SHIPPED_BASE).world(), np.random.default_rng(0)
-    longest = {}
-    for seed in range(200):
-        for q in data.scene_questions(data.make_scene(seed, **world), rng):
-            n = len(tokenizer(pretrain.question_target(q["question"]))["input_ids"]) + 1  # and <|im_end|>
-            longest[q["category"]] = max(longest.get(q["category"], 0), n)
-    assert set(longest) == set(data.CATEGORIES) and max(longest.values()) <= budget
+    asked = [q for seed in range(200) for q in data.scene_questions(data.make_scene(seed, **world), rng)]
+    _, mask = pretrain.target_batch(tokenizer, [pretrain.question_target(q["question"]) for q in asked])
+    lengths = mask.sum(dim=1).tolist()  # each target's tokens, <|im_end|> included
+    assert {q["category"] for q in asked} == set(data.CATEGORIES) and max(lengths) <= budget
 
 
 def test_the_planted_skew_is_what_the_flags_say():
@@ -316,7 +314,7 @@ def test_a_script_runs_in_the_worker_its_output_and_exit_code_kept(tmp_path, cap
 
 def test_a_worker_the_os_kills_ends_the_table_with_one_message_not_a_hang():
     """A worker that dies mid-task (here os._exit, as the OS's out-of-memory killer would end it)
-    stops run_tasks with a message saying so and how to go on; the task before it still counts."""
+    stops run_tasks with a message saying so and how to go on, where a Pool would wait forever."""
     cfg = ablate.Config(out="x", jobs=1)
     with ablate.workers(cfg) as pool:
         with pytest.raises(SystemExit) as stop:
