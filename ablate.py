@@ -4,6 +4,7 @@ held-out benchmark, every arm against the method on the same questions.
     python ablate.py OUT                      # 8 arms x 3 seeds, 3 iterations, 500 questions
     python ablate.py OUT --quick              # the same arms, 2 seeds, fewer steps and questions
     python ablate.py OUT --arms method,null_labels --seeds 5 --base-seeds 2
+    python ablate.py OUT --world counting     # the same arms in the counting world
 
 An arm is a preset in presets/ablation/ (ARM.toml): the self-play settings that take one part
 of the method away, stacked on the settings every arm shares (presets/ablate.toml, and
@@ -11,16 +12,21 @@ presets/ablate_quick.toml with --quick). A new arm is a new file; `--arms` names
 
 What happens, each step skipped where its output is already in OUT, so the same command run
 again finishes what a killed one left:
-1. The base: a small Qwen2.5-VL pretrained on the five-category shapes world (tools/pretrain.py
-   with WORLD's flags), with a planted skew: its Reasoner is taught to check the image on
-   colour, spatial and size questions but mostly to guess on counting and arithmetic ones (the
-   hasty habit, where the vote knows more than greedy decoding), and its Questioner to ask the
-   first three most of the time. So the difficulty reward would have a frontier to find and the
-   diversity reward a coverage to keep. (Measured, the shipped base learnt the checks on colour
-   only: on spatial and size questions it is at chance; RESULTS.md.) Base seed 0 is the shipped
-   examples/shapes5_base (that command's output); --base-seeds N pretrains seeds 1..N-1 into
-   OUT/bases/.
-2. Per base, unlabeled images for self-play; one held-out benchmark balanced over the five
+1. The base: a small Qwen2.5-VL pretrained on a shapes world (tools/pretrain.py with the
+   world's flags, WORLDS). The five-category world (the default) has a planted skew: its
+   Reasoner is taught to check the image on colour, spatial and size questions but mostly to
+   guess on counting and arithmetic ones (the hasty habit, where the vote knows more than greedy
+   decoding), and its Questioner to ask the first three most of the time. So the difficulty
+   reward would have a frontier to find and the diversity reward a coverage to keep. (Measured,
+   the shipped base learnt the checks on colour only: on spatial and size questions it is at
+   chance, and most of its questions have no answer, so its silver labels are mostly wrong;
+   RESULTS.md.) The counting world (--world counting, the first run's base) asks counting
+   questions only, all with the hasty habit: every question has an answer and the vote is
+   mostly right, so the label arms can show what the labels carry, while the Questioner has
+   little to find. Base seed 0 is the world's shipped base (examples/shapes5_base,
+   examples/shapes_base: the world's flags at seed 0); --base-seeds N pretrains seeds 1..N-1
+   into OUT/bases/.
+2. Per base, unlabeled images for self-play; one held-out benchmark balanced over the world's
    categories, on scenes of another random stream (never trained on, never tuned on).
 3. Self-play, every arm x seed x base: selfplay.py with the stacked presets, --jobs runs at a
    time (one torch thread each on CPU, one GPU each with --device cuda), the longest first; a
@@ -64,12 +70,29 @@ from tools import ablation_page, pretrain
 
 REPO = Path(__file__).resolve().parent
 ARMS = REPO / "presets" / "ablation"
-SHIPPED_BASE = REPO / "examples" / "shapes5_base"  # WORLD's pretraining at seed 0
 TRAIN_STREAM, BENCH_STREAM = 10_000, 20_000  # image streams that never meet pretraining's or each other
 
-# The five-category world and its planted skew (step 1 of the docstring), as tools/pretrain.py flags.
-WORLD = ("--categories", "counting,colour,spatial,size,arithmetic", "--two-sizes",
-         "--guess-categories", "counting,arithmetic", "--questioner-skew", "0.8", "--eval-questions", "200")
+
+@dataclass(frozen=True)
+class World:
+    """A shapes world a table is measured in: its base of seed 0, shipped, and the tools/pretrain.py
+    flags that made it (and make the bases of the other seeds)."""
+    base: Path
+    flags: tuple
+
+
+WORLDS = {
+    # the five categories and the planted skew of step 1 of the docstring: the Questioner's parts
+    # have a frontier to find and a coverage to keep
+    "five": World(REPO / "examples" / "shapes5_base",
+                  ("--categories", "counting,colour,spatial,size,arithmetic", "--two-sizes", "--guess-categories",
+                   "counting,arithmetic", "--questioner-skew", "0.8", "--eval-questions", "200")),
+    # counting questions only, the hasty habit on all of them (the first run's base): every question
+    # has an answer and the vote is mostly right, so the labels' parts show; the Questioner has
+    # little to find
+    "counting": World(REPO / "examples" / "shapes_base", ("--steps", "400", "--guess-steps", "100",
+                                                          "--eval-questions", "0")),
+}
 
 
 @dataclass
@@ -77,6 +100,9 @@ class Config:
     out: str = option("folder for everything the ablation writes (or the first argument); the same command "
                       "again finishes a killed one")
     quick: bool = option("fewer steps and questions, 2 seeds: a few minutes on 2 CPU cores", default=False)
+    world: str = option("five: five categories and a planted skew (the Questioner's parts); counting: counting "
+                        "questions only, mostly right votes (the labels' parts)", choices=tuple(WORLDS),
+                        default="five")
     arms: str = option("comma-separated arms, files of presets/ablation/ (default: all; `method` is always run)",
                        default="")
     seeds: int = option("self-play seeds per arm (default 3, 2 with --quick)", valid=AT_LEAST_1, default=None)
@@ -94,8 +120,9 @@ class Plan:
     presets: tuple = ("presets/ablate.toml",)  # the self-play settings every arm stacks on
     seeds: int = 3
     train_images: int = 256
-    held_out: int = 500  # questions of the benchmark, a fifth per category
+    held_out: int = 500  # questions of the benchmark, balanced over the world's categories
     samples: int = 8  # m of pass@1 and maj@m
+    world: str = "five"  # a key of WORLDS
 
 
 FULL = Plan()
@@ -190,16 +217,17 @@ def script(args, log):
     return code in (0, None)
 
 
-def base_folder(out, base_seed):
-    return SHIPPED_BASE if base_seed == 0 else out / "bases" / f"seed_{base_seed}"
+def base_folder(plan, out, base_seed):
+    return WORLDS[plan.world].base if base_seed == 0 else out / "bases" / f"seed_{base_seed}"
 
 
-def make_base(out, base_seed):
+def make_base(plan, out, base_seed):
     """Pretrains the base of base_seed unless it is there (pretrain.py writes its config last):
     None, or what failed. A worker's task."""
-    folder, log = base_folder(out, base_seed), out / "logs" / f"pretrain_{base_seed}.log"
+    folder, log = base_folder(plan, out, base_seed), out / "logs" / f"pretrain_{base_seed}.log"
+    flags = WORLDS[plan.world].flags
     if (folder / pretrain.CONFIG_FILE).is_file() or \
-            script(["tools/pretrain.py", "--output", folder, "--seed", base_seed, "--quiet", *WORLD], log):
+            script(["tools/pretrain.py", "--output", folder, "--seed", base_seed, "--quiet", *flags], log):
         return None
     return f"pretraining base seed {base_seed} failed; see {log}"
 
@@ -208,16 +236,17 @@ def make_images(out, plan, base_seed):
     """The unlabeled self-play images of a base; write_shapes_folder writes scenes.jsonl last."""
     folder = out / "images" / f"base_{base_seed}"
     if not (folder / data.SCENES_FILE).is_file():
-        world = pretrain.load_config(base_folder(out, base_seed)).world()
+        world = pretrain.load_config(base_folder(plan, out, base_seed)).world()
         data.write_shapes_folder(folder, plan.train_images, seed=TRAIN_STREAM + base_seed, **world)
     return folder
 
 
 def make_benchmark(out, plan):
-    """The held-out questions as evaluate.py's JSONL, balanced over the five categories."""
+    """The held-out questions as evaluate.py's JSONL, balanced over the world's categories."""
     if not (out / "bench" / "heldout.jsonl").is_file():
-        data.write_benchmark(out / "bench", plan.held_out, seed=BENCH_STREAM,
-                             **pretrain.load_config(SHIPPED_BASE).world())
+        base = pretrain.load_config(WORLDS[plan.world].base)
+        data.write_benchmark(out / "bench", plan.held_out, seed=BENCH_STREAM, categories=base.categories.split(","),
+                             **base.world())
 
 
 def reasoners(out, run):
@@ -230,7 +259,7 @@ def reasoners(out, run):
 def evaluate_base(cfg, plan, out, base_seed):
     """evaluate.py on a base, unless done: None, or what failed. A worker's task."""
     folder, log = out / "eval" / "bases" / f"seed_{base_seed}", out / "logs" / f"eval_base_{base_seed}.log"
-    models = [base_folder(out, base_seed)]
+    models = [base_folder(plan, out, base_seed)]
     if evaluated(folder, models) or script(evaluate_args(cfg, out, folder, models, plan.samples), log):
         return None
     return f"evaluating base {base_seed} failed; see {log}"
@@ -244,9 +273,9 @@ def self_play(cfg, plan, out, run, shortened_runs=()):
     if folder.is_dir():
         argv = ["selfplay.py", "--resume", folder]
     else:
-        argv = ["selfplay.py", *plan.presets, ARMS / f"{run.arm}.toml", "--model", base_folder(out, run.base_seed),
-                "--images", out / "images" / f"base_{run.base_seed}", "--output", folder, "--seed", run.seed,
-                "--device", cfg.device, "--quiet"]
+        argv = ["selfplay.py", *plan.presets, ARMS / f"{run.arm}.toml",
+                "--model", base_folder(plan, out, run.base_seed), "--images", out / "images" / f"base_{run.base_seed}",
+                "--output", folder, "--seed", run.seed, "--device", cfg.device, "--quiet"]
     if not script(argv, log):
         return f"{run.name}: selfplay.py failed; see {log}"
     for each in (run, *shortened_runs):
@@ -368,7 +397,7 @@ def curation(run_folder):
 
 
 def mix(counts):
-    """{category: count} -> {category: share} over data.CATEGORIES (and 'other'), 0 where absent."""
+    """{category: count} -> {category: share} over data.CATEGORIES (and 'other' where counted), 0 where absent."""
     total = sum(counts.values()) or 1
     return {c: counts.get(c, 0) / total for c in (*data.CATEGORIES, "other") if c in counts or c != "other"}
 
@@ -377,11 +406,13 @@ def summarise(cfg, plan, out, runs, seconds, command):
     """What ablation.json holds (see the README's "Run an ablation")."""
     rng = np.random.default_rng(0)
     bases = sorted({r.base_seed for r in runs})
-    base_v = {b: verdicts(out / "eval" / "bases" / f"seed_{b}", base_folder(out, b)) for b in bases}
-    base_scores = [scores(out / "eval" / "bases" / f"seed_{b}", base_folder(out, b)) for b in bases]
+    base_v = {b: verdicts(out / "eval" / "bases" / f"seed_{b}", base_folder(plan, out, b)) for b in bases}
+    base_scores = [scores(out / "eval" / "bases" / f"seed_{b}", base_folder(plan, out, b)) for b in bases]
     categories = base_v[bases[0]]["category"]
-    by_category = lambda v: {c: float(np.mean([x for x, k in zip(v, categories) if k == c])) for c in data.CATEGORIES}
-    summary = {"command": command, "config": asdict(cfg), "plan": asdict(plan),
+    asked = [c for c in data.CATEGORIES if c in categories]  # the world's, in data.CATEGORIES' order
+    by_category = lambda v: {c: float(np.mean([x for x, k in zip(v, categories) if k == c])) for c in asked}
+    summary = {"command": command, "title": f"Ablation: {len(dict.fromkeys(r.arm for r in runs))} arms, "
+               f"--world {plan.world}", "config": asdict(cfg), "plan": asdict(plan), "categories": asked,
                "questions": len(categories), "runs_per_arm": plan.seeds * cfg.base_seeds,
                "base": {**{key: float(np.mean([s[key] for s in base_scores])) for key in base_scores[0]},
                         "by_category": by_category(np.mean([base_v[b]["greedy"] for b in bases], axis=0))},
@@ -450,8 +481,9 @@ def interval(ci):
 
 def markdown(summary):
     """ablation.md: the main table, greedy accuracy per category, and what curation kept per iteration."""
-    b, arms = summary["base"], summary["arms"]
-    lines = [f"# Ablation: {len(arms)} arms, {summary['questions']} held-out questions", "",
+    b, arms, asked = summary["base"], summary["arms"], summary["categories"]
+    lines = [f"# Ablation: {len(arms)} arms, {summary['questions']} held-out questions (--world "
+             f"{summary['plan']['world']})", "",
              f"    {summary['command']}", "",
              f"Greedy accuracy (%) of each arm's last Reasoner, mean over {summary['runs_per_arm']} runs with a 95% "
              "bootstrap interval (runs and questions resampled); Δ: the paired difference to `method` on the same "
@@ -465,17 +497,17 @@ def markdown(summary):
         lines.append(f"| {arm} | {pct(a['mean'])} | {interval(a['ci95'])} | {diff[0]} | {diff[1]} | "
                      f"{pct(a['pass1'])} | {pct(a['maj'])} | {pct(a['blind'])} |")
     lines += ["", "Greedy accuracy (%) per category, the last Reasoner (mean over runs):", "",
-              "| arm | " + " | ".join(data.CATEGORIES) + " |", "|---|" + "---|" * len(data.CATEGORIES),
-              "| base | " + " | ".join(pct(b["by_category"][c]) for c in data.CATEGORIES) + " |"]
-    lines += [f"| {arm} | " + " | ".join(pct(a["by_category"][c]) for c in data.CATEGORIES) + " |"
+              "| arm | " + " | ".join(asked) + " |", "|---|" + "---|" * len(asked),
+              "| base | " + " | ".join(pct(b["by_category"][c]) for c in asked) + " |"]
+    lines += [f"| {arm} | " + " | ".join(pct(a["by_category"][c]) for c in asked) + " |"
               for arm, a in arms.items()]
     lines += ["", "Curation per iteration (mean over runs): silver-label accuracy (%), questions kept of the "
               "candidates, and the Questioner's category mix (% of its valid candidates: "
-              + ", ".join(f"{c[:5]}" for c in data.CATEGORIES) + ").", "",
+              + ", ".join(f"{c[:5]}" for c in asked) + ").", "",
               "| arm | iteration | silver accuracy | kept | of | mix |", "|---|---|---|---|---|---|"]
     for arm, a in arms.items():
         for c in a["curation"]:
-            shares = " / ".join(f"{100 * c['mix'].get(k, 0):.0f}" for k in data.CATEGORIES)
+            shares = " / ".join(f"{100 * c['mix'].get(k, 0):.0f}" for k in asked)
             kept, of = ("-" if x is None else f"{x:.0f}" for x in (c["kept"], c["candidates"]))
             lines.append(f"| {arm} | {c['iteration']} | {pct(c['silver_accuracy'])} | {kept} | {of} | {shares} |")
     lines += ["", f"{summary['seconds'] / 60:.1f} minutes."]
@@ -489,12 +521,15 @@ def same_plan(out, plan):
     """Writes OUT/plan.json the first time; later, refuses a plan that differs from it, since the
     benchmark, the images and every run in OUT were made by the first one."""
     # more seeds or arms may join; the shared settings are kept too, in case a preset file changes
-    wanted = {"plan": asdict(replace(plan, seeds=None)), "world": list(WORLD), "settings": settings(plan)}
+    # (the world by its flags, as before there was a choice of worlds: such a plan.json still reads)
+    plan_fields = {k: v for k, v in asdict(replace(plan, seeds=None)).items() if k != "world"}
+    wanted = {"plan": plan_fields, "world": list(WORLDS[plan.world].flags),
+              "settings": settings(plan)}
     path = out / "plan.json"
     if path.is_file():
         if json.loads(path.read_text()) != json.loads(json.dumps(wanted)):
-            raise data.DataError(f"'{out}' holds an ablation of another plan ({path}): give --quick as it was "
-                                 "made with, or a new OUT")
+            raise data.DataError(f"'{out}' holds an ablation of another plan ({path}): give --quick and --world "
+                                 "as it was made with, or a new OUT")
     else:
         out.mkdir(parents=True, exist_ok=True)
         data.write_atomic(path, json.dumps(wanted, indent=2) + "\n")
@@ -524,7 +559,7 @@ def main(argv=None):
     argv = ["--out", *given] if given and not given[0].startswith("-") else given  # `ablate.py OUT` is `--out OUT`
     cfg = parse(Config, argv, __doc__.split("\n\n")[0])
     plan = QUICK if cfg.quick else FULL
-    plan = replace(plan, seeds=cfg.seeds or plan.seeds)
+    plan = replace(plan, seeds=cfg.seeds or plan.seeds, world=cfg.world)
     cfg = replace(cfg, seeds=plan.seeds,
                   jobs=cfg.jobs or (len(os.sched_getaffinity(0)) if cfg.device == "cpu" else _gpus()))
     try:
@@ -539,7 +574,7 @@ def main(argv=None):
     again = "".join(f"; {arm}: the first {k} iteration(s) of {source}" for arm, (source, k) in short.items())
     print(f"ablation into {out}: {len(stacked)} arms x {plan.seeds} seeds x {cfg.base_seeds} base(s) = {len(runs)} "
           f"runs ({sum(not r.source for r in runs)} trained{again}) and {cfg.base_seeds} base evaluation(s), "
-          f"{cfg.jobs} at a time; {plan.held_out} held-out questions", flush=True)
+          f"{cfg.jobs} at a time; {plan.held_out} held-out questions of the {plan.world} world", flush=True)
     start = time.perf_counter()
     try:
         same_plan(out, plan)
@@ -548,8 +583,8 @@ def main(argv=None):
         return 2
     make_benchmark(out, plan)
     with workers(cfg) as pool:
-        run_tasks(pool, [(make_base, (out, b)) for b in range(cfg.base_seeds)
-                         if not (base_folder(out, b) / pretrain.CONFIG_FILE).is_file()], "bases")
+        run_tasks(pool, [(make_base, (plan, out, b)) for b in range(cfg.base_seeds)
+                         if not (base_folder(plan, out, b) / pretrain.CONFIG_FILE).is_file()], "bases")
         for b in range(cfg.base_seeds):
             make_images(out, plan, b)
         run_tasks(pool, tasks(cfg, plan, out, runs, {arm: s["iterations"] for arm, s in stacked.items()}), "runs")

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import tomllib
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -114,10 +115,39 @@ def test_an_arm_that_is_another_stopped_early_is_not_trained_again(tmp_path, mon
     assert sorted(r.name for _, served in trained for r in served) == sorted(r.name for r in runs if r.source)
 
 
-def test_the_shipped_base_is_the_world_command_at_seed_0():
-    cfg = pretrain.load_config(ablate.SHIPPED_BASE)
-    assert pretrain.parse(pretrain.Config, [*ablate.WORLD, "--seed", "0", "--quiet",
+@pytest.mark.parametrize("world", sorted(ablate.WORLDS))
+def test_the_shipped_base_is_the_world_command_at_seed_0(world):
+    cfg = pretrain.load_config(ablate.WORLDS[world].base)
+    assert pretrain.parse(pretrain.Config, [*ablate.WORLDS[world].flags, "--seed", "0", "--quiet",
                                             "--output", cfg.output]) == cfg
+
+
+def test_the_counting_world_asks_and_tables_counting_alone(tmp_path):
+    """Its benchmark, its self-play images and its tables are the counting world's; an OUT made
+    in one world refuses the other."""
+    plan = replace(ablate.QUICK, world="counting", train_images=4)
+    ablate.make_benchmark(tmp_path, plan)
+    rows = [json.loads(line) for line in open(tmp_path / "bench" / "heldout.jsonl")]
+    assert len(rows) == plan.held_out and {r["category"] for r in rows} == {"counting"}
+    images = ablate.make_images(tmp_path, plan, 0)
+    world = pretrain.load_config(ablate.WORLDS["counting"].base).world()
+    assert not world["two_sizes"] and list(data.load_scenes(images).values())[0] == data.make_scene(
+        data._image_seeds(1, ablate.TRAIN_STREAM)[0], **world)
+    ablate.same_plan(tmp_path, plan)
+    ablate.same_plan(tmp_path, plan)  # the same plan again: the same command goes on
+    written = json.loads((tmp_path / "plan.json").read_text())  # the world by its flags, as before the choice
+    assert "world" not in written["plan"] and written["world"] == list(ablate.WORLDS["counting"].flags)
+    with pytest.raises(data.DataError, match="--world"):
+        ablate.same_plan(tmp_path, replace(plan, world="five"))
+    summary = {"command": "python ablate.py x --world counting", "plan": {"world": "counting", "samples": 4},
+               "categories": ["counting"], "questions": 100, "runs_per_arm": 2, "seconds": 60.0,
+               "base": {"greedy": 0.1, "pass1": 0.2, "maj": 0.3, "blind": 0.1, "by_category": {"counting": 0.1}},
+               "arms": {"method": {"mean": 0.5, "ci95": [0.4, 0.6], "pass1": 0.5, "maj": 0.5, "blind": 0.2,
+                                   "by_category": {"counting": 0.5}, "paired_diff": None,
+                                   "curation": [{"iteration": 1, "silver_accuracy": 0.7, "kept": 90,
+                                                 "candidates": 192, "mix": {"counting": 1.0}}]}}}
+    table = ablate.markdown(summary)
+    assert "| arm | counting |" in table and "| method | 50.0 |" in table and "colour" not in table
 
 
 # -----------------------------------------------------------------------------
@@ -165,7 +195,7 @@ def test_null_labels_are_uniform_over_the_answer_space_whatever_the_image():
 
 
 def test_answer_space_covers_every_answer_the_benchmark_asks_for():
-    world = pretrain.load_config(ablate.SHIPPED_BASE).world()
+    world = pretrain.load_config(ablate.WORLDS["five"].base).world()
     for r in data.shapes_benchmark(300, seed=5, categories=data.CATEGORIES, **world):
         assert r["answer"] in data.answer_space(r["category"], world["max_shapes"], world["colours"])
 
@@ -188,7 +218,7 @@ def test_oracle_labels_need_a_shapes_folder(tmp_path, capsys):
 # The five-category world
 
 def test_two_sizes_lets_every_category_be_asked():
-    world = pretrain.load_config(ablate.SHIPPED_BASE).world()
+    world = pretrain.load_config(ablate.WORLDS["five"].base).world()
     asked = {q["category"] for seed in range(40)
              for q in data.scene_questions(data.make_scene(seed, **world), np.random.default_rng(seed))}
     assert asked == set(data.CATEGORIES)
@@ -201,8 +231,8 @@ def test_the_questioner_has_room_for_every_question_of_the_world():
     """The shared question budget holds the longest question the base was taught to write, its tags
     and end token (a size question is 27 tokens: with 24 the Questioner could never ask one)."""
     budget = ablate.settings(ablate.FULL)["question_max_tokens"]
-    tokenizer, _ = load_processors(ablate.SHIPPED_BASE)
-    world, rng = pretrain.load_config(ablate.SHIPPED_BASE).world(), np.random.default_rng(0)
+    tokenizer, _ = load_processors(ablate.WORLDS["five"].base)
+    world, rng = pretrain.load_config(ablate.WORLDS["five"].base).world(), np.random.default_rng(0)
     asked = [q for seed in range(200) for q in data.scene_questions(data.make_scene(seed, **world), rng)]
     _, mask = pretrain.target_batch(tokenizer, [pretrain.question_target(q["question"]) for q in asked])
     lengths = mask.sum(dim=1).tolist()  # each target's tokens, <|im_end|> included
@@ -212,14 +242,15 @@ def test_the_questioner_has_room_for_every_question_of_the_world():
 def test_the_planted_skew_is_what_the_flags_say():
     """Reasoner rows guess only in --guess-categories; Questioner rows ask the other categories more often
     with --questioner-skew than without it."""
-    cfg = pretrain.parse(pretrain.Config, [*ablate.WORLD, "--questioner-share", "0.5"])
+    cfg = pretrain.parse(pretrain.Config, [*ablate.WORLDS["five"].flags, "--questioner-share", "0.5"])
     rows = pretrain.rows(cfg, np.random.default_rng(0), 2000)
     guessed = {data.question_category(q) for q in _questions(rows, guess=True)}
     assert guessed == {"counting", "arithmetic"}
     mastered = lambda c: np.mean([data.question_category(q) not in ("counting", "arithmetic")
                                   for q in _asked(pretrain.rows(c, np.random.default_rng(0), 2000))])
-    skewed, plain = mastered(cfg), mastered(pretrain.parse(pretrain.Config, [*ablate.WORLD, "--questioner-share",
-                                                                              "0.5", "--questioner-skew", "0"]))
+    plain_cfg = pretrain.parse(pretrain.Config, [*ablate.WORLDS["five"].flags, "--questioner-share", "0.5",
+                                                 "--questioner-skew", "0"])
+    skewed, plain = mastered(cfg), mastered(plain_cfg)
     assert skewed > plain + 0.3 * (1 - plain)
 
 
@@ -262,7 +293,7 @@ def test_the_summary_pairs_each_arm_with_the_method_run_by_run(tmp_path):
     come out of the files as the arithmetic says."""
     Q = 10
     right = lambda n: [1] * n + [0] * (Q - n)
-    _evaluated(tmp_path / "eval" / "bases" / "seed_0", ablate.base_folder(tmp_path, 0), right(2))
+    _evaluated(tmp_path / "eval" / "bases" / "seed_0", ablate.base_folder(ablate.QUICK, tmp_path, 0), right(2))
     first, second = {0: 4, 1: 6}, {0: 8, 1: 6}
     methods = [ablate.Run("method", seed, 0) for seed in (0, 1)]
     shortened = [ablate.Run("one_iteration", seed, 0, "method", 1) for seed in (0, 1)]
@@ -286,6 +317,7 @@ def test_the_summary_pairs_each_arm_with_the_method_run_by_run(tmp_path):
     cfg = ablate.Config(out=str(tmp_path), bootstrap=500)
     summary = ablate.summarise(cfg, ablate.QUICK, tmp_path, runs, 1.0, "python ablate.py x")
     method, one = summary["arms"]["method"], summary["arms"]["one_iteration"]
+    assert summary["categories"] == list(data.CATEGORIES) and set(method["by_category"]) == set(data.CATEGORIES)
     assert summary["base"]["greedy"] == pytest.approx(0.2)
     assert method["mean"] == pytest.approx(0.7) and one["mean"] == pytest.approx(0.5)
     assert [p["iteration"] for p in method["curve"]] == [0, 1, 2] and len(one["curve"]) == 2
