@@ -26,9 +26,9 @@ again finishes what a killed one left:
    Questioner asks colour questions most of the time. The counting world (--world counting, the
    first run's base) asks counting questions only, all with the hasty habit: every question has
    an answer and the vote is mostly right, so the label arms can show what the labels carry,
-   while the Questioner has little to find. Base seed 0 is the world's shipped base (examples/shapes5_base,
-   examples/shapes3_base, examples/shapes_base: the world's flags at seed 0); --base-seeds N
-   pretrains seeds 1..N-1 into OUT/bases/.
+   while the Questioner has little to find. Base seed 0 is the world's shipped base
+   (examples/shapes5_base, examples/shapes3_base, examples/shapes_base: the world's flags at
+   seed 0); --base-seeds N pretrains seeds 1..N-1 into OUT/bases/.
 2. Per base, unlabeled images for self-play; one held-out benchmark balanced over the world's
    categories, on scenes of another random stream (never trained on, never tuned on).
 3. Self-play, every arm x seed x base: selfplay.py with the stacked presets, --jobs runs at a
@@ -420,8 +420,7 @@ def summarise(cfg, plan, out, runs, seconds, command):
     categories = base_v[bases[0]]["category"]
     asked = [c for c in data.CATEGORIES if c in categories]  # the world's, in data.CATEGORIES' order
     by_category = lambda v: {c: float(np.mean([x for x, k in zip(v, categories) if k == c])) for c in asked}
-    summary = {"command": command, "title": f"Ablation: {len(dict.fromkeys(r.arm for r in runs))} arms, "
-               f"--world {plan.world}", "config": asdict(cfg), "plan": asdict(plan), "categories": asked,
+    summary = {"command": command, "config": asdict(cfg), "plan": asdict(plan), "categories": asked,
                "questions": len(categories), "runs_per_arm": plan.seeds * cfg.base_seeds,
                "base": {**{key: float(np.mean([s[key] for s in base_scores])) for key in base_scores[0]},
                         "by_category": by_category(np.mean([base_v[b]["greedy"] for b in bases], axis=0))},
@@ -460,6 +459,8 @@ def summarise(cfg, plan, out, runs, seconds, command):
         if arm != "method":
             mean, ci95 = bootstrap(last_of[arm] - last_of["method"], cfg.bootstrap, rng)
             entry["paired_diff"] = {"mean": mean, "ci95": ci95}
+    summary["title"] = (f"Ablation: {len(summary['arms'])} arms, {len(categories)} held-out questions "
+                        f"(--world {plan.world})")  # the markdown's and the page's heading
     summary["seconds"] = seconds
     return summary
 
@@ -491,8 +492,7 @@ def interval(ci):
 def markdown(summary):
     """ablation.md: the main table, greedy accuracy per category, and what curation kept per iteration."""
     b, arms, asked = summary["base"], summary["arms"], summary["categories"]
-    lines = [f"# Ablation: {len(arms)} arms, {summary['questions']} held-out questions (--world "
-             f"{summary['plan']['world']})", "",
+    lines = [f"# {summary['title']}", "",
              f"    {summary['command']}", "",
              f"Greedy accuracy (%) of each arm's last Reasoner, mean over {summary['runs_per_arm']} runs with a 95% "
              "bootstrap interval (runs and questions resampled); Δ: the paired difference to `method` on the same "

@@ -140,6 +140,7 @@ def test_the_counting_world_asks_and_tables_counting_alone(tmp_path):
     with pytest.raises(data.DataError, match="--world"):
         ablate.same_plan(tmp_path, replace(plan, world="five"))
     summary = {"command": "python ablate.py x --world counting", "plan": {"world": "counting", "samples": 4},
+               "title": "Ablation: 1 arms, 100 held-out questions (--world counting)",
                "categories": ["counting"], "questions": 100, "runs_per_arm": 2, "seconds": 60.0,
                "base": {"greedy": 0.1, "pass1": 0.2, "maj": 0.3, "blind": 0.1, "by_category": {"counting": 0.1}},
                "arms": {"method": {"mean": 0.5, "ci95": [0.4, 0.6], "pass1": 0.5, "maj": 0.5, "blind": 0.2,
@@ -329,6 +330,7 @@ def test_the_summary_pairs_each_arm_with_the_method_run_by_run(tmp_path):
     assert method["curation"][1]["kept"] == 20 and method["curation"][0]["mix"]["counting"] == pytest.approx(0.75)
     assert [c["kept"] for c in one["curation"]] == [10]  # the method's first iteration only
     table = ablate.markdown(summary)
+    assert table.startswith("# Ablation: 2 arms, 10 held-out questions (--world five)\n")
     assert "| one_iteration | 50.0 |" in table and "| -20.0 |" in table
 
 
